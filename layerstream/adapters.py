@@ -1,0 +1,133 @@
+"""Architectures: build transformers' own model as a weightless skeleton and name its units.
+
+layerstream owns the weights, not the math: every family runs transformers' modeling code. An
+adapter only says where the decoder layers, embeddings and head live, found generically here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import UnsupportedModelError
+
+# Families whose outputs are checked against transformers in the test suite.
+TESTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3")
+ALLOW_UNTESTED_ENV = "LAYERSTREAM_ALLOW_UNTESTED"
+
+
+@dataclass
+class Unit:
+    name: str                 # "embed" | "layer.<i>" | "head"
+    kind: str                 # "embed" | "layer" | "head"
+    params: list[str] = field(default_factory=list)   # parameter names owned (tied aliases excluded)
+    modules: list[str] = field(default_factory=list)  # module names that own those params
+
+
+@dataclass
+class Layout:
+    units: list[Unit]
+    tied: dict[str, str]      # alias parameter name -> owner parameter name
+    embed_module: str
+    layers_prefix: str
+
+    def unit(self, name: str) -> Unit:
+        return next(u for u in self.units if u.name == name)
+
+
+def _is_moe(config) -> bool:
+    return any(getattr(config, k, None) for k in ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size"))
+
+
+def check_supported(config) -> None:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    mt = getattr(config, "model_type", None)
+    arch = (getattr(config, "architectures", None) or [mt])[0]
+    if mt not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UnsupportedModelError(f"architecture {arch} (model_type {mt!r}) is not a causal language model "
+                                    f"that transformers can build; layerstream supports: {', '.join(TESTED_MODEL_TYPES)}")
+    if _is_moe(config):
+        raise UnsupportedModelError(f"architecture {arch} is a mixture-of-experts model; per-expert streaming is not "
+                                    f"supported yet (supported: {', '.join(TESTED_MODEL_TYPES)})")
+    if mt not in TESTED_MODEL_TYPES and not os.environ.get(ALLOW_UNTESTED_ENV):
+        raise UnsupportedModelError(f"architecture {arch} (model_type {mt!r}) is not supported yet: layerstream is "
+                                    f"tested on {', '.join(TESTED_MODEL_TYPES)}; set {ALLOW_UNTESTED_ENV}=1 to try "
+                                    f"it anyway (outputs are not checked)")
+
+
+def build_skeleton(config, dtype: torch.dtype, device: torch.device | str = "cpu") -> nn.Module:
+    """transformers' model with no weight memory: parameters are empty tensors on `device`, buffers
+    (rotary inv_freq …) real. Tied parameters stay one object."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    check_supported(config)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if getattr(config, "tie_word_embeddings", False) or getattr(config.get_text_config(), "tie_word_embeddings", False):
+        model.tie_weights()
+    model.eval()
+    replaced: dict[int, nn.Parameter] = {}
+    for mod in model.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is None:
+                continue
+            if id(p) not in replaced:
+                replaced[id(p)] = nn.Parameter(torch.empty(0, dtype=p.dtype, device=device), requires_grad=False)
+            mod._parameters[name] = replaced[id(p)]
+    for mod in model.modules():
+        for name, b in list(mod._buffers.items()):
+            if b is not None and b.device.type == "meta":
+                raise UnsupportedModelError(f"{type(mod).__name__}.{name} is a buffer without a value in the skeleton")
+            if b is not None:
+                mod._buffers[name] = b.to(device)
+    return model
+
+
+def layout(model: nn.Module) -> Layout:
+    """Units of a skeleton: embed, one per decoder layer, head (final norm, lm_head, anything else)."""
+    n_layers = model.config.get_text_config().num_hidden_layers
+    layers_prefix = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == n_layers:
+            layers_prefix = name
+            break
+    if layers_prefix is None:
+        raise UnsupportedModelError(f"{type(model).__name__}: cannot find its {n_layers} decoder layers")
+    emb = model.get_input_embeddings()
+    embed_module = next(n for n, m in model.named_modules() if m is emb)
+
+    owners: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    names = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in owners:
+            tied[name] = owners[id(p)]
+        else:
+            owners[id(p)] = name
+            names.append(name)
+
+    units = {"embed": Unit("embed", "embed")}
+    for i in range(n_layers):
+        units[f"layer.{i}"] = Unit(f"layer.{i}", "layer")
+    units["head"] = Unit("head", "head")
+    for name in names:
+        mod_name = name.rsplit(".", 1)[0]
+        if mod_name == embed_module:
+            u = units["embed"]
+        elif name.startswith(layers_prefix + "."):
+            u = units[f"layer.{int(name[len(layers_prefix) + 1:].split('.')[0])}"]
+        else:
+            u = units["head"]
+        u.params.append(name)
+        if mod_name not in u.modules:
+            u.modules.append(mod_name)
+    for alias, owner in tied.items():
+        mod_name = alias.rsplit(".", 1)[0]
+        if owner.rsplit(".", 1)[0] == embed_module and mod_name not in units["head"].modules:
+            units["head"].modules.append(mod_name)
+    return Layout([u for u in units.values() if u.params or u.modules], tied, embed_module, layers_prefix)

@@ -1,0 +1,169 @@
+"""The library API: `AutoModel.from_pretrained(...)` -> a model whose `generate` is transformers' own."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+from .adapters import build_skeleton, layout
+from .errors import InputError, LayerstreamError
+from .plan import make_plan
+from .runtime import Profiler, Streamer
+from .split import log, resolve
+from .store import Store
+from .utils import fmt_bytes, parse_size
+
+DTYPE_ALIASES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "auto": None}
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype).replace("torch.", "") in DTYPE_ALIASES:
+        return DTYPE_ALIASES[str(dtype).replace("torch.", "")]
+    raise InputError(f"dtype {dtype!r} is not one of {', '.join(DTYPE_ALIASES)}")
+
+
+def parse_device(device) -> torch.device:
+    dev = torch.device(device or "cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LayerstreamError("device 'cuda' was asked for but torch sees no CUDA/ROCm device; use --device cpu")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+class StreamedModel:
+    """A transformers causal LM whose weights stream from a layerstream store as the forward pass
+    reaches them. `generate` and `__call__` are transformers' own (KV cache, sampling, streamers)."""
+
+    def __init__(self, store_path, device="cpu", dtype=None, max_ram=None, max_gpu_memory=None, prefetch=True,
+                 lookahead=2, profiling=False, verify="first", threads=None, progress=True):
+        from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+        self.store = Store(store_path)
+        self.store.check_files()
+        self.device = parse_device(device)
+        store_dtype = getattr(torch, self.store.manifest.dtype)
+        self.dtype = parse_dtype(dtype) or store_dtype
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.config = AutoConfig.from_pretrained(self.store.path)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.store.path)
+        except (OSError, ValueError) as e:
+            log(f"no usable tokenizer in the store ({e}); pass token ids")
+            self.tokenizer = None
+        self.model = build_skeleton(self.config, self.dtype, self.device)
+        try:
+            self.model.generation_config = GenerationConfig.from_pretrained(self.store.path)
+        except OSError:
+            pass
+        self.layout = layout(self.model)
+        self.plan = make_plan(self.store, self.device.type, parse_size(max_ram, "max_ram"),
+                              parse_size(max_gpu_memory, "max_gpu_memory"), lookahead)
+        self.profiler = Profiler(profiling)
+        resident = sum(u.bytes for u in self.plan.units if u.tier != "disk")
+        bar = None
+        if progress and resident:
+            from tqdm import tqdm
+            bar = tqdm(total=resident, unit="B", unit_scale=True, desc="loading resident units", file=sys.stderr,
+                       leave=False)
+        self.streamer = Streamer(self.model, self.layout, self.store, self.plan, self.device, self.dtype, prefetch,
+                                 self.profiler, verify, progress=bar.update if bar else None)
+        if bar:
+            bar.close()
+        self.last_stats: dict = {}
+
+    # transformers-like surface
+    @property
+    def generation_config(self):
+        return self.model.generation_config
+
+    def __call__(self, *args, **kwargs):
+        with torch.inference_mode():
+            return self.model(*args, **kwargs)
+
+    def _check_inputs(self, input_ids, kwargs):
+        if input_ids is None:
+            input_ids = kwargs.get("inputs")
+        if input_ids is None:
+            raise InputError("generate needs input_ids (token ids of the prompt)")
+        if hasattr(input_ids, "keys") and "input_ids" in input_ids:   # a BatchEncoding
+            kwargs.setdefault("attention_mask", input_ids.get("attention_mask"))
+            input_ids = input_ids["input_ids"]
+        if not torch.is_tensor(input_ids):
+            input_ids = torch.tensor(input_ids)
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        if input_ids.numel() == 0 or input_ids.shape[-1] == 0:
+            raise InputError("the prompt is empty")
+        for key in ("max_new_tokens", "max_length"):
+            if key in kwargs and kwargs[key] is not None and kwargs[key] <= 0:
+                raise InputError(f"{key} must be positive, got {kwargs[key]}")
+        ctx = getattr(self.config.get_text_config(), "max_position_embeddings", None)
+        if ctx and input_ids.shape[-1] + (kwargs.get("max_new_tokens") or 0) > ctx:
+            raise InputError(f"prompt ({input_ids.shape[-1]} tokens) plus max_new_tokens "
+                             f"({kwargs.get('max_new_tokens') or 0}) exceeds the model's context of {ctx} tokens")
+        return input_ids.to(self.device)
+
+    def generate(self, input_ids=None, **kwargs):
+        """transformers' `generate`, with the weights streamed. Returns what transformers returns."""
+        kwargs.pop("inputs", None) if input_ids is not None else None
+        input_ids = self._check_inputs(input_ids, kwargs)
+        kwargs.pop("inputs", None)
+        if "attention_mask" in kwargs and torch.is_tensor(kwargs["attention_mask"]):
+            kwargs["attention_mask"] = kwargs["attention_mask"].to(self.device)
+        if self.tokenizer is not None and "pad_token_id" not in kwargs and self.generation_config.pad_token_id is None:
+            kwargs["pad_token_id"] = self.tokenizer.pad_token_id or self.tokenizer.eos_token_id
+        self.profiler.reset()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(input_ids, **kwargs)
+        dt = time.perf_counter() - t0
+        seq = out.sequences if hasattr(out, "sequences") else out
+        new = seq.shape[-1] - input_ids.shape[-1]
+        self.last_stats = {"new_tokens": int(new), "seconds": dt, "tokens_per_s": new / dt if dt else 0.0,
+                           "sweeps": self.profiler.sweeps, "bytes_read": self.profiler.bytes_read,
+                           "bytes_per_token": self.profiler.bytes_read / max(self.profiler.sweeps, 1)}
+        if self.profiler.enabled:
+            print(self.profiler.report(), file=sys.stderr, flush=True)
+        return out
+
+    def close(self):
+        self.streamer.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class AutoModel:
+    """Drop-in for AirLLM's `AutoModel`: `AutoModel.from_pretrained(source, ...)`."""
+
+    @staticmethod
+    def from_pretrained(source=None, device="cpu", dtype=None, max_ram=None, max_gpu_memory=None, prefetch=True,
+                        store_path=None, profiling=False, lookahead=2, verify="first", threads=None,
+                        progress=True, **ignored) -> StreamedModel:
+        """Open `source` (None: the embedded default model; a transformers directory; a .gguf file; a hub id;
+        a layerstream store), splitting it into a store once, and return a streaming model.
+
+        max_ram / max_gpu_memory: bytes or strings like "2GB" bounding the weights kept resident between
+        sweeps (0: nothing resident); default: what is free, with a margin."""
+        for k in ignored:
+            if k not in ("compression", "layer_shards_saving_path", "hf_token", "delete_original"):
+                raise TypeError(f"from_pretrained() got an unexpected keyword argument {k!r}")
+        if ignored.get("compression"):
+            raise LayerstreamError("compression is not supported yet in this version")
+        parse_size(max_ram, "max_ram")
+        parse_size(max_gpu_memory, "max_gpu_memory")
+        path = resolve(source, store_path=store_path or ignored.get("layer_shards_saving_path"),
+                       dtype=parse_dtype(dtype), progress=progress)
+        return StreamedModel(path, device=device, dtype=dtype, max_ram=max_ram, max_gpu_memory=max_gpu_memory,
+                             prefetch=prefetch, lookahead=lookahead, profiling=profiling, verify=verify,
+                             threads=threads, progress=progress)

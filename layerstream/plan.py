@@ -1,0 +1,194 @@
+"""The residency planner: every unit gets a home tier, fixed for the run.
+
+Tiers: "device" (resident in compute memory), "ram" (resident in host RAM; pinned and copied to the
+device each use on CUDA), "disk" (read every sweep). On a CPU box device and ram coincide and the
+planner uses "ram". A cyclic sweep defeats LRU caches, so the resident set is fixed: it gets a hit
+rate of budget/model size every sweep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import BudgetError
+from .store import Store
+from .utils import available_ram, fmt_bytes
+
+RAM_MARGIN = 1_500_000_000      # left free for activations, KV cache, the OS
+GPU_MARGIN = 1_000_000_000
+
+
+@dataclass
+class UnitPlan:
+    name: str
+    kind: str
+    bytes: int                 # resident cost
+    load: list[str]            # store units read when it is streamed (head of a tied model reads embed too)
+    tier: str = "disk"
+    tied_embed: bool = False
+
+
+@dataclass
+class Plan:
+    device: str
+    units: list[UnitPlan]
+    unit_bytes: dict[str, int]
+    ram_budget: int
+    gpu_budget: int | None
+    lookahead: int
+    embed_rows_only: bool = True
+    notes: list[str] = field(default_factory=list)
+
+    def tier(self, name: str) -> str:
+        return next(u.tier for u in self.units if u.name == name)
+
+    def resident(self, tier: str) -> int:
+        return sum(u.bytes for u in self.units if u.tier == tier)
+
+    @property
+    def compute_tier(self) -> str:
+        return "ram" if self.device == "cpu" else "device"
+
+    def parts(self, u: UnitPlan) -> list[str]:
+        """Store units that must be brought in for `u` each sweep (its own file, and embed for a tied head)."""
+        return [n for n in u.load if self.tier(n) != self.compute_tier]
+
+    @property
+    def streamed(self) -> list[UnitPlan]:
+        """Units brought in each sweep (read from disk, or copied from RAM to the device), in sweep order."""
+        return [u for u in self.units
+                if self.parts(u) and not (u.kind == "embed" and self.embed_rows_only)]
+
+    @property
+    def bytes_per_sweep(self) -> int:
+        """Bytes read from disk per sweep (embedding rows excluded: a few KB)."""
+        return sum(self.unit_bytes[n] for u in self.streamed for n in self.parts(u) if self.tier(n) == "disk")
+
+    @property
+    def inflight_bytes(self) -> int:
+        sizes = sorted((sum(self.unit_bytes[n] for n in self.parts(u)) for u in self.streamed), reverse=True)
+        return sum(sizes[: self.lookahead + 1])
+
+    def describe(self) -> str:
+        lines = [f"plan on {self.device}: {len(self.units)} units, "
+                 f"{fmt_bytes(sum(self.unit_bytes.values()))} in the store"]
+        for tier in ("device", "ram", "disk"):
+            us = [u.name for u in self.units if u.tier == tier]
+            if us:
+                lines.append(f"  {tier:6s} {len(us):4d} units {fmt_bytes(self.resident(tier)) if tier != 'disk' else '':>10s}"
+                             f"  {_compact(us)}")
+        lines.append(f"  budgets: ram {fmt_bytes(self.ram_budget)}"
+                     + (f", gpu {fmt_bytes(self.gpu_budget)}" if self.gpu_budget is not None else ""))
+        lines.append(f"  streamed per sweep: {fmt_bytes(self.bytes_per_sweep)} from disk; "
+                     f"in-flight buffers: {fmt_bytes(self.inflight_bytes)} (lookahead {self.lookahead})")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _compact(names: list[str]) -> str:
+    out, run = [], []
+    for n in names + [None]:
+        if n is not None and n.startswith("layer.") and (not run or int(n[6:]) == int(run[-1][6:]) + 1):
+            run.append(n)
+            continue
+        if run:
+            out.append(run[0] if len(run) == 1 else f"layer.{run[0][6:]}-{run[-1][6:]}")
+            run = []
+        if n is not None and n.startswith("layer."):
+            run = [n]
+        elif n is not None:
+            out.append(n)
+    return ", ".join(out)
+
+
+def _choose(cands: list[UnitPlan], budget: int) -> list[UnitPlan]:
+    """The fixed resident set for one tier: small units, then the tied embedding, then decoder layers
+    spread evenly (so streaming reads interleave with resident compute), then an untied embedding."""
+    if sum(u.bytes for u in cands) <= budget:
+        return list(cands)
+    chosen, left = [], budget
+    small = [u for u in cands if u.kind == "head" or u.bytes < 1_000_000]
+    for u in small:
+        if u.bytes <= left:
+            chosen.append(u)
+            left -= u.bytes
+    layers = [u for u in cands if u.kind == "layer" and u not in chosen]
+    embeds = [u for u in cands if u.kind == "embed" and u not in chosen]
+    tied_embed = [u for u in embeds if u.tied_embed]
+    for u in tied_embed:
+        if u.bytes <= left:
+            chosen.append(u)
+            left -= u.bytes
+    if layers:
+        per = max(u.bytes for u in layers)
+        k = min(len(layers), left // per)
+        if k:
+            step = len(layers) / k
+            idx = sorted({int(i * step + step / 2) for i in range(k)})
+            for i in idx:
+                chosen.append(layers[i])
+                left -= layers[i].bytes
+    return chosen
+
+
+def make_plan(store: Store, device: str = "cpu", max_ram=None, max_gpu_memory=None, lookahead: int = 2) -> Plan:
+    m = store.manifest
+    unit_bytes = {u.name: u.bytes for u in m.units}
+    tied_embed = any(owner.startswith(_embed_prefix(store)) for owner in m.tied.values())
+    units = []
+    for u in m.units:
+        load = [u.name] + (["embed"] if u.kind == "head" and tied_embed else [])
+        units.append(UnitPlan(u.name, u.kind, u.bytes, load, tied_embed=u.kind == "embed" and tied_embed))
+    plan = Plan(device, units, unit_bytes, 0, None, lookahead)
+    inflight = plan.inflight_bytes  # everything streamed: the largest possible in-flight set
+    if max_ram is None:
+        plan.ram_budget = max(0, available_ram() - RAM_MARGIN - inflight)
+        plan.notes.append(f"ram budget by default: free RAM minus {fmt_bytes(RAM_MARGIN)} and the in-flight buffers")
+    else:
+        plan.ram_budget = max_ram
+    if device == "cpu":
+        for u in _choose(units, plan.ram_budget):
+            u.tier = "ram"
+        return plan
+
+    # accelerator: device tier first, then pinned RAM
+    largest = max(sum(unit_bytes[n] for n in u.load) for u in units)
+    need_inflight = largest * (lookahead + 1)
+    if max_gpu_memory is None:
+        free = _device_free(device)
+        plan.gpu_budget = max(0, free - GPU_MARGIN)
+        plan.notes.append(f"gpu budget by default: free device memory minus {fmt_bytes(GPU_MARGIN)}")
+    else:
+        plan.gpu_budget = max_gpu_memory
+    if plan.gpu_budget < need_inflight and sum(unit_bytes.values()) > plan.gpu_budget:
+        raise BudgetError(f"max_gpu_memory {fmt_bytes(plan.gpu_budget)} cannot hold the units in flight: "
+                          f"{lookahead + 1} x {fmt_bytes(largest)} = {fmt_bytes(need_inflight)} needed at least "
+                          f"(raise the budget or lower lookahead)")
+    on_device = _choose(units, plan.gpu_budget) if sum(unit_bytes.values()) <= plan.gpu_budget else \
+        _choose(units, plan.gpu_budget - need_inflight)
+    for u in on_device:
+        u.tier = "device"
+    for u in _choose([u for u in units if u.tier == "disk"], plan.ram_budget):
+        u.tier = "ram"
+    return plan
+
+
+def _embed_prefix(store: Store) -> str:
+    emb = next((u for u in store.manifest.units if u.kind == "embed"), None)
+    return emb.tensors[0].rsplit(".", 1)[0] if emb and emb.tensors else "\0"
+
+
+def _device_free(device: str) -> int:
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        return free
+    mod = getattr(torch, dev.type, None)
+    if mod is not None and hasattr(mod, "mem_get_info"):
+        try:
+            return mod.mem_get_info()[0]
+        except Exception:  # backends without the query
+            pass
+    return available_ram()

@@ -1,0 +1,431 @@
+"""The streaming runtime: a background loader and the hooks that swap weights in and out.
+
+For each streamed unit, a hook before its forward waits for its weights (read ahead by the loader
+thread into reusable buffers) and points the unit's parameters at them; a hook after its forward
+points them back at empty tensors and hands the buffer back. Resident units are bound once.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .adapters import Layout
+from .errors import InputError, StoreError
+from .plan import Plan, UnitPlan
+from .store import Store, tensor_views
+from .utils import fmt_bytes
+
+
+# ---------------------------------------------------------------------------- profiling
+
+class Profiler:
+    """Per-unit time waiting for I/O, copying to the device and computing; bytes read."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.wait = defaultdict(float)
+        self.copy = defaultdict(float)
+        self.compute = defaultdict(float)
+        self.calls = defaultdict(int)
+        self.bytes_read = 0
+        self.read_seconds = 0.0
+        self.sweeps = 0
+        self.allocations = 0
+
+    def reset(self):
+        self.__init__(self.enabled)
+
+    def report(self) -> str:
+        names = list(self.calls)
+        sweeps = max(self.sweeps, 1)
+        lines = [f"{'unit':>10s} {'calls':>6s} {'wait ms':>9s} {'copy ms':>9s} {'compute ms':>11s}   (per call)"]
+        for n in names:
+            c = max(self.calls[n], 1)
+            lines.append(f"{n:>10s} {self.calls[n]:6d} {1e3 * self.wait[n] / c:9.2f} {1e3 * self.copy[n] / c:9.2f} "
+                         f"{1e3 * self.compute[n] / c:11.2f}")
+        tw, tc, tk = sum(self.wait.values()), sum(self.copy.values()), sum(self.compute.values())
+        lines.append(f"total: wait {tw:.2f} s, copy {tc:.2f} s, compute {tk:.2f} s over {self.sweeps} sweeps; "
+                     f"read {fmt_bytes(self.bytes_read)} ({fmt_bytes(self.bytes_read / sweeps)} per sweep"
+                     + (f", {fmt_bytes(self.bytes_read / self.read_seconds)}/s on the loader" if self.read_seconds else "")
+                     + f"); buffer allocations {self.allocations}")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- reading files
+
+class FileReader:
+    """Reads unit files into caller-owned buffers, checking them against the manifest: the size on
+    every read, the xxh3 of the content on the first read (and again if the file changed)."""
+
+    def __init__(self, store: Store, verify: str, profiler: Profiler):
+        if verify not in ("first", "always", "never"):
+            raise ValueError("verify must be 'first', 'always' or 'never'")
+        self.store, self.verify, self.prof = store, verify, profiler
+        self.seen: dict[str, tuple] = {}
+        self.lock = threading.Lock()
+
+    def read(self, unit: str, dest: torch.Tensor) -> None:
+        info = self.store.units[unit]
+        path = self.store.file(unit)
+        t0 = time.perf_counter()
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise StoreError(f"{path}: cannot open unit {unit} ({e.strerror}); the store is incomplete or moved: "
+                             f"run `layerstream verify {self.store.path}`") from None
+        try:
+            st = os.fstat(fd)
+            if st.st_size != info.bytes:
+                raise StoreError(f"{path}: unit {unit} is {st.st_size} bytes, the manifest says {info.bytes} "
+                                 f"(truncated or replaced); re-split the model")
+            mv = memoryview(dest.numpy()).cast("B")[: info.bytes]
+            got = 0
+            while got < info.bytes:
+                n = os.readv(fd, [mv[got:]])
+                if n <= 0:
+                    raise StoreError(f"{path}: unexpected end of file reading unit {unit}; re-split the model")
+                got += n
+        except OSError as e:
+            raise StoreError(f"{path}: read error on unit {unit} ({e.strerror})") from None
+        finally:
+            os.close(fd)
+        key = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if self.verify == "always" or (self.verify == "first" and self.seen.get(unit) != key):
+            self.store.check_content(unit, mv)
+            with self.lock:
+                self.seen[unit] = key
+        self.prof.bytes_read += info.bytes
+        self.prof.read_seconds += time.perf_counter() - t0
+
+
+class BufferPool:
+    """Reusable flat byte buffers, by exact size: no allocation per token once warm."""
+
+    def __init__(self, device: torch.device, pin: bool, profiler: Profiler):
+        self.device, self.pin, self.prof = device, pin, profiler
+        self.free: dict[int, list] = defaultdict(list)
+
+    def acquire(self, size: int):
+        if self.free[size]:
+            return self.free[size].pop()
+        self.prof.allocations += 1
+        return [torch.empty(size, dtype=torch.uint8, device=self.device, pin_memory=self.pin), None]
+
+    def release(self, entry) -> None:
+        self.free[entry[0].numel()].append(entry)
+
+
+@dataclass
+class Loaded:
+    name: str
+    views: dict[str, torch.Tensor] = field(default_factory=dict)
+    entry: list | None = None             # [buffer, event of its last use]
+    event: object = None                  # copy finished (accelerators)
+    error: BaseException | None = None
+    copy_seconds: float = 0.0
+
+
+# ---------------------------------------------------------------------------- loader
+
+class Loader:
+    """Brings streamed units in, in sweep order, `lookahead` units ahead of the compute (cyclic: the
+    next sweep's first units load while this sweep's last ones compute)."""
+
+    def __init__(self, store: Store, plan: Plan, device: torch.device, ram_units: dict[str, torch.Tensor],
+                 reader: FileReader, profiler: Profiler, prefetch: bool):
+        self.store, self.plan, self.device = store, plan, device
+        self.ram_units = ram_units                 # host-resident unit bytes (accelerator RAM tier)
+        self.reader, self.prof = reader, profiler
+        self.order: list[UnitPlan] = plan.streamed
+        self.index = {u.name: i for i, u in enumerate(self.order)}
+        self.accel = device.type != "cpu"
+        self.cuda = device.type == "cuda"
+        self.pool = BufferPool(device, pin=False, profiler=profiler)
+        self.staging = BufferPool(torch.device("cpu"), pin=self.cuda, profiler=profiler) if self.accel else None
+        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.lookahead = max(1, plan.lookahead)
+        self.cond = threading.Condition()
+        self.ready: deque[Loaded] = deque()
+        self.cidx = 0          # consumer's next index into order
+        self.pidx = 0          # producer's next index
+        self.epoch = 0
+        self.stopped = False
+        self.thread = None
+        if prefetch and self.order:
+            self.thread = threading.Thread(target=self._run, name="layerstream-loader", daemon=True)
+            self.thread.start()
+
+    # -- producer side
+    def _load(self, u: UnitPlan) -> Loaded:
+        item = Loaded(u.name)
+        try:
+            parts = self.plan.parts(u)
+            size = sum(self.plan.unit_bytes[p] for p in parts)
+            entry = self.pool.acquire(size)
+            buf = entry[0]
+            if self.cuda and entry[1] is not None:
+                self.copy_stream.wait_event(entry[1])  # the compute finished with this buffer
+            off = 0
+            for p in parts:
+                n = self.plan.unit_bytes[p]
+                if not self.accel:
+                    self.reader.read(p, buf[off:off + n])
+                else:
+                    if self.plan.tier(p) == "disk":
+                        st = self.staging.acquire(n)
+                        if st[1] is not None:
+                            st[1].synchronize()
+                        self.reader.read(p, st[0])
+                        src = st[0]
+                    else:
+                        st, src = None, self.ram_units[p]
+                    t0 = time.perf_counter()
+                    if self.cuda:
+                        with torch.cuda.stream(self.copy_stream):
+                            buf[off:off + n].copy_(src, non_blocking=True)
+                        if st is not None:
+                            st[1] = torch.cuda.Event()
+                            st[1].record(self.copy_stream)
+                    else:
+                        buf[off:off + n].copy_(src)
+                    item.copy_seconds += time.perf_counter() - t0
+                    if st is not None:
+                        self.staging.release(st)
+                item.views.update(tensor_views(buf, self.store.slots(p), off))
+                off += n
+            if self.cuda:
+                item.event = torch.cuda.Event()
+                item.event.record(self.copy_stream)
+            item.entry = entry
+        except BaseException as e:  # handed to the compute thread, raised there
+            item.error = e
+        return item
+
+    def _run(self):
+        while True:
+            with self.cond:
+                while not self.stopped and len(self.ready) >= self.lookahead:
+                    self.cond.wait()
+                if self.stopped:
+                    return
+                epoch, idx = self.epoch, self.pidx
+            item = self._load(self.order[idx % len(self.order)])
+            with self.cond:
+                if epoch != self.epoch or self.stopped:
+                    self._drop(item)
+                    continue
+                self.ready.append(item)
+                self.pidx = (idx + 1) % len(self.order)
+                self.cond.notify_all()
+
+    def _drop(self, item: Loaded):
+        if item.entry is not None:
+            self.pool.release(item.entry)
+
+    # -- consumer side
+    def get(self, name: str) -> Loaded:
+        t0 = time.perf_counter()
+        want = self.index[name]
+        if self.thread is None:
+            item = self._load(self.order[want])
+        else:
+            with self.cond:
+                if self.cidx != want:
+                    # out of order (a sweep was interrupted): restart the read-ahead at this unit
+                    self.epoch += 1
+                    while self.ready:
+                        self._drop(self.ready.popleft())
+                    self.cidx = self.pidx = want
+                    self.cond.notify_all()
+                while not self.ready:
+                    self.cond.wait()
+                item = self.ready.popleft()
+                self.cidx = (self.cidx + 1) % len(self.order)
+                self.cond.notify_all()
+        if item.error is not None:
+            err = item.error
+            self._drop(item)
+            raise err
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(item.event)
+        self.prof.wait[name] += time.perf_counter() - t0
+        self.prof.copy[name] += item.copy_seconds
+        return item
+
+    def done(self, item: Loaded):
+        if self.cuda:
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(self.device))
+            item.entry[1] = ev
+        with self.cond:
+            self.pool.release(item.entry)
+
+    def close(self):
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
+        if self.thread is not None:
+            self.thread.join(timeout=10)
+
+
+# ---------------------------------------------------------------------------- hooks
+
+class Streamer:
+    """Binds a skeleton's parameters to resident weights once and to streamed ones around each forward."""
+
+    def __init__(self, model: nn.Module, lay: Layout, store: Store, plan: Plan, device: torch.device,
+                 dtype: torch.dtype, prefetch: bool, profiler: Profiler, verify: str = "first", progress=None):
+        self.model, self.lay, self.store, self.plan = model, lay, store, plan
+        self.device, self.dtype, self.prof = device, dtype, profiler
+        self.params: dict[str, nn.Parameter] = dict(model.named_parameters(remove_duplicate=False))
+        self.reader = FileReader(store, verify, profiler)
+        self.empty = torch.empty(0, dtype=dtype, device=device)
+        self.handles = []
+        self.ram_units: dict[str, torch.Tensor] = {}
+        self._load_resident(progress)
+        self.loader = Loader(store, plan, device, self.ram_units, self.reader, profiler, prefetch)
+        self._install_hooks()
+
+    # -- resident units
+    def _load_resident(self, progress):
+        accel = self.device.type != "cpu"
+        for u in self.plan.units:
+            if u.tier == "disk":
+                continue
+            host = torch.empty(u.bytes, dtype=torch.uint8, pin_memory=(self.device.type == "cuda" and u.tier == "ram"))
+            self.reader.read(u.name, host)
+            if progress:
+                progress(u.bytes)
+            if accel and u.tier == "ram":
+                self.ram_units[u.name] = host       # copied to the device each use
+                continue
+            buf = host.to(self.device) if accel else host
+            for name, t in tensor_views(buf, self.store.slots(u.name)).items():
+                self._bind(name, t, own=True)
+        self.prof.bytes_read = 0
+        self.prof.read_seconds = 0.0
+
+    def _bind(self, name: str, t: torch.Tensor, own: bool = False):
+        if t.is_floating_point() and t.dtype != self.dtype:
+            t = t.to(self.dtype)   # resident: once; streamed: per use (choose the store's dtype to avoid it)
+        self.params[name].data = t
+
+    def _unbind(self, names):
+        for n in names:
+            self.params[n].data = self.empty
+
+    # -- hooks
+    def _install_hooks(self):
+        mods = dict(self.model.named_modules())
+        streamed = {u.name for u in self.plan.streamed}
+        emb = next((u for u in self.plan.units if u.kind == "embed"), None)
+        emb_mod = mods[self.lay.embed_module]
+        self.handles.append(emb_mod.register_forward_pre_hook(self._sweep_start))
+        if emb is not None and emb.tier != self.plan.compute_tier:
+            self._embed_setup(emb, emb_mod)
+        for u in self.lay.units:
+            if u.name not in streamed:
+                continue
+            if u.kind == "layer":
+                m = mods[f"{self.lay.layers_prefix}.{u.name.split('.')[1]}"]
+                self.handles.append(m.register_forward_pre_hook(self._pre(u.name)))
+                self.handles.append(m.register_forward_hook(self._post(u.name)))
+            elif u.kind == "head":
+                out_emb = self.model.get_output_embeddings()
+                last = next((n for n, m in mods.items() if m is out_emb), u.modules[-1])
+                for mn in u.modules:
+                    self.handles.append(mods[mn].register_forward_pre_hook(self._pre(u.name, once=True)))
+                self.handles.append(mods[last].register_forward_hook(self._post(u.name)))
+        self.bound: dict[str, tuple] = {}
+
+    def _sweep_start(self, module, args):
+        self.prof.sweeps += 1
+
+    def _pre(self, name, once=False):
+        def hook(module, args):
+            if once and name in self.bound:
+                return
+            item = self.loader.get(name)
+            for pname, t in item.views.items():
+                self._bind(pname, t)
+            self.bound[name] = (item, time.perf_counter())
+        return hook
+
+    def _post(self, name):
+        def hook(module, args, output):
+            item, t0 = self.bound.pop(name)
+            if self.prof.enabled and self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.prof.compute[name] += time.perf_counter() - t0
+            self.prof.calls[name] += 1
+            self._unbind(item.views)
+            self.loader.done(item)
+        return hook
+
+    # -- embedding rows: a streamed embedding reads only the rows of the tokens in the batch
+    def _embed_setup(self, emb: UnitPlan, module: nn.Module):
+        (slot,) = [s for s in self.store.slots("embed")]
+        weight_name = slot.name
+        rows, hidden = slot.shape
+        row_bytes = hidden * torch.empty(0, dtype=slot.dtype).element_size()
+        path = self.store.file("embed")
+        if emb.tier == "disk":
+            whole = torch.empty(self.store.units["embed"].bytes, dtype=torch.uint8)
+            self.reader.read("embed", whole)   # checked once before any row is used
+            del whole
+            self.prof.bytes_read = 0
+
+        def gather(uniq: torch.Tensor) -> torch.Tensor:
+            if emb.tier == "ram":   # accelerator with the embedding in host RAM
+                host = tensor_views(self.ram_units["embed"], [slot])[weight_name]
+                return host[uniq]
+            out = torch.empty((len(uniq), hidden), dtype=slot.dtype)
+            mv = memoryview(out.view(torch.uint8).numpy()).cast("B")
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                for i, r in enumerate(uniq.tolist()):
+                    n = os.preadv(fd, [mv[i * row_bytes:(i + 1) * row_bytes]], slot.begin + r * row_bytes)
+                    if n != row_bytes:
+                        raise StoreError(f"{path}: short read of embedding row {r}; re-split the model")
+            finally:
+                os.close(fd)
+            self.prof.bytes_read += len(uniq) * row_bytes
+            return out
+
+        state = {}
+
+        def pre(mod, args, kwargs):
+            ids = args[0] if args else next(iter(kwargs.values()))
+            uniq, inv = torch.unique(ids, return_inverse=True)
+            if len(uniq) and (int(uniq[0]) < 0 or int(uniq[-1]) >= rows):
+                raise InputError(f"token id {int(uniq[-1])} is outside the vocabulary (0..{rows - 1})")
+            w = gather(uniq.cpu()).to(self.device)
+            self._bind(weight_name, w)
+            state["pad"] = getattr(mod, "padding_idx", None)
+            if state["pad"] is not None:
+                mod.padding_idx = None
+            inv = inv.to(ids.device)
+            if args:
+                return (inv,) + tuple(args[1:]), kwargs
+            key = next(iter(kwargs))
+            return args, {**kwargs, key: inv}
+
+        def post(mod, args, kwargs, output):
+            self._unbind([weight_name])
+            if state.get("pad") is not None:
+                mod.padding_idx = state["pad"]
+
+        self.handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        self.handles.append(module.register_forward_hook(post, with_kwargs=True))
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+        self.loader.close()

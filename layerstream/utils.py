@@ -1,0 +1,75 @@
+"""Small shared helpers: sizes, cache directory, memory facts."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from .errors import BudgetError
+
+_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
+          "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(value, what: str = "size") -> int | None:
+    """Bytes from an int or a string such as "2GB", "512MiB", "1.5G", "0". None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise BudgetError(f"{what}: expected a size like '2GB', got {value!r}")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise BudgetError(f"{what}: a size cannot be negative ({value})")
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+    if not m or m.group(2).upper() not in _UNITS:
+        raise BudgetError(f"{what}: cannot parse {value!r}; use bytes or a size like '512MB', '2GB', '1.5GiB'")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def cache_dir() -> Path:
+    """Where layerstream keeps stores it makes: $LAYERSTREAM_CACHE, else $XDG_CACHE_HOME/layerstream."""
+    env = os.environ.get("LAYERSTREAM_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(xdg) / "layerstream"
+
+
+def available_ram() -> int:
+    """MemAvailable from /proc/meminfo (bytes), or a cgroup limit if lower; psutil-free."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    if avail is None:
+        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),):
+        try:
+            limit = open(limit_file).read().strip()
+            if limit != "max":
+                avail = min(avail, int(limit) - int(open(usage_file).read().strip()))
+        except (OSError, ValueError):
+            pass
+    return max(avail, 0)
+
+
+def peak_rss() -> int:
+    """Peak resident set size of this process in bytes."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
