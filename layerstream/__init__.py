@@ -1,31 +1,44 @@
-"""layerstream: run language models larger than memory by streaming layers from disk or RAM."""
+"""layerstream: run language models larger than memory by streaming layers from disk or RAM.
+
+Imports are lazy so that the command line can say what it is doing before torch loads.
+"""
 
 from __future__ import annotations
-
-import warnings
 
 __version__ = "0.1.0"
 TESTED_TRANSFORMERS = ("5.24",)
 
+_EXPORTS = {
+    "AutoModel": "layerstream.model", "StreamedModel": "layerstream.model", "ChatSession": "layerstream.chat",
+    "split": "layerstream.split", "Store": "layerstream.store", "make_plan": "layerstream.plan",
+    "LayerstreamError": "layerstream.errors",
+}
+__all__ = list(_EXPORTS) + ["__version__"]
+_checked = False
+
 
 def _check_transformers():
-    try:
-        from importlib.metadata import version
+    """Say clearly when the installed transformers is not one the tests pass on."""
+    global _checked
+    if _checked:
+        return
+    _checked = True
+    import warnings
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
         v = version("transformers")
-    except Exception:  # not installed: the import below fails with a clear message
+    except PackageNotFoundError:
         return
     if not v.startswith(TESTED_TRANSFORMERS):
         warnings.warn(f"layerstream {__version__} is tested with transformers {', '.join(TESTED_TRANSFORMERS)}.x; "
-                      f"found {v}. It may work; if outputs look wrong, install transformers==5.24.*",
-                      stacklevel=2)
+                      f"found {v}. It may work; if outputs look wrong, install transformers==5.24.*", stacklevel=3)
 
 
-_check_transformers()
+def __getattr__(name):
+    if name in _EXPORTS:
+        import importlib
 
-from .errors import LayerstreamError  # noqa: E402
-from .model import AutoModel, StreamedModel  # noqa: E402
-from .split import split  # noqa: E402
-from .store import Store  # noqa: E402
-
-__all__ = ["AutoModel", "StreamedModel", "LayerstreamError", "Store", "split", "__version__"]
+        _check_transformers()
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'layerstream' has no attribute {name!r}")
