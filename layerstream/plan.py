@@ -102,13 +102,12 @@ def _compact(names: list[str]) -> str:
 
 
 def _choose(cands: list[UnitPlan], budget: int) -> list[UnitPlan]:
-    """The fixed resident set for one tier: small units, then the tied embedding, then decoder layers
+    """The fixed resident set for one tier: the head, then the tied embedding, then decoder layers
     spread evenly (so streaming reads interleave with resident compute), then an untied embedding."""
     if sum(u.bytes for u in cands) <= budget:
         return list(cands)
     chosen, left = [], budget
-    small = [u for u in cands if u.kind == "head" or u.bytes < 1_000_000]
-    for u in small:
+    for u in [u for u in cands if u.kind == "head"]:
         if u.bytes <= left:
             chosen.append(u)
             left -= u.bytes

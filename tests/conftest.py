@@ -1,0 +1,74 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_config(family: str, tie: bool | None = None, layers: int = 3):
+    """A small random-weight config of a transformers family."""
+    import transformers as tf
+
+    common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, bos_token_id=1,
+                  eos_token_id=2, pad_token_id=0)
+    cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config, "qwen3": tf.Qwen3Config,
+           "gemma2": tf.Gemma2Config, "phi3": tf.Phi3Config}[family]
+    extra = {"gemma2": dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=16),
+             "qwen3": dict(head_dim=16), "mistral": dict(sliding_window=None),
+             "phi3": dict(num_key_value_heads=4)}.get(family, {})
+    cfg = cls(**{**common, **extra})
+    if tie is not None:
+        cfg.tie_word_embeddings = tie
+    return cfg
+
+
+def make_model_dir(path: Path, family: str, tie: bool | None = None, layers: int = 3, dtype=torch.float32,
+                   shard: str | None = None, seed: int = 0) -> Path:
+    """Write a random-weight transformers checkpoint (safetensors) to `path` and return it."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, tie, layers), dtype=dtype)
+    with torch.no_grad():  # spread the weights so greedy tokens are not all the same
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+            else:
+                p.uniform_(0.5, 1.5)
+    kw = {"max_shard_size": shard} if shard else {}
+    model.save_pretrained(path, **kw)
+    return path
+
+
+@pytest.fixture(scope="session")
+def embedded_store(tmp_path_factory):
+    """The embedded SmolLM2 model split once for the whole session."""
+    from layerstream.split import resolve
+
+    return resolve(None, store_path=tmp_path_factory.mktemp("smol") / "store", progress=False)
+
+
+@pytest.fixture(scope="session")
+def smol_reference():
+    """transformers' own SmolLM2 loaded from the GGUF, and the tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    from layerstream.split import embedded_model
+
+    g = embedded_model()
+    return AutoModelForCausalLM.from_pretrained(g.parent, gguf_file=g.name, dtype=torch.float32).eval()
+
+
+def run_cli(*args, env=None, input=None, timeout=600):
+    e = dict(os.environ)
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "layerstream", *map(str, args)], capture_output=True, text=True,
+                          env=e, input=input, timeout=timeout)
