@@ -376,6 +376,46 @@ def _default_dir() -> pathlib.Path:
     return pathlib.Path(tempfile.gettempdir()) / "layerstream-bench" / "smollm2-135m-hf-fp32"
 
 
+def _cpu_snapshot():
+    """(wall, CPU seconds used by the whole machine, CPU seconds used by this process).
+
+    Linux only (``/proc/stat``); elsewhere the machine figure is None. The difference of two
+    snapshots says how much CPU other processes took while a peer ran: on a shared 2-core
+    machine that is what makes a figure unreliable.
+    """
+    machine = None
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)        # idle + iowait
+        busy = sum(fields[:8]) - idle                                  # without guest time
+        machine = busy / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        pass
+    t = os.times()
+    return time.perf_counter(), machine, t.user + t.system
+
+
+def _foreign_load(before, after):
+    """Average number of cores busy with other processes between two ``_cpu_snapshot``s."""
+    wall = after[0] - before[0]
+    if before[1] is None or after[1] is None or wall <= 0:
+        return None
+    return max(0.0, ((after[1] - before[1]) - (after[2] - before[2])) / wall)
+
+
+def wait_until_quiet(max_wait: float, threshold: float = 0.2, window: float = 2.0) -> float | None:
+    """Wait (at most ``max_wait`` s) until other processes use < ``threshold`` cores over
+    ``window`` s; return the last measured load (None where it cannot be measured)."""
+    deadline = time.perf_counter() + max_wait
+    while True:
+        before = _cpu_snapshot()
+        time.sleep(window)
+        load = _foreign_load(before, _cpu_snapshot())
+        if load is None or load < threshold or time.perf_counter() >= deadline:
+            return load
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dir", type=pathlib.Path, default=_default_dir(),
@@ -385,6 +425,9 @@ def main(argv=None) -> int:
                         choices=["ram", "offload", "airllm", "llama"],
                         help="peer to leave out (repeatable)")
     parser.add_argument("--json", type=pathlib.Path, help="also write the results here")
+    parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                        help="before each peer, wait up to this long for other processes to "
+                             "leave the CPUs idle (shared machines)")
     args = parser.parse_args(argv)
 
     from transformers import AutoTokenizer
@@ -406,16 +449,20 @@ def main(argv=None) -> int:
     for key, fn in peers:
         if key in args.skip:
             continue
-        t0 = time.perf_counter()
+        if args.wait_quiet > 0:
+            wait_until_quiet(args.wait_quiet)
+        before = _cpu_snapshot()
         r = fn()
-        r["total_seconds"] = time.perf_counter() - t0
+        after = _cpu_snapshot()
+        r["total_seconds"] = after[0] - before[0]
+        r["other_load"] = _foreign_load(before, after)
         results.append(r)
         print(f"  {r['name']}: done in {r['total_seconds']:.1f}s with setup", flush=True)
 
     check = same_text(results, reference="transformers (RAM)" if "ram" not in args.skip else None)
     print()
-    print(f"{'peer':<28} {'tok/s':>8} {'gen s':>8} {'total s':>8}  same tokens as "
-          f"{check['reference']}")
+    print(f"{'peer':<28} {'tok/s':>8} {'gen s':>8} {'total s':>8} {'others':>7}  "
+          f"same tokens as {check['reference']}")
     for r in results:
         if r["tokens"] is None:
             same = "-"
@@ -423,7 +470,11 @@ def main(argv=None) -> int:
             same = "yes" if r["name"] in check["same"] else "no"
         tok_s = f"{r['tok_s']:.2f}" if r["tok_s"] else "-"
         gen_s = f"{r['seconds']:.2f}" if r["seconds"] else "-"
-        print(f"{r['name']:<28} {tok_s:>8} {gen_s:>8} {r['total_seconds']:>8.1f}  {same}")
+        load = f"{r['other_load']:.2f}" if r["other_load"] is not None else "-"
+        print(f"{r['name']:<28} {tok_s:>8} {gen_s:>8} {r['total_seconds']:>8.1f} {load:>7}  "
+              f"{same}")
+    print("(others: cores busy with other processes on average while the peer ran, setup "
+          "included; > 0.2 on 2 cores means the figure is disturbed)")
     print()
     for r in results:
         print(f"- {r['name']}: {r['note']}")

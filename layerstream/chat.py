@@ -36,7 +36,7 @@ class ChatSession:
         if keep < self.cache.get_seq_length():
             self.cache.crop(keep)
         gen.setdefault("max_new_tokens", 256)
-        out = self.model.generate(ids.unsqueeze(0), past_key_values=self.cache, streamer=streamer,
+        out = self.model.generate(ids.unsqueeze(0), cache=self.cache, streamer=streamer,
                                   return_dict_in_generate=True, **gen)
         self.last_prefill = len(ids) - keep
         seq = out.sequences[0]

@@ -176,7 +176,7 @@ class GGUFSource:
         t = self._mapping()[name]
         w = dequantize(t.data, t.tensor_type)
         w = self.processor.process(weights=w, name=t.name, tensor_key_mapping={}, parsed_parameters={}).weights
-        return torch.from_numpy(np.ascontiguousarray(w))
+        return torch.from_numpy(np.array(w, order="C"))  # a copy: the reader's arrays are read-only maps
 
     def nbytes(self, name: str) -> int:
         n = 1
@@ -280,6 +280,8 @@ def split(source, out=None, dtype: torch.dtype | None = None, progress: bool = T
     else:
         atomic_write_bytes(state, json.dumps(ident).encode())
 
+    for stale in (out / "units").glob(".*.tmp"):   # a unit cut by a kill: redone below
+        stale.unlink()
     done: dict[str, dict] = {}
     prog = out / PROGRESS
     if prog.is_file():

@@ -1,0 +1,84 @@
+"""The command line as a user runs it: real subprocesses, the embedded model, one-line errors."""
+
+import json
+
+import pytest
+
+from conftest import make_model_dir, run_cli
+
+
+def assert_clean_error(r, pattern):
+    assert r.returncode == 1, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.startswith("layerstream: error:")]
+    assert len(lines) == 1 and pattern in lines[0], r.stderr[-2000:]
+
+
+def test_run_streams_text_and_prints_stats(embedded_store):
+    r = run_cli("run", "Name three colors.", "--model", embedded_store, "--max-new-tokens", "16", "--max-ram", "0",
+                "--verbose")
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.split()) >= 3
+    assert "importing torch" in r.stderr and "plan on cpu" in r.stderr
+    stats = r.stderr.strip().splitlines()[-1]
+    assert "tok/s" in stats and "read per token" in stats and "peak RSS" in stats
+
+
+def test_chat_subcommand_keeps_history(embedded_store):
+    r = run_cli("chat", "--model", embedded_store, "--max-new-tokens", "8",
+                input="Hello, who are you?\nWhat did I just ask?\n/exit\n")
+    assert r.returncode == 0, r.stderr
+    prefills = [int(l.split("prefilled ")[1].split()[0]) for l in r.stderr.splitlines() if "prefilled" in l]
+    assert len(prefills) == 2 and prefills[1] < prefills[0] + 20
+
+
+def test_split_info_verify(tmp_path):
+    src = make_model_dir(tmp_path / "src", "mistral")
+    r = run_cli("split", src, tmp_path / "store")
+    assert r.returncode == 0, r.stderr
+    assert "split" in r.stderr and "B/s" in r.stderr   # a progress bar in bytes
+    r = run_cli("info", tmp_path / "store")
+    assert r.returncode == 0 and "MistralForCausalLM" in r.stdout and "3 layers" in r.stdout
+    r = run_cli("verify", tmp_path / "store")
+    assert r.returncode == 0 and "ok" in r.stderr
+    r = run_cli("plan", tmp_path / "store", "--max-ram", "0")
+    assert r.returncode == 0 and "streamed per sweep" in r.stdout
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["run", "hi", "--model", "/no/such/model"], "no such file"),
+    (["run", "", "--model", "{store}"], "prompt is empty"),
+    (["run", "hi", "--model", "{store}", "--max-new-tokens", "0"], "must be positive"),
+    (["run", "hi", "--model", "{store}", "--max-ram", "lots"], "cannot parse 'lots'"),
+    (["run", "word " * 9000, "--model", "{store}"], "context"),
+    (["run", "hi", "--model", "{empty}"], "not a model directory"),
+    (["info", "{empty}"], "no manifest.json"),
+])
+def test_bad_input_is_one_line_error(tmp_path, embedded_store, args, pattern):
+    (tmp_path / "empty").mkdir()
+    args = [a.format(store=embedded_store, empty=tmp_path / "empty") for a in args]
+    assert_clean_error(run_cli(*args), pattern)
+
+
+def test_damaged_store_and_unsupported_model(tmp_path):
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    AutoModelForCausalLM.from_config(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64)).save_pretrained(
+        tmp_path / "gpt2")
+    assert_clean_error(run_cli("run", "hi", "--model", tmp_path / "gpt2"), "GPT2LMHeadModel")
+    src = make_model_dir(tmp_path / "src", "llama")
+    assert run_cli("split", src, tmp_path / "store").returncode == 0
+    manifest = json.loads((tmp_path / "store/manifest.json").read_text())
+    (tmp_path / "store" / manifest["units"][2]["file"]).write_bytes(b"garbage")
+    assert_clean_error(run_cli("run", "hi", "--model", tmp_path / "store"), "layer.1.safetensors")
+
+
+def test_gpu_budget_too_small_is_clear(tmp_path, embedded_store):
+    import torch
+
+    if not torch.cuda.is_available():
+        r = run_cli("run", "hi", "--model", embedded_store, "--device", "cuda")
+        assert_clean_error(r, "no CUDA")
+        return
+    r = run_cli("run", "hi", "--model", embedded_store, "--device", "cuda", "--max-gpu-memory", "1MB")
+    assert_clean_error(r, "cannot hold the units in flight")

@@ -1,0 +1,38 @@
+"""The accelerator path (CUDA, or ROCm through torch's cuda API). Skipped where torch sees no GPU."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from layerstream import AutoModel
+
+from conftest import make_model_dir
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA/ROCm device")
+
+
+@pytest.mark.parametrize("tiers", ["all-device", "ram-streamed", "disk-streamed", "mixed"])
+def test_cuda_matches_transformers(tmp_path, tiers):
+    src = make_model_dir(tmp_path / "src", "llama", layers=6)
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).to("cuda").eval()
+    store = tmp_path / "store"
+    units = AutoModel.from_pretrained(src, max_ram=0, store_path=store, progress=False).store.units
+    layer = units["layer.0"].bytes
+    inflight = 3 * max(units["head"].bytes + units["embed"].bytes, layer)
+    budgets = {"all-device": dict(max_gpu_memory="1GB"),
+               "ram-streamed": dict(max_gpu_memory=inflight, max_ram="1GB"),
+               "disk-streamed": dict(max_gpu_memory=inflight, max_ram=0),
+               "mixed": dict(max_gpu_memory=inflight + 2 * layer, max_ram=2 * layer)}[tiers]
+    m = AutoModel.from_pretrained(store, device="cuda", progress=False, **budgets)
+    layer_tiers = {u.tier for u in m.plan.units if u.kind == "layer"}
+    assert layer_tiers == {"all-device": {"device"}, "ram-streamed": {"ram"}, "disk-streamed": {"disk"},
+                           "mixed": {"device", "ram", "disk"}}[tiers], m.plan.describe()
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7]], device="cuda")
+    with torch.no_grad():
+        want_logits = ref(ids).logits
+    torch.testing.assert_close(m(ids).logits, want_logits, rtol=1e-3, atol=1e-3)
+    want = ref.generate(ids, max_new_tokens=10, do_sample=False)
+    assert m.generate(ids, max_new_tokens=10, do_sample=False).tolist() == want.tolist()
+    if tiers != "all-device":
+        assert m.profiler.allocations <= 8  # buffers reused, not allocated per token
+    m.close()

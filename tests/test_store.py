@@ -1,0 +1,194 @@
+"""The store: atomic, resumable, checked. Damage is found before weights are used."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from layerstream import AutoModel, Store
+from layerstream.errors import DiskSpaceError, SourceError, StoreError, UnsupportedModelError
+from layerstream.split import PROGRESS, split
+
+from conftest import ROOT, make_model_dir, run_cli
+
+
+@pytest.fixture
+def small_src(tmp_path):
+    return make_model_dir(tmp_path / "src", "llama", layers=4)
+
+
+def units_of(store):
+    return [(u.name, u.bytes, u.sha256) for u in Store(store).manifest.units]
+
+
+def test_split_layout_and_manifest(small_src, tmp_path):
+    out = split(small_src, tmp_path / "store", progress=False)
+    s = Store(out)
+    m = s.manifest
+    assert [u.name for u in m.units] == ["embed", "layer.0", "layer.1", "layer.2", "layer.3", "head"]
+    assert m.architecture == "LlamaForCausalLM" and m.dtype == "float32"
+    for u in m.units:
+        assert (out / u.file).stat().st_size == u.bytes
+    assert not s.verify()
+    assert (out / "config.json").is_file()
+    assert not list(out.glob("**/.*.tmp"))
+    # splitting again is a no-op
+    before = (out / "manifest.json").stat().st_mtime_ns
+    split(small_src, out, progress=False)
+    assert (out / "manifest.json").stat().st_mtime_ns == before
+
+
+def test_killed_split_resumes_to_the_same_store(tmp_path):
+    src = make_model_dir(tmp_path / "src", "llama", layers=40, seed=3)
+    ref = split(src, tmp_path / "ref", progress=False)
+    out = tmp_path / "killed"
+    code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from layerstream.split import split; " \
+           f"split({str(src)!r}, {str(out)!r}, progress=False)"
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        p = out / PROGRESS
+        if p.is_file() and len(p.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists(), "killed too late: the split had finished"
+    done_before = {json.loads(l)["name"]: (out / json.loads(l)["file"]).stat().st_mtime_ns
+                   for l in (out / PROGRESS).read_text().splitlines() if l.endswith("}")}
+    assert 5 <= len(done_before) < 42
+    with pytest.raises(StoreError):
+        Store(out)  # no manifest: not usable until finished
+    split(src, out, progress=False)
+    assert units_of(out) == units_of(ref)
+    for name, mtime in done_before.items():  # finished units were not redone
+        assert (out / Store(out).units[name].file).stat().st_mtime_ns == mtime
+    assert not list(out.glob("**/.*.tmp"))
+
+
+def test_partial_split_of_another_source_is_refused(tmp_path):
+    a = make_model_dir(tmp_path / "a", "llama", seed=1)
+    b = make_model_dir(tmp_path / "b", "llama", seed=2)
+    out = tmp_path / "store"
+    split(a, out, progress=False)
+    (out / "manifest.json").unlink()  # now a partial store of `a`
+    with pytest.raises(StoreError, match="another source"):
+        split(b, out, progress=False)
+
+
+def test_truncated_unit_is_reported_with_its_file(small_src, tmp_path):
+    out = split(small_src, tmp_path / "store", progress=False)
+    f = out / Store(out).units["layer.2"].file
+    with open(f, "r+b") as fh:
+        fh.truncate(f.stat().st_size - 100)
+    with pytest.raises(StoreError, match="layer.2.safetensors"):
+        AutoModel.from_pretrained(out, max_ram=0, progress=False)
+
+
+@pytest.mark.parametrize("max_ram", [0, None])
+def test_altered_unit_detected_before_use(small_src, tmp_path, max_ram):
+    out = split(small_src, tmp_path / "store", progress=False)
+    f = out / Store(out).units["layer.1"].file
+    data = bytearray(f.read_bytes())
+    data[-10] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="layer.1.safetensors.*checksum"):
+        m = AutoModel.from_pretrained(out, max_ram=max_ram, progress=False)
+        m.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False)
+
+
+def test_foreign_unit_detected(tmp_path):
+    a = split(make_model_dir(tmp_path / "a", "llama", layers=4, seed=1), tmp_path / "sa", progress=False)
+    b = split(make_model_dir(tmp_path / "b", "llama", layers=4, seed=2), tmp_path / "sb", progress=False)
+    # same names and shapes, other weights: only the content checksum can tell
+    shutil.copyfile(b / "units/layer.0.safetensors", a / "units/layer.0.safetensors")
+    # another layer's file in this layer's place: the header names tell
+    shutil.copyfile(a / "units/layer.2.safetensors", a / "units/layer.3.safetensors")
+    m = None
+    with pytest.raises(StoreError, match="layer.0.safetensors"):
+        m = AutoModel.from_pretrained(a, max_ram=0, progress=False)
+        m.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False)
+    r = run_cli("verify", a)
+    assert r.returncode == 1
+    assert "layer.0.safetensors" in r.stderr and "layer.3.safetensors" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_bad_sources_get_clear_errors(tmp_path):
+    with pytest.raises(SourceError, match="no such file"):
+        split(tmp_path / "nope", tmp_path / "out", progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match="not a model directory"):
+        split(tmp_path / "empty", tmp_path / "out", progress=False)
+    pkl = make_model_dir(tmp_path / "pkl", "llama")
+    (pkl / "model.safetensors").rename(pkl / "pytorch_model.bin")
+    with pytest.raises(SourceError, match="safetensors only"):
+        split(pkl, tmp_path / "out", progress=False)
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    m = AutoModelForCausalLM.from_config(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64))
+    m.save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel"):
+        split(tmp_path / "gpt2", tmp_path / "out", progress=False)
+
+
+def _tmpfs(path, size):
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.decode().strip()}")
+
+
+def test_disk_full_refused_before_writing_and_during_split(small_src, tmp_path):
+    ref = split(small_src, tmp_path / "ref", progress=False)
+    need = sum(u.bytes for u in Store(ref).manifest.units)
+    tiny = tmp_path / "tiny"
+    _tmpfs(tiny, "64k")
+    try:
+        with pytest.raises(DiskSpaceError, match="needs"):
+            split(small_src, tiny / "store", progress=False)
+        assert not list((tiny / "store" / "units").iterdir())
+    finally:
+        subprocess.run(["umount", str(tiny)])
+    # room for the estimate but not for the files' page rounding: ENOSPC in the middle of a unit
+    full = tmp_path / "full"
+    _tmpfs(full, str(need + 8192))
+    try:
+        with pytest.raises(DiskSpaceError, match="disk full"):
+            split(small_src, full / "store", progress=False)
+        out = full / "store"
+        assert not (out / "manifest.json").exists()
+        assert not list(out.glob("units/.*.tmp"))
+        recorded = [json.loads(l) for l in (out / PROGRESS).read_text().splitlines()]
+        for rec in recorded:  # every unit marked done is whole
+            assert (out / rec["file"]).stat().st_size == rec["bytes"]
+        assert len(recorded) < len(Store(ref).manifest.units)
+        subprocess.run(["mount", "-o", f"remount,size={4 * need}", str(full)], check=True)
+        split(small_src, out, progress=False)
+        assert units_of(out) == units_of(ref)
+    finally:
+        subprocess.run(["umount", str(full)])
+
+
+def test_hub_id_goes_through_the_hub_cache(tmp_path):
+    """The real hub code path (huggingface_hub.snapshot_download), served from a local hub cache."""
+    cache = tmp_path / "hub"
+    snap = cache / "models--tiny-org--tiny-llama" / "snapshots" / ("a" * 40)
+    make_model_dir(snap, "llama")
+    (cache / "models--tiny-org--tiny-llama" / "refs").mkdir()
+    (cache / "models--tiny-org--tiny-llama" / "refs" / "main").write_text("a" * 40)
+    env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    r = run_cli("plan", "tiny-org/tiny-llama", "--store", tmp_path / "store", "--max-ram", "0", env=env)
+    assert r.returncode == 0, r.stderr
+    assert Store(tmp_path / "store").manifest.architecture == "LlamaForCausalLM"
+    r = run_cli("plan", "tiny-org/not-cached", "--store", tmp_path / "store2", env=env)
+    assert r.returncode == 1 and "cannot download" in r.stderr and "Traceback" not in r.stderr
