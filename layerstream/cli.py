@@ -27,6 +27,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefetch", action="store_true", help="read each unit when it is needed")
     p.add_argument("--threads", type=int, default=None, help="torch compute threads (default: chosen by layerstream)")
     p.add_argument("--profile", action="store_true", help="print per-unit I/O, copy and compute times")
+    p.add_argument("--io", default="auto", choices=["auto", "buffered", "direct"],
+                   help="direct = O_DIRECT reads (models larger than RAM); auto picks (default)")
+    p.add_argument("--copy", action="store_true",
+                   help="split a safetensors model into a store of its own instead of serving it in place")
     p.add_argument("--verbose", "-v", action="store_true", help="print the residency plan")
 
 
@@ -59,7 +63,8 @@ def _load(a):
     say(f"imported in {time.perf_counter() - t0:.1f} s; opening {a.model or 'the embedded SmolLM2-135M-Instruct'}")
     m = AutoModel.from_pretrained(a.model, device=a.device, dtype=a.dtype, max_ram=a.max_ram,
                                   max_gpu_memory=a.max_gpu_memory, prefetch=not a.no_prefetch,
-                                  store_path=a.store, profiling=a.profile, lookahead=a.lookahead, threads=a.threads)
+                                  store_path=a.store, profiling=a.profile, lookahead=a.lookahead, threads=a.threads,
+                                  io=a.io, in_place=False if a.copy else None)
     if a.verbose:
         print(m.plan.describe(), file=sys.stderr, flush=True)
     say(f"ready: {len(m.plan.streamed)} units streamed per sweep, "
@@ -136,9 +141,12 @@ def cmd_chat(a) -> int:
 def cmd_split(a) -> int:
     say("importing torch and transformers …")
     from .model import parse_dtype
-    from .split import split
+    from .split import index_in_place, open_source, split
 
-    out = split(a.source, a.out, dtype=parse_dtype(a.dtype))
+    if a.in_place:
+        out = index_in_place(open_source(a.source), a.out)
+    else:
+        out = split(a.source, a.out, dtype=parse_dtype(a.dtype))
     say(f"store ready: {out}")
     return 0
 
@@ -204,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("source")
     s.add_argument("out")
     s.add_argument("--dtype", default=None)
+    s.add_argument("--in-place", action="store_true",
+                   help="no copy: index a safetensors checkpoint's own shards (the store holds the manifest only)")
     i = sub.add_parser("info", help="describe a store")
     i.add_argument("store")
     v = sub.add_parser("verify", help="check every unit file of a store against its sha256")

@@ -49,12 +49,28 @@ def set_threads(threads, streaming: bool) -> int:
     return torch.get_num_threads()
 
 
+def choose_direct_io(io: str, plan) -> bool:
+    """O_DIRECT when what is streamed each sweep cannot stay in the page cache anyway (the model is larger
+    than RAM): reads skip the copy through the cache and evict nothing. Buffered while it fits: a page-cache
+    hit is faster than any disk."""
+    if io not in ("auto", "buffered", "direct"):
+        raise InputError(f"io must be 'auto', 'buffered' or 'direct', got {io!r}")
+    if io != "auto":
+        return io == "direct"
+    from .utils import available_ram
+
+    streamed = plan.bytes_per_sweep
+    room = available_ram() - plan.inflight_bytes - (plan.resident("ram") if plan.device == "cpu" else 0)
+    return streamed > 0 and streamed > 0.8 * max(0, room)
+
+
 class StreamedModel:
     """A transformers causal LM whose weights stream from a layerstream store as the forward pass
     reaches them. `generate` and `__call__` are transformers' own (KV cache, sampling, streamers)."""
 
     def __init__(self, store_path, device="cpu", dtype=None, max_ram=None, max_gpu_memory=None, prefetch=True,
-                 lookahead=2, profiling=False, verify="first", threads=None, progress=True):
+                 lookahead=2, profiling=False, verify="first", threads=None, progress=True, io="auto",
+                 readers=None):
         from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
         self.store = Store(store_path)
@@ -84,8 +100,11 @@ class StreamedModel:
             from tqdm import tqdm
             bar = tqdm(total=resident, unit="B", unit_scale=True, desc="loading resident units", file=sys.stderr,
                        leave=False)
+        self.direct = choose_direct_io(io, self.plan)
+        readers = readers or (4 if self.direct else 1)
         self.streamer = Streamer(self.model, self.layout, self.store, self.plan, self.device, self.dtype, prefetch,
-                                 self.profiler, verify, progress=bar.update if bar else None)
+                                 self.profiler, verify, progress=bar.update if bar else None, direct=self.direct,
+                                 readers=readers)
         if bar:
             bar.close()
         self.last_stats: dict = {}
@@ -161,7 +180,7 @@ class AutoModel:
     @staticmethod
     def from_pretrained(source=None, device="cpu", dtype=None, max_ram=None, max_gpu_memory=None, prefetch=True,
                         store_path=None, profiling=False, lookahead=2, verify="first", threads=None,
-                        progress=True, **ignored) -> StreamedModel:
+                        progress=True, io="auto", readers=None, in_place=None, **ignored) -> StreamedModel:
         """Open `source` (None: the embedded default model; a transformers directory; a .gguf file; a hub id;
         a layerstream store), splitting it into a store once, and return a streaming model.
 
@@ -175,7 +194,7 @@ class AutoModel:
         parse_size(max_ram, "max_ram")
         parse_size(max_gpu_memory, "max_gpu_memory")
         path = resolve(source, store_path=store_path or ignored.get("layer_shards_saving_path"),
-                       dtype=parse_dtype(dtype), progress=progress)
+                       dtype=parse_dtype(dtype), progress=progress, in_place=in_place)
         return StreamedModel(path, device=device, dtype=dtype, max_ram=max_ram, max_gpu_memory=max_gpu_memory,
                              prefetch=prefetch, lookahead=lookahead, profiling=profiling, verify=verify,
-                             threads=threads, progress=progress)
+                             threads=threads, progress=progress, io=io, readers=readers)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
@@ -19,7 +20,7 @@ from torch import nn
 from .adapters import Layout
 from .errors import InputError, StoreError
 from .plan import Plan, UnitPlan
-from .store import Store, tensor_views
+from .store import Store, aligned_empty, read_layout, tensor_views
 from .utils import fmt_bytes
 
 
@@ -61,48 +62,52 @@ class Profiler:
 # ---------------------------------------------------------------------------- reading files
 
 class FileReader:
-    """Reads unit files into caller-owned buffers, checking them against the manifest: the size on
-    every read, the xxh3 of the content on the first read (and again if the file changed)."""
+    """Reads units into caller-owned buffers, checking them against the manifest: file sizes (and, in
+    place, mtimes) on every read, the xxh3 of the content on the first read and whenever a file changed.
 
-    def __init__(self, store: Store, verify: str, profiler: Profiler):
+    io: "buffered" (page cache; best when the model fits in RAM), "direct" (O_DIRECT into aligned
+    buffers: no copy through the page cache, and streamed units do not evict anything), or "auto"."""
+
+    def __init__(self, store: Store, verify: str, profiler: Profiler, direct: bool = False, readers: int = 1):
         if verify not in ("first", "always", "never"):
             raise ValueError("verify must be 'first', 'always' or 'never'")
-        self.store, self.verify, self.prof = store, verify, profiler
+        self.store, self.verify, self.prof, self.direct = store, verify, profiler, direct
         self.seen: dict[str, tuple] = {}
-        self.lock = threading.Lock()
+        self.pool = ThreadPoolExecutor(readers, thread_name_prefix="layerstream-read") if readers > 1 else None
+
+    def _stat(self, unit: str) -> tuple:
+        m = self.store.manifest
+        key = []
+        for path in dict.fromkeys(r[0] for r in self.store.layout(unit).reads):
+            try:
+                st = os.stat(path)
+            except OSError as e:
+                raise StoreError(f"{path}: cannot read unit {unit} ({e.strerror}); the store or its source is "
+                                 f"missing or moved: run `layerstream verify {self.store.path}`") from None
+            want = m.source_files.get(str(path), [None])[0] if m.in_place else self.store.units[unit].bytes
+            if st.st_size != want:
+                raise StoreError(f"{path}: {st.st_size} bytes, the manifest says {want} (truncated or replaced); "
+                                 f"unit {unit} cannot be used: re-split the model")
+            key.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        return tuple(key)
 
     def read(self, unit: str, dest: torch.Tensor) -> None:
-        info = self.store.units[unit]
-        path = self.store.file(unit)
+        layout = self.store.layout(unit)
         t0 = time.perf_counter()
+        key = self._stat(unit)
         try:
-            fd = os.open(path, os.O_RDONLY)
+            read_layout(layout, dest, direct=self.direct, pool=self.pool)
         except OSError as e:
-            raise StoreError(f"{path}: cannot open unit {unit} ({e.strerror}); the store is incomplete or moved: "
-                             f"run `layerstream verify {self.store.path}`") from None
-        try:
-            st = os.fstat(fd)
-            if st.st_size != info.bytes:
-                raise StoreError(f"{path}: unit {unit} is {st.st_size} bytes, the manifest says {info.bytes} "
-                                 f"(truncated or replaced); re-split the model")
-            mv = memoryview(dest.numpy()).cast("B")[: info.bytes]
-            got = 0
-            while got < info.bytes:
-                n = os.readv(fd, [mv[got:]])
-                if n <= 0:
-                    raise StoreError(f"{path}: unexpected end of file reading unit {unit}; re-split the model")
-                got += n
-        except OSError as e:
-            raise StoreError(f"{path}: read error on unit {unit} ({e.strerror})") from None
-        finally:
-            os.close(fd)
-        key = (st.st_ino, st.st_size, st.st_mtime_ns)
+            raise StoreError(f"{self.store.where(unit)}: read error ({e.strerror})") from None
         if self.verify == "always" or (self.verify == "first" and self.seen.get(unit) != key):
-            self.store.check_content(unit, mv)
-            with self.lock:
-                self.seen[unit] = key
-        self.prof.bytes_read += info.bytes
+            self.store.check_content(unit, dest)
+            self.seen[unit] = key
+        self.prof.bytes_read += sum(n for _, n in layout.data)
         self.prof.read_seconds += time.perf_counter() - t0
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.shutdown(wait=False)
 
 
 class BufferPool:
@@ -116,7 +121,7 @@ class BufferPool:
         if self.free[size]:
             return self.free[size].pop()
         self.prof.allocations += 1
-        return [torch.empty(size, dtype=torch.uint8, device=self.device, pin_memory=self.pin), None]
+        return [aligned_empty(size, self.device, self.pin), None]
 
     def release(self, entry) -> None:
         self.free[entry[0].numel()].append(entry)
@@ -167,14 +172,14 @@ class Loader:
         item = Loaded(u.name)
         try:
             parts = self.plan.parts(u)
-            size = sum(self.plan.unit_bytes[p] for p in parts)
+            size = sum(self.store.layout(p).size for p in parts)
             entry = self.pool.acquire(size)
             buf = entry[0]
             if self.cuda and entry[1] is not None:
                 self.copy_stream.wait_event(entry[1])  # the compute finished with this buffer
             off = 0
             for p in parts:
-                n = self.plan.unit_bytes[p]
+                n = self.store.layout(p).size
                 if not self.accel:
                     self.reader.read(p, buf[off:off + n])
                 else:
@@ -281,11 +286,12 @@ class Streamer:
     """Binds a skeleton's parameters to resident weights once and to streamed ones around each forward."""
 
     def __init__(self, model: nn.Module, lay: Layout, store: Store, plan: Plan, device: torch.device,
-                 dtype: torch.dtype, prefetch: bool, profiler: Profiler, verify: str = "first", progress=None):
+                 dtype: torch.dtype, prefetch: bool, profiler: Profiler, verify: str = "first", progress=None,
+                 direct: bool = False, readers: int = 1):
         self.model, self.lay, self.store, self.plan = model, lay, store, plan
         self.device, self.dtype, self.prof = device, dtype, profiler
         self.params: dict[str, nn.Parameter] = dict(model.named_parameters(remove_duplicate=False))
-        self.reader = FileReader(store, verify, profiler)
+        self.reader = FileReader(store, verify, profiler, direct=direct, readers=readers)
         self.empty = torch.empty(0, dtype=dtype, device=device)
         self.handles = []
         self.ram_units: dict[str, torch.Tensor] = {}
@@ -299,7 +305,7 @@ class Streamer:
         for u in self.plan.units:
             if u.tier == "disk":
                 continue
-            host = torch.empty(u.bytes, dtype=torch.uint8, pin_memory=(self.device.type == "cuda" and u.tier == "ram"))
+            host = aligned_empty(self.store.layout(u.name).size, pin=self.device.type == "cuda" and u.tier == "ram")
             self.reader.read(u.name, host)
             if progress:
                 progress(u.bytes)
@@ -375,9 +381,9 @@ class Streamer:
         weight_name = slot.name
         rows, hidden = slot.shape
         row_bytes = hidden * torch.empty(0, dtype=slot.dtype).element_size()
-        path = self.store.file("embed")
+        path, first = self.store.layout("embed").file_offset[weight_name]
         if emb.tier == "disk":
-            whole = torch.empty(self.store.units["embed"].bytes, dtype=torch.uint8)
+            whole = aligned_empty(self.store.layout("embed").size)
             self.reader.read("embed", whole)   # checked once before any row is used
             del whole
             self.prof.bytes_read = 0
@@ -391,7 +397,7 @@ class Streamer:
             fd = os.open(path, os.O_RDONLY)
             try:
                 for i, r in enumerate(uniq.tolist()):
-                    n = os.preadv(fd, [mv[i * row_bytes:(i + 1) * row_bytes]], slot.begin + r * row_bytes)
+                    n = os.preadv(fd, [mv[i * row_bytes:(i + 1) * row_bytes]], first + r * row_bytes)
                     if n != row_bytes:
                         raise StoreError(f"{path}: short read of embedding row {r}; re-split the model")
             finally:
@@ -429,3 +435,4 @@ class Streamer:
         for h in self.handles:
             h.remove()
         self.loader.close()
+        self.reader.close()

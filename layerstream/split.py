@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from .errors import DiskSpaceError, SourceError, StoreError
-from .store import MANIFEST, Manifest, Store, UnitInfo, atomic_write_bytes, file_digests, fsync_dir
+from .store import (DTYPES, MANIFEST, Manifest, Store, TensorSlot, UnitInfo, aligned_empty, atomic_write_bytes,
+                    file_digests, fsync_dir, read_header)
 from .utils import cache_dir, fmt_bytes
 
 PROGRESS = "split-progress.jsonl"
@@ -341,8 +342,91 @@ def split(source, out=None, dtype: torch.dtype | None = None, progress: bool = T
     return out
 
 
-def resolve(source=None, store_path=None, dtype=None, progress=True) -> Path:
-    """A store path for any source: an existing store, or one split now (or reused from the cache)."""
+def _source_dtype(src, names) -> torch.dtype | None:
+    dtypes = set()
+    for f in src.files:
+        slots, _ = read_header(f)
+        dtypes |= {s.dtype for s in slots if s.name in names and s.dtype.is_floating_point}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def index_in_place(src: SafetensorsSource, out, progress: bool = True) -> Path:
+    """A store that points into the source's own shards: no second copy of the model on disk. Each unit is
+    a list of byte ranges of the shards (contiguous tensors merged); its xxh3 is computed now, by reading
+    the model once."""
+    import xxhash
+    from tqdm import tqdm
+
+    from .adapters import build_skeleton, layout
+    from .store import DTYPE_NAMES, make_layout, read_layout
+
+    out = Path(out)
+    skeleton = build_skeleton(src.config, torch.float32, device="meta")
+    lay = layout(skeleton)
+    names = {n for u in lay.units for n in u.params}
+    missing = [n for n in names if not src.has(n)]
+    if missing:
+        raise SourceError(f"{src.path}: the checkpoint lacks {len(missing)} weights the model needs "
+                          f"(e.g. {missing[0]}); is it complete and of this architecture?")
+    dtype = _source_dtype(src, names)
+    if dtype is None:
+        raise SourceError(f"{src.path}: weights of mixed float dtypes cannot be served in place; split it")
+    where = {}
+    for f in src.files:
+        for slot in read_header(f)[0]:
+            if slot.name in names:
+                if slot.begin % slot.dtype.itemsize:
+                    raise SourceError(f"{f}: tensor {slot.name} is not aligned; split the model instead")
+                where[slot.name] = (f, slot)
+    units, total = [], 0
+    for u in lay.units:
+        ranges, slots = [], {}
+        for n in sorted(u.params, key=lambda n: (str(where[n][0]), where[n][1].begin)):
+            f, slot = where[n]
+            if ranges and ranges[-1][0] == str(f) and ranges[-1][2] == slot.begin:
+                ranges[-1][2] = slot.end
+            else:
+                ranges.append([str(f), slot.begin, slot.end])
+            slots[n] = [DTYPE_NAMES[slot.dtype], list(slot.shape), len(ranges) - 1, 0, 0]
+        for n in u.params:   # offsets inside their range
+            f, slot = where[n]
+            r = ranges[slots[n][2]]
+            slots[n][3:] = [slot.begin - r[1], slot.end - r[1]]
+        size = sum(e - b for _, b, e in ranges)
+        units.append(UnitInfo(u.name, u.kind, "", size, "", "", sorted(u.params), ranges, slots))
+        total += size
+    log(f"indexing {src.path} in place -> {out} ({len(units)} units, {fmt_bytes(total)}, {dtype}; no copy)")
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="checksum", disable=not progress, file=sys.stderr)
+    for u in units:
+        lt = make_layout([(Path(f), b, e) for f, b, e in u.ranges],
+                         [(TensorSlot(n, DTYPES[d], tuple(sh), b, e), ri) for n, (d, sh, ri, b, e) in u.slots.items()])
+        buf = aligned_empty(lt.size)
+        read_layout(lt, buf)
+        xx = xxhash.xxh3_64()
+        mv = memoryview(buf.numpy()).cast("B")
+        for off, n in lt.data:
+            xx.update(mv[off:off + n])
+        u.xxh3 = xx.hexdigest()
+        bar.update(u.bytes)
+    bar.close()
+    out.mkdir(parents=True, exist_ok=True)
+    src.config.save_pretrained(out)
+    src.save_extras(out)
+    files = {str(f): [f.stat().st_size, f.stat().st_mtime_ns] for f in src.files}
+    arch = (getattr(src.config, "architectures", None) or [type(skeleton).__name__])[0]
+    manifest = Manifest(architecture=arch, model_type=src.config.model_type, dtype=str(dtype).replace("torch.", ""),
+                        source={"kind": src.kind, "path": str(src.path), "identity": src.identity}, units=units,
+                        tied=lay.tied, in_place=True, source_files=files)
+    fsync_dir(out)
+    atomic_write_bytes(out / MANIFEST, manifest.to_json().encode())
+    return out
+
+
+def resolve(source=None, store_path=None, dtype=None, progress=True, in_place=None) -> Path:
+    """A store path for any source: an existing store, or one made now (or reused from the cache).
+
+    in_place: serve a safetensors source from its own shards (None: whenever it needs no dtype conversion);
+    otherwise the source is split into a store of its own."""
     if source is None:
         source = embedded_model()
     if Store.is_store(source):
@@ -355,6 +439,13 @@ def resolve(source=None, store_path=None, dtype=None, progress=True) -> Path:
     if Store.is_store(out):
         log(f"using store {out}")
         return out
+    if in_place is None and src.kind == "safetensors":
+        names = {n for n in src.weight_map}
+        in_place = dtype is None or _source_dtype(src, names) == dtype
+    if in_place:
+        if src.kind != "safetensors":
+            raise SourceError(f"{src.path}: only safetensors checkpoints can be served in place; split it")
+        return index_in_place(src, out, progress=progress)
     return split(src, out, dtype=dtype, progress=progress)
 
 

@@ -1,8 +1,9 @@
-"""The layer store: manifest.json + one safetensors file per unit.
+"""The layer store: manifest.json + one safetensors file per unit, or, in place, a manifest whose
+units point at byte ranges of the source's own safetensors shards (no second copy of the model).
 
 Every file is written to a temporary name, fsynced and renamed; the manifest is written last, so a
-directory with a manifest is a complete store. Unit files are checked against the manifest (size
-always, xxh3 of the content on first read, sha256 on `verify`).
+directory with a manifest is a complete store. Unit bytes are checked against the manifest (size
+always, xxh3 of the content on first read, sha256 or xxh3 on `verify`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ class UnitInfo:
     sha256: str
     xxh3: str
     tensors: list[str] = field(default_factory=list)
+    # in place: byte ranges [file, begin, end) of source shards, and each tensor's slot as
+    # [dtype, shape, range index, begin, end] (offsets inside its range)
+    ranges: list | None = None
+    slots: dict | None = None
 
 
 @dataclass
@@ -53,6 +58,8 @@ class Manifest:
     units: list[UnitInfo]
     tied: dict[str, str] = field(default_factory=dict)
     quantization: str | None = None
+    in_place: bool = False
+    source_files: dict[str, list[int]] = field(default_factory=dict)   # in place: path -> [size, mtime_ns]
     format: str = FORMAT
     version: int = VERSION
 
@@ -138,6 +145,45 @@ def read_header(path: Path) -> tuple[list[TensorSlot], int]:
     return slots, end
 
 
+ALIGN = 4096
+
+
+@dataclass
+class UnitLayout:
+    """Where a unit's bytes come from and where they land in a load buffer. Each range is read from
+    its 4096-aligned start (O_DIRECT-ready) into a 4096-aligned place in the buffer."""
+
+    reads: list[tuple[Path, int, int, int]]     # (file, aligned begin, aligned end, buffer offset)
+    data: list[tuple[int, int]]                 # per range: (buffer offset of its first byte, length)
+    slots: list[TensorSlot]                     # begin/end are buffer offsets
+    size: int                                   # buffer bytes needed
+    file_offset: dict[str, tuple[Path, int]]    # tensor -> (file, offset of its first byte)
+
+
+def aligned_empty(size: int, device="cpu", pin: bool = False) -> torch.Tensor:
+    """A flat uint8 buffer whose first byte is 4096-aligned (what O_DIRECT needs) on the host."""
+    if torch.device(device).type != "cpu":
+        return torch.empty(size, dtype=torch.uint8, device=device)
+    raw = torch.empty(size + ALIGN, dtype=torch.uint8, pin_memory=pin)
+    off = (-raw.data_ptr()) % ALIGN
+    return raw[off: off + size]
+
+
+def make_layout(ranges: list[tuple[Path, int, int]], slots: list[tuple[TensorSlot, int]]) -> UnitLayout:
+    reads, data, off = [], [], 0
+    for path, b, e in ranges:
+        a0, a1 = b - b % ALIGN, -(-e // ALIGN) * ALIGN
+        reads.append((path, a0, a1, off))
+        data.append((off + b - a0, e - b))
+        off += a1 - a0
+    out, where = [], {}
+    for slot, ri in slots:
+        base = data[ri][0]
+        out.append(TensorSlot(slot.name, slot.dtype, slot.shape, base + slot.begin, base + slot.end))
+        where[slot.name] = (ranges[ri][0], ranges[ri][1] + slot.begin)
+    return UnitLayout(reads, data, out, off, where)
+
+
 def tensor_views(buf: torch.Tensor, slots: list[TensorSlot], offset: int = 0) -> dict[str, torch.Tensor]:
     """Views into a flat uint8 buffer holding a unit file at `offset`: no copies."""
     out = {}
@@ -148,7 +194,7 @@ def tensor_views(buf: torch.Tensor, slots: list[TensorSlot], offset: int = 0) ->
 
 
 class Store:
-    """An opened store: manifest, paths, per-unit headers."""
+    """An opened store: manifest, paths, per-unit layouts."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -166,17 +212,30 @@ class Store:
         except (ValueError, TypeError, KeyError) as e:
             raise StoreError(f"{mpath}: damaged or foreign manifest ({e}); split the model again") from None
         self.units = {u.name: u for u in self.manifest.units}
-        self._headers: dict[str, tuple[list[TensorSlot], int]] = {}
+        self._layouts: dict[str, UnitLayout] = {}
 
     @staticmethod
     def is_store(path) -> bool:
         return (Path(path) / MANIFEST).is_file()
 
     def file(self, unit: str) -> Path:
-        return self.path / self.units[unit].file
+        """The file holding a unit (in place: its first range's shard)."""
+        u = self.units[unit]
+        return Path(u.ranges[0][0]) if u.ranges else self.path / u.file
 
     def check_files(self) -> None:
-        """Cheap check at open: every unit file exists with the size the manifest records."""
+        """Cheap check at open: every file exists with the size (in place: and mtime) the manifest records."""
+        if self.manifest.in_place:
+            for f, (size, mtime) in self.manifest.source_files.items():
+                try:
+                    st = os.stat(f)
+                except OSError:
+                    raise StoreError(f"{f}: source shard of this in-place store is missing; restore it or "
+                                     f"index the model again (`layerstream split --in-place SRC {self.path}`)") from None
+                if (st.st_size, st.st_mtime_ns) != (size, mtime):
+                    raise StoreError(f"{f}: source shard changed since it was indexed (size or mtime); index the "
+                                     f"model again (`layerstream split --in-place SRC {self.path}`)")
+            return
         for u in self.manifest.units:
             p = self.path / u.file
             try:
@@ -187,30 +246,56 @@ class Store:
                 raise StoreError(f"{p}: size {size} bytes, manifest says {u.bytes} (truncated or replaced); "
                                  f"run `layerstream verify {self.path}` and re-split the model")
 
-    def slots(self, unit: str) -> list[TensorSlot]:
-        if unit not in self._headers:
-            slots, end = read_header(self.file(unit))
+    def layout(self, unit: str) -> UnitLayout:
+        if unit not in self._layouts:
             u = self.units[unit]
-            if end != u.bytes:
-                raise StoreError(f"{self.file(unit)}: header describes {end} bytes, manifest says {u.bytes}; "
-                                 f"the file is damaged or foreign: re-split the model")
-            if sorted(s.name for s in slots) != sorted(u.tensors):
-                raise StoreError(f"{self.file(unit)}: holds tensors that are not unit {unit}'s (a foreign file); "
-                                 f"re-split the model")
-            self._headers[unit] = (slots, end)
-        return self._headers[unit][0]
+            if u.ranges:
+                ranges = [(Path(f), b, e) for f, b, e in u.ranges]
+                slots = [(TensorSlot(n, DTYPES[dt], tuple(shape), b, e), ri)
+                         for n, (dt, shape, ri, b, e) in u.slots.items()]
+            else:
+                found, end = read_header(self.file(unit))
+                if end != u.bytes:
+                    raise StoreError(f"{self.file(unit)}: header describes {end} bytes, manifest says {u.bytes}; "
+                                     f"the file is damaged or foreign: re-split the model")
+                if sorted(s.name for s in found) != sorted(u.tensors):
+                    raise StoreError(f"{self.file(unit)}: holds tensors that are not unit {unit}'s (a foreign "
+                                     f"file); re-split the model")
+                ranges, slots = [(self.file(unit), 0, u.bytes)], [(s, 0) for s in found]
+            self._layouts[unit] = make_layout(ranges, slots)
+        return self._layouts[unit]
 
-    def check_content(self, unit: str, data) -> None:
-        """xxh3 of a unit's bytes (a buffer already read) against the manifest."""
-        got = xxhash.xxh3_64_hexdigest(data)
-        if got != self.units[unit].xxh3:
-            raise StoreError(f"{self.file(unit)}: content checksum mismatch (altered or foreign file); "
+    def slots(self, unit: str) -> list[TensorSlot]:
+        return self.layout(unit).slots
+
+    def where(self, unit: str) -> str:
+        u = self.units[unit]
+        return f"{self.file(unit)}" + (f" (bytes {u.ranges[0][1]}.., unit {unit})" if u.ranges else "")
+
+    def check_content(self, unit: str, buf: torch.Tensor) -> None:
+        """xxh3 of a unit's bytes (a load buffer already filled) against the manifest."""
+        xx = xxhash.xxh3_64()
+        mv = memoryview(buf.numpy()).cast("B")
+        for off, n in self.layout(unit).data:
+            xx.update(mv[off:off + n])
+        if xx.hexdigest() != self.units[unit].xxh3:
+            raise StoreError(f"{self.where(unit)}: content checksum mismatch (altered or foreign file); "
                              f"run `layerstream verify {self.path}` and re-split the model")
 
     def verify(self, progress=None) -> list[str]:
-        """Full check (sha256 of every file). Returns a list of problems, empty when the store is sound."""
+        """Full check (sha256 of every unit file; in place: xxh3 of every range). Returns the problems found."""
         problems = []
         for u in self.manifest.units:
+            if u.ranges:
+                try:
+                    buf = torch.empty(self.layout(u.name).size, dtype=torch.uint8)
+                    read_layout(self.layout(u.name), buf)
+                    self.check_content(u.name, buf)
+                except (StoreError, OSError) as e:
+                    problems.append(str(e))
+                if progress:
+                    progress(u.bytes)
+                continue
             p = self.path / u.file
             if not p.is_file():
                 problems.append(f"{p}: missing")
@@ -226,3 +311,39 @@ class Store:
             if progress:
                 progress(u.bytes)
         return problems
+
+
+def read_layout(layout: UnitLayout, dest: torch.Tensor, direct: bool = False, pool=None, chunk: int = 16 << 20):
+    """Read a unit's ranges into `dest` (a buffer of at least layout.size bytes, 4096-aligned for O_DIRECT).
+    With `pool` (a ThreadPoolExecutor), ranges are read as parallel chunks: several requests in flight."""
+    mv = memoryview(dest.numpy()).cast("B")
+    jobs = []
+    for path, a0, a1, off in layout.reads:
+        for c0 in range(a0, a1, chunk):
+            jobs.append((path, c0, min(a1, c0 + chunk), off + c0 - a0))
+
+    def one(job):
+        path, b, e, off = job
+        flags = os.O_RDONLY | (getattr(os, "O_DIRECT", 0) if direct else 0)
+        try:
+            fd = os.open(path, flags)
+        except OSError:
+            if not direct:
+                raise
+            fd = os.open(path, os.O_RDONLY)   # a file system without O_DIRECT (tmpfs): buffered
+        try:
+            got = 0
+            while b + got < e:
+                n = os.preadv(fd, [mv[off + got: off + e - b]], b + got)
+                if n <= 0:
+                    break   # end of file: the aligned tail past it is padding
+                got += n
+            return got
+        finally:
+            os.close(fd)
+
+    if pool is None or len(jobs) == 1:
+        got = [one(j) for j in jobs]
+    else:
+        got = list(pool.map(one, jobs))
+    return sum(got)

@@ -18,11 +18,14 @@ def reference(path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("max_ram", [0, None])
-def test_greedy_and_logits_match_transformers(tmp_path, family, max_ram):
+@pytest.mark.parametrize("in_place", [True, False])
+def test_greedy_and_logits_match_transformers(tmp_path, family, max_ram, in_place):
     src = make_model_dir(tmp_path / "src", family)
     ref = reference(src)
     ids = torch.tensor([[1, 17, 33, 5, 90, 64, 12]])
-    m = AutoModel.from_pretrained(src, max_ram=max_ram, store_path=tmp_path / "store", progress=False)
+    m = AutoModel.from_pretrained(src, max_ram=max_ram, store_path=tmp_path / "store", progress=False,
+                                  in_place=in_place)
+    assert m.store.manifest.in_place == in_place
     if max_ram == 0:
         assert all(u.tier == "disk" for u in m.plan.units)
     else:

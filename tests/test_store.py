@@ -192,3 +192,38 @@ def test_hub_id_goes_through_the_hub_cache(tmp_path):
     assert Store(tmp_path / "store").manifest.architecture == "LlamaForCausalLM"
     r = run_cli("plan", "tiny-org/not-cached", "--store", tmp_path / "store2", env=env)
     assert r.returncode == 1 and "cannot download" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_in_place_store_has_no_copy_and_matches_split(small_src, tmp_path):
+    from layerstream.split import index_in_place, open_source
+
+    out = index_in_place(open_source(small_src), tmp_path / "inplace", progress=False)
+    assert not (out / "units").exists()
+    assert sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) < 50_000  # manifest, config, no weights
+    s = Store(out)
+    assert s.manifest.in_place and not s.verify()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    a = AutoModel.from_pretrained(out, max_ram=0, progress=False).generate(ids, max_new_tokens=6, do_sample=False)
+    b = AutoModel.from_pretrained(small_src, max_ram=0, store_path=tmp_path / "split", in_place=False,
+                                  progress=False).generate(ids, max_new_tokens=6, do_sample=False)
+    assert a.tolist() == b.tolist()
+    r = run_cli("split", small_src, tmp_path / "cli-inplace", "--in-place")
+    assert r.returncode == 0 and Store(tmp_path / "cli-inplace").manifest.in_place, r.stderr
+
+
+def test_in_place_source_changes_are_detected(small_src, tmp_path):
+    from layerstream.split import index_in_place, open_source
+
+    out = index_in_place(open_source(small_src), tmp_path / "inplace", progress=False)
+    shard = small_src / "model.safetensors"
+    st = shard.stat()
+    data = bytearray(shard.read_bytes())
+    data[-64] ^= 0x55  # inside the last tensor's data
+    shard.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="changed since it was indexed"):
+        AutoModel.from_pretrained(out, max_ram=0, progress=False)
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size and mtime: only the content tells
+    with pytest.raises(StoreError, match="checksum mismatch"):
+        m = AutoModel.from_pretrained(out, max_ram=0, progress=False)
+        m.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False)
+    assert Store(out).verify()  # and verify names the problem
