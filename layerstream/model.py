@@ -36,16 +36,20 @@ def parse_device(device) -> torch.device:
     return dev
 
 
-def set_threads(threads, streaming: bool) -> int:
-    """torch's compute threads. While streaming, one core is left to the loader thread: on a 2-core
-    machine, 1 compute + 1 I/O thread measured faster than 2 compute threads competing with the loader
-    (README, "Threads"). An explicit `threads` wins."""
-    import os
+_TORCH_THREADS = torch.get_num_threads()   # torch's own default, before layerstream changes it
 
+
+def set_threads(threads, streaming: bool, direct: bool = False) -> int:
+    """torch's compute threads. While streaming through the page cache, one core is left to the loader
+    thread, whose reads are memory copies: on a 2-core machine, 1 compute + 1 I/O thread measured faster
+    than 2 compute threads competing with the loader (README, "Threads"). O_DIRECT reads cost the CPU
+    little (the disk writes into our buffers), so compute keeps every core. An explicit `threads` wins."""
     if threads:
         torch.set_num_threads(int(threads))
-    elif streaming:
-        torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 2) - 1)))
+    elif streaming and not direct:
+        torch.set_num_threads(max(1, _TORCH_THREADS - 1))
+    else:
+        torch.set_num_threads(_TORCH_THREADS)
     return torch.get_num_threads()
 
 
@@ -93,7 +97,6 @@ class StreamedModel:
         self.plan = make_plan(self.store, self.device.type, parse_size(max_ram, "max_ram"),
                               parse_size(max_gpu_memory, "max_gpu_memory"), lookahead)
         self.profiler = Profiler(profiling)
-        self.threads = set_threads(threads, streaming=bool(self.plan.streamed) and prefetch)
         resident = sum(u.bytes for u in self.plan.units if u.tier != "disk")
         bar = None
         if progress and resident:
@@ -101,6 +104,7 @@ class StreamedModel:
             bar = tqdm(total=resident, unit="B", unit_scale=True, desc="loading resident units", file=sys.stderr,
                        leave=False)
         self.direct = choose_direct_io(io, self.plan)
+        self.threads = set_threads(threads, streaming=bool(self.plan.streamed) and prefetch, direct=self.direct)
         readers = readers or (4 if self.direct else 1)
         self.streamer = Streamer(self.model, self.layout, self.store, self.plan, self.device, self.dtype, prefetch,
                                  self.profiler, verify, progress=bar.update if bar else None, direct=self.direct,

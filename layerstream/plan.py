@@ -38,6 +38,7 @@ class Plan:
     lookahead: int
     embed_rows_only: bool = True
     notes: list[str] = field(default_factory=list)
+    bandwidth: float | None = None      # bytes/s, when measured (`layerstream plan`)
 
     def tier(self, name: str) -> str:
         return next(u.tier for u in self.units if u.name == name)
@@ -81,6 +82,9 @@ class Plan:
                      + (f", gpu {fmt_bytes(self.gpu_budget)}" if self.gpu_budget is not None else ""))
         lines.append(f"  streamed per sweep: {fmt_bytes(self.bytes_per_sweep)} from disk; "
                      f"in-flight buffers: {fmt_bytes(self.inflight_bytes)} (lookahead {self.lookahead})")
+        if self.bandwidth:
+            lines.append(f"  measured read bandwidth {fmt_bytes(self.bandwidth)}/s -> at least "
+                         f"{self.bytes_per_sweep / self.bandwidth:.2f} s per token from streaming alone")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -141,13 +145,19 @@ def make_plan(store: Store, device: str = "cpu", max_ram=None, max_gpu_memory=No
     plan = Plan(device, units, unit_bytes, 0, None, lookahead)
     inflight = plan.inflight_bytes  # everything streamed: the largest possible in-flight set
     if max_ram is None:
-        plan.ram_budget = max(0, available_ram() - RAM_MARGIN - inflight)
-        plan.notes.append(f"ram budget by default: free RAM minus {fmt_bytes(RAM_MARGIN)} and the in-flight buffers")
+        plan.ram_budget = max(0, available_ram() - RAM_MARGIN)
+        plan.notes.append(f"ram budget by default: free RAM minus {fmt_bytes(RAM_MARGIN)}")
     else:
         plan.ram_budget = max_ram
+    # The RAM budget holds the resident units and the buffers of the units in flight; a budget below the
+    # in-flight buffers alone (max_ram=0: AirLLM's behaviour) keeps nothing resident and the buffers come on top.
+    resident_budget = plan.ram_budget
+    if sum(unit_bytes.values()) > plan.ram_budget:
+        resident_budget = max(0, plan.ram_budget - inflight)
+        if plan.ram_budget < inflight:
+            plan.notes.append(f"the budget is below the in-flight buffers ({fmt_bytes(inflight)}): they come on top")
     if device == "cpu":
-        for u in _choose(units, plan.ram_budget):
-            u.tier = "ram"
+        _assign(plan, units, "ram", resident_budget, plan.ram_budget)
         return plan
 
     # accelerator: device tier first, then pinned RAM
@@ -167,9 +177,28 @@ def make_plan(store: Store, device: str = "cpu", max_ram=None, max_gpu_memory=No
         _choose(units, plan.gpu_budget - need_inflight)
     for u in on_device:
         u.tier = "device"
-    for u in _choose([u for u in units if u.tier == "disk"], plan.ram_budget):
-        u.tier = "ram"
+    _assign(plan, [u for u in units if u.tier == "disk"], "ram", resident_budget, plan.ram_budget)
     return plan
+
+
+def _assign(plan: Plan, cands: list[UnitPlan], tier: str, first: int, budget: int) -> None:
+    """Make `first` bytes of `cands` resident in `tier`; then, while the real in-flight buffers (smaller
+    than the worst case assumed, once the largest units are resident) leave room, take more."""
+    for u in _choose(cands, first):
+        u.tier = tier
+    for _ in range(3):
+        room = budget - plan.inflight_bytes
+        if room <= plan.resident(tier):
+            return
+        before = [u.tier for u in cands]
+        for u in cands:
+            u.tier = "disk"
+        for u in _choose(cands, room):
+            u.tier = tier
+        if plan.resident(tier) + plan.inflight_bytes > budget:
+            for u, t in zip(cands, before):
+                u.tier = t
+            return
 
 
 def _embed_prefix(store: Store) -> str:
@@ -191,3 +220,27 @@ def _device_free(device: str) -> int:
         except Exception:  # backends without the query
             pass
     return available_ram()
+
+
+def measure_read_bandwidth(store: Store, direct: bool = True, readers: int = 4, seconds: float = 2.0) -> float:
+    """Bytes/s reading this store's units the way the loader does (largest units first), for about `seconds`.
+    With O_DIRECT the page cache cannot flatter the figure."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .store import aligned_empty, read_layout
+
+    units = sorted(store.manifest.units, key=lambda u: -u.bytes)
+    pool = ThreadPoolExecutor(readers) if readers > 1 else None
+    done, t0 = 0, time.perf_counter()
+    try:
+        for u in units:
+            lt = store.layout(u.name)
+            buf = aligned_empty(lt.size)
+            done += read_layout(lt, buf, direct=direct, pool=pool)
+            if time.perf_counter() - t0 > seconds:
+                break
+    finally:
+        if pool:
+            pool.shutdown()
+    return done / max(time.perf_counter() - t0, 1e-9)

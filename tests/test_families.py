@@ -62,10 +62,12 @@ def test_sharded_checkpoint_and_partial_budget(tmp_path):
     ref = reference(src)
     store = tmp_path / "store"
     units = AutoModel.from_pretrained(src, max_ram=0, store_path=store, progress=False).store.units
-    m = AutoModel.from_pretrained(store, max_ram=3 * units["layer.0"].bytes + units["head"].bytes, progress=False)
+    # the budget holds the resident units and the in-flight buffers (lookahead 2: three layer buffers)
+    m = AutoModel.from_pretrained(store, max_ram=6 * units["layer.0"].bytes + units["head"].bytes, progress=False)
     tiers = [u.tier for u in m.plan.units if u.kind == "layer"]
     assert tiers == ["disk", "ram"] * 3  # a fixed set, spread so reads interleave with resident compute
     assert m.plan.tier("head") == "ram" and m.plan.tier("embed") == "disk"
+    assert m.plan.resident("ram") + m.plan.inflight_bytes <= 6 * units["layer.0"].bytes + units["head"].bytes
     ids = torch.tensor([[1, 2, 3, 50, 60], [0, 0, 7, 8, 9]])
     mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
     want = ref.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -92,5 +94,19 @@ def test_bfloat16_store(tmp_path):
     m = AutoModel.from_pretrained(src, max_ram=0, store_path=tmp_path / "store", progress=False)
     assert m.store.manifest.dtype == "bfloat16"
     ids = torch.tensor([[1, 5, 9, 13]])
+    assert m.generate(ids, max_new_tokens=8, do_sample=False).tolist() == \
+        ref.generate(ids, max_new_tokens=8, do_sample=False).tolist()
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_direct_io_with_parallel_readers(tmp_path, in_place):
+    """O_DIRECT reads into aligned buffers, several chunks in flight: same tokens as transformers."""
+    src = make_model_dir(tmp_path / "src", "llama", layers=4)
+    ref = reference(src)
+    m = AutoModel.from_pretrained(src, max_ram=0, store_path=tmp_path / "store", progress=False,
+                                  in_place=in_place, io="direct", readers=3)
+    assert m.direct and m.streamer.reader.pool is not None
+    ids = torch.tensor([[1, 17, 33, 5]])
+    torch.testing.assert_close(m(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-4)
     assert m.generate(ids, max_new_tokens=8, do_sample=False).tolist() == \
         ref.generate(ids, max_new_tokens=8, do_sample=False).tolist()
