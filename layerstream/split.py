@@ -246,23 +246,29 @@ def _write_unit(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[int, str,
     return len(data), hashlib.sha256(data).hexdigest(), xxhash.xxh3_64_hexdigest(data)
 
 
-def split(source, out=None, dtype: torch.dtype | None = None, progress: bool = True) -> Path:
-    """Split `source` (a path or a source object) into a store at `out`; resumes an interrupted split."""
-    from tqdm import tqdm
-
+def _units_of(src):
+    """The skeleton of the source's architecture, its units, and the weight names they need (all present)."""
     from .adapters import build_skeleton, layout
 
-    src = source if hasattr(source, "get") else open_source(source)
-    out = Path(out) if out is not None else default_store_path(src)
-    if Store.is_store(out):
-        return out
-    skeleton = build_skeleton(src.config, dtype or torch.float32, device="meta")
+    skeleton = build_skeleton(src.config, torch.float32, device="meta")
     lay = layout(skeleton)
     names = [n for u in lay.units for n in u.params]
     missing = [n for n in names if not src.has(n)]
     if missing:
         raise SourceError(f"{src.path}: the checkpoint lacks {len(missing)} weights the model needs "
                           f"(e.g. {missing[0]}); is it complete and of this architecture?")
+    return skeleton, lay, names
+
+
+def split(source, out=None, dtype: torch.dtype | None = None, progress: bool = True) -> Path:
+    """Split `source` (a path or a source object) into a store at `out`; resumes an interrupted split."""
+    from tqdm import tqdm
+
+    src = source if hasattr(source, "get") else open_source(source)
+    out = Path(out) if out is not None else default_store_path(src)
+    if Store.is_store(out):
+        return out
+    skeleton, lay, names = _units_of(src)
     store_dtype = dtype
     if store_dtype is None:
         first = src.get(lay.units[0].params[0])
@@ -354,21 +360,13 @@ def index_in_place(src: SafetensorsSource, out, progress: bool = True) -> Path:
     """A store that points into the source's own shards: no second copy of the model on disk. Each unit is
     a list of byte ranges of the shards (contiguous tensors merged); its xxh3 is computed now, by reading
     the model once."""
-    import xxhash
     from tqdm import tqdm
 
-    from .adapters import build_skeleton, layout
-    from .store import DTYPE_NAMES, make_layout, read_layout
+    from .store import DTYPE_NAMES, layout_xxh3, make_layout, read_layout
 
     out = Path(out)
-    skeleton = build_skeleton(src.config, torch.float32, device="meta")
-    lay = layout(skeleton)
-    names = {n for u in lay.units for n in u.params}
-    missing = [n for n in names if not src.has(n)]
-    if missing:
-        raise SourceError(f"{src.path}: the checkpoint lacks {len(missing)} weights the model needs "
-                          f"(e.g. {missing[0]}); is it complete and of this architecture?")
-    dtype = _source_dtype(src, names)
+    skeleton, lay, names = _units_of(src)
+    dtype = _source_dtype(src, set(names))
     if dtype is None:
         raise SourceError(f"{src.path}: weights of mixed float dtypes cannot be served in place; split it")
     where = {}
@@ -402,11 +400,7 @@ def index_in_place(src: SafetensorsSource, out, progress: bool = True) -> Path:
                          [(TensorSlot(n, DTYPES[d], tuple(sh), b, e), ri) for n, (d, sh, ri, b, e) in u.slots.items()])
         buf = aligned_empty(lt.size)
         read_layout(lt, buf)
-        xx = xxhash.xxh3_64()
-        mv = memoryview(buf.numpy()).cast("B")
-        for off, n in lt.data:
-            xx.update(mv[off:off + n])
-        u.xxh3 = xx.hexdigest()
+        u.xxh3 = layout_xxh3(lt, buf)
         bar.update(u.bytes)
     bar.close()
     out.mkdir(parents=True, exist_ok=True)

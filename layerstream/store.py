@@ -184,6 +184,15 @@ def make_layout(ranges: list[tuple[Path, int, int]], slots: list[tuple[TensorSlo
     return UnitLayout(reads, data, out, off, where)
 
 
+def layout_xxh3(layout: UnitLayout, buf: torch.Tensor) -> str:
+    """xxh3 of a unit's bytes as they lie in a filled load buffer (for a split unit: of its whole file)."""
+    xx = xxhash.xxh3_64()
+    mv = memoryview(buf.numpy()).cast("B")
+    for off, n in layout.data:
+        xx.update(mv[off:off + n])
+    return xx.hexdigest()
+
+
 def tensor_views(buf: torch.Tensor, slots: list[TensorSlot], offset: int = 0) -> dict[str, torch.Tensor]:
     """Views into a flat uint8 buffer holding a unit file at `offset`: no copies."""
     out = {}
@@ -274,11 +283,7 @@ class Store:
 
     def check_content(self, unit: str, buf: torch.Tensor) -> None:
         """xxh3 of a unit's bytes (a load buffer already filled) against the manifest."""
-        xx = xxhash.xxh3_64()
-        mv = memoryview(buf.numpy()).cast("B")
-        for off, n in self.layout(unit).data:
-            xx.update(mv[off:off + n])
-        if xx.hexdigest() != self.units[unit].xxh3:
+        if layout_xxh3(self.layout(unit), buf) != self.units[unit].xxh3:
             raise StoreError(f"{self.where(unit)}: content checksum mismatch (altered or foreign file); "
                              f"run `layerstream verify {self.path}` and re-split the model")
 
