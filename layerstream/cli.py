@@ -29,6 +29,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", action="store_true", help="print per-unit I/O, copy and compute times")
     p.add_argument("--io", default="auto", choices=["auto", "buffered", "direct"],
                    help="direct = O_DIRECT reads (models larger than RAM); auto picks (default)")
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="use a block-wise quantized store (made once from --model)")
     p.add_argument("--copy", action="store_true",
                    help="split a safetensors model into a store of its own instead of serving it in place")
     p.add_argument("--verbose", "-v", action="store_true", help="print the residency plan")
@@ -64,7 +66,7 @@ def _load(a):
     m = AutoModel.from_pretrained(a.model, device=a.device, dtype=a.dtype, max_ram=a.max_ram,
                                   max_gpu_memory=a.max_gpu_memory, prefetch=not a.no_prefetch,
                                   store_path=a.store, profiling=a.profile, lookahead=a.lookahead, threads=a.threads,
-                                  io=a.io, in_place=False if a.copy else None)
+                                  io=a.io, in_place=False if a.copy else None, compression=a.quantize)
     if a.verbose:
         print(m.plan.describe(), file=sys.stderr, flush=True)
     say(f"ready: {len(m.plan.streamed)} units streamed per sweep, "
@@ -146,7 +148,7 @@ def cmd_split(a) -> int:
     if a.in_place:
         out = index_in_place(open_source(a.source), a.out)
     else:
-        out = split(a.source, a.out, dtype=parse_dtype(a.dtype))
+        out = split(a.source, a.out, dtype=parse_dtype(a.dtype), quantize=a.quantize)
     say(f"store ready: {out}")
     return 0
 
@@ -215,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("source")
     s.add_argument("out")
     s.add_argument("--dtype", default=None)
+    s.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="block-wise quantized linear weights (int4: GGUF Q4_1 blocks kept exactly)")
     s.add_argument("--in-place", action="store_true",
                    help="no copy: index a safetensors checkpoint's own shards (the store holds the manifest only)")
     i = sub.add_parser("info", help="describe a store")

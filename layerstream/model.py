@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import sys
 import time
+import weakref
 
 import torch
 
@@ -112,6 +114,7 @@ class StreamedModel:
         if bar:
             bar.close()
         self.last_stats: dict = {}
+        _LIVE.add(self)
 
     # transformers-like surface
     @property
@@ -178,27 +181,37 @@ class StreamedModel:
             pass
 
 
+_LIVE: "weakref.WeakSet[StreamedModel]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all():
+    """Stop loader threads before the interpreter tears torch down under them."""
+    for m in list(_LIVE):
+        m.close()
+
+
 class AutoModel:
     """Drop-in for AirLLM's `AutoModel`: `AutoModel.from_pretrained(source, ...)`."""
 
     @staticmethod
     def from_pretrained(source=None, device="cpu", dtype=None, max_ram=None, max_gpu_memory=None, prefetch=True,
                         store_path=None, profiling=False, lookahead=2, verify="first", threads=None,
-                        progress=True, io="auto", readers=None, in_place=None, **ignored) -> StreamedModel:
+                        progress=True, io="auto", readers=None, in_place=None, compression=None,
+                        **ignored) -> StreamedModel:
         """Open `source` (None: the embedded default model; a transformers directory; a .gguf file; a hub id;
         a layerstream store), splitting it into a store once, and return a streaming model.
 
         max_ram / max_gpu_memory: bytes or strings like "2GB" bounding the weights kept resident between
-        sweeps (0: nothing resident); default: what is free, with a margin."""
+        sweeps and the buffers in flight (0: nothing resident); default: what is free, with a margin.
+        compression: "int8" / "int4" (AirLLM's "8bit" / "4bit"): a block-wise quantized store."""
         for k in ignored:
-            if k not in ("compression", "layer_shards_saving_path", "hf_token", "delete_original"):
+            if k not in ("layer_shards_saving_path", "hf_token", "delete_original"):
                 raise TypeError(f"from_pretrained() got an unexpected keyword argument {k!r}")
-        if ignored.get("compression"):
-            raise LayerstreamError("compression is not supported yet in this version")
         parse_size(max_ram, "max_ram")
         parse_size(max_gpu_memory, "max_gpu_memory")
         path = resolve(source, store_path=store_path or ignored.get("layer_shards_saving_path"),
-                       dtype=parse_dtype(dtype), progress=progress, in_place=in_place)
+                       dtype=parse_dtype(dtype), progress=progress, in_place=in_place, quantize=compression)
         return StreamedModel(path, device=device, dtype=dtype, max_ram=max_ram, max_gpu_memory=max_gpu_memory,
                              prefetch=prefetch, lookahead=lookahead, profiling=profiling, verify=verify,
                              threads=threads, progress=progress, io=io, readers=readers)

@@ -39,6 +39,7 @@ class Plan:
     embed_rows_only: bool = True
     notes: list[str] = field(default_factory=list)
     bandwidth: float | None = None      # bytes/s, when measured (`layerstream plan`)
+    dequant_bytes: dict[str, int] = field(default_factory=dict)   # quantized units: their float weights' size
 
     def tier(self, name: str) -> str:
         return next(u.tier for u in self.units if u.name == name)
@@ -51,8 +52,9 @@ class Plan:
         return "ram" if self.device == "cpu" else "device"
 
     def parts(self, u: UnitPlan) -> list[str]:
-        """Store units that must be brought in for `u` each sweep (its own file, and embed for a tied head)."""
-        return [n for n in u.load if self.tier(n) != self.compute_tier]
+        """Store units that must be brought in for `u` each sweep (its own file, and embed for a tied head).
+        A quantized unit passes through the loader even when resident: it is dequantized there."""
+        return [n for n in u.load if self.tier(n) != self.compute_tier or n in self.dequant_bytes]
 
     @property
     def streamed(self) -> list[UnitPlan]:
@@ -67,7 +69,9 @@ class Plan:
 
     @property
     def inflight_bytes(self) -> int:
-        sizes = sorted((sum(self.unit_bytes[n] for n in self.parts(u)) for u in self.streamed), reverse=True)
+        """Load buffers (and dequantized weights) of the `lookahead + 1` largest loads."""
+        sizes = sorted((sum(self.unit_bytes[n] * (self.tier(n) != self.compute_tier) + self.dequant_bytes.get(n, 0)
+                            for n in self.parts(u)) for u in self.streamed), reverse=True)
         return sum(sizes[: self.lookahead + 1])
 
     def describe(self) -> str:
@@ -142,7 +146,7 @@ def make_plan(store: Store, device: str = "cpu", max_ram=None, max_gpu_memory=No
     for u in m.units:
         load = [u.name] + (["embed"] if u.kind == "head" and tied_embed else [])
         units.append(UnitPlan(u.name, u.kind, u.bytes, load, tied_embed=u.kind == "embed" and tied_embed))
-    plan = Plan(device, units, unit_bytes, 0, None, lookahead)
+    plan = Plan(device, units, unit_bytes, 0, None, lookahead, dequant_bytes=_dequant_bytes(store))
     inflight = plan.inflight_bytes  # everything streamed: the largest possible in-flight set
     if max_ram is None:
         plan.ram_budget = max(0, available_ram() - RAM_MARGIN)
@@ -152,7 +156,13 @@ def make_plan(store: Store, device: str = "cpu", max_ram=None, max_gpu_memory=No
     # The RAM budget holds the resident units and the buffers of the units in flight; a budget below the
     # in-flight buffers alone (max_ram=0: AirLLM's behaviour) keeps nothing resident and the buffers come on top.
     resident_budget = plan.ram_budget
-    if sum(unit_bytes.values()) > plan.ram_budget:
+    if plan.dequant_bytes and device == "cpu":
+        dense = sum(plan.dequant_bytes.get(n, b) for n, b in unit_bytes.items())
+        if dense <= plan.ram_budget:   # fits dequantized: dequantize once at load, run at full speed
+            plan.dequant_bytes = {}
+            plan.notes.append("quantized store dequantized once at load: it fits the budget as floats")
+        inflight = plan.inflight_bytes
+    if sum(unit_bytes.values()) > plan.ram_budget or plan.dequant_bytes:
         resident_budget = max(0, plan.ram_budget - inflight)
         if plan.ram_budget < inflight:
             plan.notes.append(f"the budget is below the in-flight buffers ({fmt_bytes(inflight)}): they come on top")
@@ -199,6 +209,22 @@ def _assign(plan: Plan, cands: list[UnitPlan], tier: str, first: int, budget: in
             for u, t in zip(cands, before):
                 u.tier = t
             return
+
+
+def _dequant_bytes(store: Store) -> dict[str, int]:
+    import torch
+
+    from .quantize import float_bytes, stored_names
+
+    if not store.manifest.quantization:
+        return {}
+    dtype = getattr(torch, store.manifest.dtype)
+    out = {}
+    for u in store.manifest.units:
+        quant = stored_names(u.tensors)
+        if quant:
+            out[u.name] = float_bytes({s.name: s.shape for s in store.slots(u.name)}, quant, dtype)
+    return out
 
 
 def _embed_prefix(store: Store) -> str:

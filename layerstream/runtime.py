@@ -7,6 +7,7 @@ points them back at empty tensors and hands the buffer back. Resident units are 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -20,6 +21,7 @@ from torch import nn
 from .adapters import Layout
 from .errors import InputError, StoreError
 from .plan import Plan, UnitPlan
+from .quantize import SUFFIXES, dequantize, stored_names
 from .store import Store, aligned_empty, read_layout, tensor_views
 from .utils import fmt_bytes
 
@@ -33,6 +35,7 @@ class Profiler:
         self.enabled = enabled
         self.wait = defaultdict(float)
         self.copy = defaultdict(float)
+        self.dequant = defaultdict(float)
         self.compute = defaultdict(float)
         self.calls = defaultdict(int)
         self.bytes_read = 0
@@ -52,7 +55,9 @@ class Profiler:
             lines.append(f"{n:>10s} {self.calls[n]:6d} {1e3 * self.wait[n] / c:9.2f} {1e3 * self.copy[n] / c:9.2f} "
                          f"{1e3 * self.compute[n] / c:11.2f}")
         tw, tc, tk = sum(self.wait.values()), sum(self.copy.values()), sum(self.compute.values())
+        td = sum(self.dequant.values())
         lines.append(f"total: wait {tw:.2f} s, copy {tc:.2f} s, compute {tk:.2f} s over {self.sweeps} sweeps; "
+                     + (f"dequantize {td:.2f} s on the loader; " if td else "") +
                      f"read {fmt_bytes(self.bytes_read)} ({fmt_bytes(self.bytes_read / sweeps)} per sweep"
                      + (f", {fmt_bytes(self.bytes_read / self.read_seconds)}/s on the loader" if self.read_seconds else "")
                      + f"); buffer allocations {self.allocations}")
@@ -116,22 +121,25 @@ class BufferPool:
     def __init__(self, device: torch.device, pin: bool, profiler: Profiler):
         self.device, self.pin, self.prof = device, pin, profiler
         self.free: dict[int, list] = defaultdict(list)
+        self.lock = threading.Lock()    # the loader acquires, the compute thread releases
 
     def acquire(self, size: int):
-        if self.free[size]:
-            return self.free[size].pop()
-        self.prof.allocations += 1
+        with self.lock:
+            if self.free[size]:
+                return self.free[size].pop()
+            self.prof.allocations += 1
         return [aligned_empty(size, self.device, self.pin), None]
 
     def release(self, entry) -> None:
-        self.free[entry[0].numel()].append(entry)
+        with self.lock:
+            self.free[entry[0].numel()].append(entry)
 
 
 @dataclass
 class Loaded:
     name: str
     views: dict[str, torch.Tensor] = field(default_factory=dict)
-    entry: list | None = None             # [buffer, event of its last use]
+    entries: list = field(default_factory=list)   # (pool, [buffer, event of its last use])
     event: object = None                  # copy finished (accelerators)
     error: BaseException | None = None
     copy_seconds: float = 0.0
@@ -144,7 +152,7 @@ class Loader:
     next sweep's first units load while this sweep's last ones compute)."""
 
     def __init__(self, store: Store, plan: Plan, device: torch.device, ram_units: dict[str, torch.Tensor],
-                 reader: FileReader, profiler: Profiler, prefetch: bool):
+                 reader: FileReader, profiler: Profiler, prefetch: bool, dtype: torch.dtype):
         self.store, self.plan, self.device = store, plan, device
         self.ram_units = ram_units                 # host-resident unit bytes (accelerator RAM tier)
         self.reader, self.prof = reader, profiler
@@ -153,6 +161,8 @@ class Loader:
         self.accel = device.type != "cpu"
         self.cuda = device.type == "cuda"
         self.pool = BufferPool(device, pin=False, profiler=profiler)
+        self.fpool = BufferPool(device, pin=False, profiler=profiler)      # dequantized weights
+        self.dtype = dtype
         self.staging = BufferPool(torch.device("cpu"), pin=self.cuda, profiler=profiler) if self.accel else None
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self.lookahead = max(1, plan.lookahead)
@@ -168,50 +178,82 @@ class Loader:
             self.thread.start()
 
     # -- producer side
+    def _bytes_of(self, p: str, buf: torch.Tensor, off: int, item: Loaded) -> torch.Tensor | None:
+        """Part `p`'s bytes on the compute device: read or copied into buf[off:], or (resident quantized
+        bytes already there) the resident buffer itself, returned."""
+        n = self.store.layout(p).size
+        tier = self.plan.tier(p)
+        if tier == self.plan.compute_tier:
+            return self.ram_units[p]
+        if not self.accel:
+            self.reader.read(p, buf[off:off + n])
+            return None
+        if tier == "disk":
+            st = self.staging.acquire(n)
+            if st[1] is not None:
+                st[1].synchronize()
+            self.reader.read(p, st[0])
+            src = st[0]
+        else:
+            st, src = None, self.ram_units[p]
+        t0 = time.perf_counter()
+        if self.cuda:
+            with torch.cuda.stream(self.copy_stream):
+                buf[off:off + n].copy_(src, non_blocking=True)
+            if st is not None:
+                st[1] = torch.cuda.Event()
+                st[1].record(self.copy_stream)
+        else:
+            buf[off:off + n].copy_(src)
+        item.copy_seconds += time.perf_counter() - t0
+        if st is not None:
+            self.staging.release(st)
+        return None
+
     def _load(self, u: UnitPlan) -> Loaded:
         item = Loaded(u.name)
         try:
             parts = self.plan.parts(u)
-            size = sum(self.store.layout(p).size for p in parts)
-            entry = self.pool.acquire(size)
-            buf = entry[0]
-            if self.cuda and entry[1] is not None:
-                self.copy_stream.wait_event(entry[1])  # the compute finished with this buffer
-            off = 0
+            copied = [p for p in parts if self.plan.tier(p) != self.plan.compute_tier]
+            entry = self.pool.acquire(sum(self.store.layout(p).size for p in copied)) if copied else None
+            fentry = self.fpool.acquire(sum(self.plan.dequant_bytes.get(p, 0) for p in parts)) \
+                if any(p in self.plan.dequant_bytes for p in parts) else None
+            for e in (entry, fentry):
+                if self.cuda and e is not None and e[1] is not None:
+                    self.copy_stream.wait_event(e[1])  # the compute finished with this buffer
+            off = foff = 0
             for p in parts:
-                n = self.store.layout(p).size
-                if not self.accel:
-                    self.reader.read(p, buf[off:off + n])
-                else:
-                    if self.plan.tier(p) == "disk":
-                        st = self.staging.acquire(n)
-                        if st[1] is not None:
-                            st[1].synchronize()
-                        self.reader.read(p, st[0])
-                        src = st[0]
-                    else:
-                        st, src = None, self.ram_units[p]
-                    t0 = time.perf_counter()
-                    if self.cuda:
-                        with torch.cuda.stream(self.copy_stream):
-                            buf[off:off + n].copy_(src, non_blocking=True)
-                        if st is not None:
-                            st[1] = torch.cuda.Event()
-                            st[1].record(self.copy_stream)
-                    else:
-                        buf[off:off + n].copy_(src)
-                    item.copy_seconds += time.perf_counter() - t0
-                    if st is not None:
-                        self.staging.release(st)
-                item.views.update(tensor_views(buf, self.store.slots(p), off))
-                off += n
+                resident = self._bytes_of(p, entry[0] if entry else None, off, item)
+                views = tensor_views(resident if resident is not None else entry[0], self.store.slots(p),
+                                     0 if resident is not None else off)
+                if resident is None:
+                    off += self.store.layout(p).size
+                if p in self.plan.dequant_bytes:
+                    foff = self._dequantize(p, views, fentry[0], foff)
+                item.views.update(views)
             if self.cuda:
                 item.event = torch.cuda.Event()
                 item.event.record(self.copy_stream)
-            item.entry = entry
+            item.entries = [(pool, e) for pool, e in ((self.pool, entry), (self.fpool, fentry)) if e is not None]
         except BaseException as e:  # handed to the compute thread, raised there
             item.error = e
         return item
+
+    def _dequantize(self, p: str, views: dict, fbuf: torch.Tensor, foff: int) -> int:
+        """Replace a part's quantized tensors in `views` by float weights written into fbuf[foff:]."""
+        t0 = time.perf_counter()
+        ctx = torch.cuda.stream(self.copy_stream) if self.cuda else contextlib.nullcontext()
+        with ctx:
+            for base, (kind, names) in stored_names(list(views)).items():
+                q = views[names[SUFFIXES[kind][0]]]
+                shape = (q.shape[0], q.shape[1] * (2 if kind == "int4" else 1))
+                n = shape[0] * shape[1] * self.dtype.itemsize
+                out = fbuf[foff:foff + n].view(self.dtype).view(shape)
+                dequantize(kind, {s: views.pop(name) for s, name in names.items()}, self.dtype, out=out)
+                views[base] = out
+                foff += n
+        self.prof.dequant[p] += time.perf_counter() - t0
+        return foff
 
     def _run(self):
         while True:
@@ -231,8 +273,8 @@ class Loader:
                 self.cond.notify_all()
 
     def _drop(self, item: Loaded):
-        if item.entry is not None:
-            self.pool.release(item.entry)
+        for pool, e in item.entries:
+            pool.release(e)
 
     # -- consumer side
     def get(self, name: str) -> Loaded:
@@ -268,9 +310,9 @@ class Loader:
         if self.cuda:
             ev = torch.cuda.Event()
             ev.record(torch.cuda.current_stream(self.device))
-            item.entry[1] = ev
-        with self.cond:
-            self.pool.release(item.entry)
+            for _, e in item.entries:
+                e[1] = ev
+        self._drop(item)
 
     def close(self):
         with self.cond:
@@ -296,7 +338,7 @@ class Streamer:
         self.handles = []
         self.ram_units: dict[str, torch.Tensor] = {}
         self._load_resident(progress)
-        self.loader = Loader(store, plan, device, self.ram_units, self.reader, profiler, prefetch)
+        self.loader = Loader(store, plan, device, self.ram_units, self.reader, profiler, prefetch, dtype)
         self._install_hooks()
 
     # -- resident units
@@ -309,16 +351,19 @@ class Streamer:
             self.reader.read(u.name, host)
             if progress:
                 progress(u.bytes)
-            if accel and u.tier == "ram":
-                self.ram_units[u.name] = host       # copied to the device each use
+            buf = host.to(self.device) if accel and u.tier == "device" else host
+            if u.name in self.plan.dequant_bytes or (accel and u.tier == "ram"):
+                self.ram_units[u.name] = buf       # dequantized, or copied to the device, on each use
                 continue
-            buf = host.to(self.device) if accel else host
-            for name, t in tensor_views(buf, self.store.slots(u.name)).items():
-                self._bind(name, t, own=True)
+            views = tensor_views(buf, self.store.slots(u.name))
+            for base, (kind, names) in stored_names(list(views)).items():   # a quantized store that fits
+                views[base] = dequantize(kind, {sf: views.pop(n) for sf, n in names.items()}, self.dtype)
+            for name, t in views.items():
+                self._bind(name, t)
         self.prof.bytes_read = 0
         self.prof.read_seconds = 0.0
 
-    def _bind(self, name: str, t: torch.Tensor, own: bool = False):
+    def _bind(self, name: str, t: torch.Tensor):
         if t.is_floating_point() and t.dtype != self.dtype:
             t = t.to(self.dtype)   # resident: once; streamed: per use (choose the store's dtype to avoid it)
         self.params[name].data = t

@@ -185,6 +185,26 @@ class GGUFSource:
             n *= int(d)
         return n
 
+    def get_quantized(self, name: str, kind: str) -> dict[str, torch.Tensor] | None:
+        """A GGUF Q4_1 / Q8_0 tensor kept exactly as int4 / int8 blocks (rows reordered as transformers
+        reorders the dequantized weight), or None when its type does not match `kind`."""
+        import numpy as np
+
+        from .quantize import from_gguf
+
+        t = self._mapping()[name]
+        if {"int4": "Q4_1", "int8": "Q8_0"}[kind] != t.tensor_type.name:
+            return None
+        raw = torch.from_numpy(np.array(t.data))
+        rows = raw.shape[0]
+        perm = self.processor.process(weights=np.arange(rows, dtype=np.float64).reshape(rows, 1), name=t.name,
+                                      tensor_key_mapping={}, parsed_parameters={}).weights
+        perm = np.asarray(perm).reshape(-1)
+        if perm.shape != (rows,) or not np.array_equal(np.sort(perm), np.arange(rows)):
+            return None   # the processor does more than reorder rows: go through the float weight
+        raw = raw[torch.from_numpy(perm.astype(np.int64))]
+        return from_gguf(raw, t.tensor_type.name, rows)[1]
+
     def save_extras(self, out: Path) -> None:
         from transformers import AutoTokenizer, GenerationConfig
 
@@ -225,8 +245,8 @@ def download_hub(repo_id: str) -> Path:
 
 # ---------------------------------------------------------------------------- split
 
-def default_store_path(src) -> Path:
-    return cache_dir() / "stores" / f"{src.name}-{src.identity}"
+def default_store_path(src, quant: str | None = None) -> Path:
+    return cache_dir() / "stores" / (f"{src.name}-{src.identity}" + (f"-{quant}" if quant else ""))
 
 
 def _write_unit(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[int, str, str]:
@@ -246,6 +266,32 @@ def _write_unit(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[int, str,
     return len(data), hashlib.sha256(data).hexdigest(), xxhash.xxh3_64_hexdigest(data)
 
 
+def _unit_tensors(src, u, dtype: torch.dtype, quant: str | None) -> dict[str, torch.Tensor]:
+    """The tensors a unit's file holds: floats in the store dtype; with `quant`, the linear weights of the
+    decoder layers and an untied head as int8/int4 blocks (a GGUF's own Q4_1/Q8_0 blocks kept exactly)."""
+    from .quantize import quantizable, quantize
+
+    tensors = {}
+    for n in u.params:
+        if quant and u.kind != "embed":
+            parts = src.get_quantized(n, quant) if hasattr(src, "get_quantized") else None
+            if parts is None:
+                t = src.get(n)
+                if t.is_floating_point() and quantizable(n, t.shape, quant):
+                    parts = quantize(t, quant)
+            else:
+                t = None
+            if parts is not None:
+                tensors.update({n + suffix: v.contiguous() for suffix, v in parts.items()})
+                continue
+        else:
+            t = src.get(n)
+        if t.is_floating_point():
+            t = t.to(dtype)
+        tensors[n] = t.contiguous()
+    return tensors
+
+
 def _units_of(src):
     """The skeleton of the source's architecture, its units, and the weight names they need (all present)."""
     from .adapters import build_skeleton, layout
@@ -260,8 +306,12 @@ def _units_of(src):
     return skeleton, lay, names
 
 
-def split(source, out=None, dtype: torch.dtype | None = None, progress: bool = True) -> Path:
-    """Split `source` (a path or a source object) into a store at `out`; resumes an interrupted split."""
+def split(source, out=None, dtype: torch.dtype | None = None, progress: bool = True, quantize=None) -> Path:
+    """Split `source` (a path or a source object) into a store at `out`; resumes an interrupted split.
+    quantize: "int8" / "int4" (or "8bit" / "4bit") for block-wise quantized linear weights."""
+    from .quantize import normalize
+
+    quant = normalize(quantize)
     from tqdm import tqdm
 
     src = source if hasattr(source, "get") else open_source(source)
@@ -278,7 +328,8 @@ def split(source, out=None, dtype: torch.dtype | None = None, progress: bool = T
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "units").mkdir(exist_ok=True)
-    ident = {"kind": src.kind, "path": str(src.path), "identity": src.identity, "dtype": str(store_dtype)}
+    ident = {"kind": src.kind, "path": str(src.path), "identity": src.identity, "dtype": str(store_dtype),
+             "quantization": quant}
     state = out / "split-source.json"
     if state.is_file():
         if json.loads(state.read_text()) != ident:
@@ -314,12 +365,7 @@ def split(source, out=None, dtype: torch.dtype | None = None, progress: bool = T
         for u in lay.units:
             if u.name in done:
                 continue
-            tensors = {}
-            for n in u.params:
-                t = src.get(n)
-                if t.is_floating_point():
-                    t = t.to(store_dtype)
-                tensors[n] = t.contiguous()
+            tensors = _unit_tensors(src, u, store_dtype, quant)
             rel = f"units/{u.name}.safetensors"
             size, sha, xx = _write_unit(out / rel, tensors)
             rec = {"name": u.name, "kind": u.kind, "file": rel, "bytes": size, "sha256": sha, "xxh3": xx,
@@ -336,7 +382,7 @@ def split(source, out=None, dtype: torch.dtype | None = None, progress: bool = T
     arch = (getattr(src.config, "architectures", None) or [type(skeleton).__name__])[0]
     manifest = Manifest(architecture=arch, model_type=src.config.model_type, dtype=str(store_dtype).replace("torch.", ""),
                         source={"kind": src.kind, "path": str(src.path), "identity": src.identity},
-                        units=[UnitInfo(**done[u.name]) for u in lay.units], tied=lay.tied)
+                        units=[UnitInfo(**done[u.name]) for u in lay.units], tied=lay.tied, quantization=quant)
     for f in os.listdir(out):
         if f != MANIFEST and not f.startswith("."):
             p = out / f
@@ -416,7 +462,7 @@ def index_in_place(src: SafetensorsSource, out, progress: bool = True) -> Path:
     return out
 
 
-def resolve(source=None, store_path=None, dtype=None, progress=True, in_place=None) -> Path:
+def resolve(source=None, store_path=None, dtype=None, progress=True, in_place=None, quantize=None) -> Path:
     """A store path for any source: an existing store, or one made now (or reused from the cache).
 
     in_place: serve a safetensors source from its own shards (None: whenever it needs no dtype conversion);
@@ -429,10 +475,19 @@ def resolve(source=None, store_path=None, dtype=None, progress=True, in_place=No
     if not path.exists() and looks_like_hub_id(str(source)):
         path = download_hub(str(source))
     src = open_source(path)
-    out = Path(store_path) if store_path is not None else default_store_path(src)
+    from .quantize import normalize
+
+    quant = normalize(quantize)
+    out = Path(store_path) if store_path is not None else default_store_path(src, quant)
     if Store.is_store(out):
+        have = Store(out).manifest.quantization
+        if have != quant and quantize is not None:
+            raise StoreError(f"{out}: the store there is {have or 'not quantized'}, not {quant}; choose another "
+                             f"store_path")
         log(f"using store {out}")
         return out
+    if quant:
+        return split(src, out, dtype=dtype, progress=progress, quantize=quant)
     if in_place is None and src.kind == "safetensors":
         names = {n for n in src.weight_map}
         in_place = dtype is None or _source_dtype(src, names) == dtype

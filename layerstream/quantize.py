@@ -1,0 +1,112 @@
+"""Block-wise weight-only quantization of linear weights, stored as plain safetensors tensors.
+
+int8: symmetric, blocks of 64 along the input dimension, one fp16 scale per block
+      (`<name>.q8` int8 [out, in], `<name>.scale` fp16 [out, in/64]): 1.03 bytes per weight.
+int4: asymmetric, blocks of 32, fp16 scale and min per block, two values per byte in GGUF Q4_1's order
+      (byte j of a block holds element j in its low nibble and element j+16 in its high nibble;
+      `<name>.q4` uint8 [out, in/2], `<name>.scale`, `<name>.min` fp16 [out, in/32]): 0.625 bytes per
+      weight, 0.3125x bf16. A GGUF's Q4_1 (and Q8_0) tensors are kept exactly, not re-rounded.
+
+Weights are dequantized (w = q * scale [+ min]) by the loader thread, off the compute's critical path,
+on the CPU or on the accelerator.
+"""
+
+from __future__ import annotations
+
+import torch
+
+KINDS = {"int8": "int8", "8bit": "int8", "int4": "int4", "4bit": "int4"}
+BLOCK = {"int8": 64, "int4": 32}
+SUFFIXES = {"int8": (".q8", ".scale"), "int4": (".q4", ".scale", ".min")}
+
+
+def normalize(kind) -> str | None:
+    if kind is None:
+        return None
+    if str(kind).lower() not in KINDS:
+        from .errors import InputError
+
+        raise InputError(f"quantization {kind!r} is not one of int8, int4 (or AirLLM's 8bit, 4bit)")
+    return KINDS[str(kind).lower()]
+
+
+def quantizable(name: str, shape, kind: str) -> bool:
+    return len(shape) == 2 and name.endswith(".weight") and shape[1] % BLOCK[kind] == 0
+
+
+def quantize(w: torch.Tensor, kind: str, block: int | None = None) -> dict[str, torch.Tensor]:
+    """{suffix: tensor} for a 2-D float weight."""
+    block = block or BLOCK[kind]
+    out_f, in_f = w.shape
+    x = w.float().reshape(out_f, in_f // block, block)
+    if kind == "int8":
+        scale = (x.abs().amax(-1) / 127).to(torch.float16)
+        s = scale.float().unsqueeze(-1)
+        q = torch.where(s > 0, torch.round(x / torch.where(s > 0, s, 1)), 0).clamp(-127, 127).to(torch.int8)
+        return {".q8": q.reshape(out_f, in_f), ".scale": scale}
+    lo, hi = x.amin(-1), x.amax(-1)
+    scale = ((hi - lo) / 15).to(torch.float16)
+    mn = lo.to(torch.float16)
+    s = scale.float().unsqueeze(-1)
+    q = torch.where(s > 0, torch.round((x - mn.float().unsqueeze(-1)) / torch.where(s > 0, s, 1)), 0)
+    q = q.clamp(0, 15).to(torch.uint8)
+    half = block // 2
+    packed = q[..., :half] | (q[..., half:] << 4)
+    return {".q4": packed.reshape(out_f, in_f // 2), ".scale": scale, ".min": mn}
+
+
+def dequantize(kind: str, parts: dict[str, torch.Tensor], dtype: torch.dtype,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """The float weight from {suffix: tensor}, computed in float32 (as GGUF's own dequantizer does), written
+    into `out` when given. The block size follows from the scales' shape."""
+    scale = parts[".scale"].float().unsqueeze(-1)
+    block = (parts[".q8"].shape[1] if kind == "int8" else parts[".q4"].shape[1] * 2) // parts[".scale"].shape[1]
+    if kind == "int8":
+        q = parts[".q8"]
+        out_f, in_f = q.shape
+        w = q.reshape(out_f, in_f // block, block).float() * scale
+    else:
+        q = parts[".q4"]
+        out_f, in_f = q.shape[0], q.shape[1] * 2
+        q = q.reshape(out_f, in_f // block, block // 2)
+        w = torch.cat([q & 0xF, q >> 4], dim=-1).float() * scale + parts[".min"].float().unsqueeze(-1)
+    w = w.reshape(out_f, in_f)
+    if out is None:
+        return w.to(dtype)
+    out.copy_(w)
+    return out
+
+
+def from_gguf(raw: torch.Tensor, ggml_type: str, rows: int) -> tuple[str, dict[str, torch.Tensor]] | None:
+    """A GGUF Q4_1 / Q8_0 tensor's blocks as our int4 / int8 tensors, bit for bit (None for other types).
+    raw: uint8 [rows, bytes per row]."""
+    if ggml_type == "Q4_1":   # per block of 32: d fp16, m fp16, 16 bytes of nibbles
+        b = raw.reshape(rows, -1, 20)
+        return "int4", {".q4": b[..., 4:].reshape(rows, -1).contiguous(),
+                        ".scale": b[..., 0:2].contiguous().view(torch.float16).reshape(rows, -1),
+                        ".min": b[..., 2:4].contiguous().view(torch.float16).reshape(rows, -1)}
+    if ggml_type == "Q8_0":   # per block of 32: d fp16, 32 int8
+        b = raw.reshape(rows, -1, 34)
+        return "int8", {".q8": b[..., 2:].contiguous().view(torch.int8).reshape(rows, -1),
+                        ".scale": b[..., 0:2].contiguous().view(torch.float16).reshape(rows, -1)}
+    return None
+
+
+def stored_names(tensors: list[str]) -> dict[str, tuple[str, dict[str, str]]]:
+    """From a unit's stored tensor names: {parameter: (kind, {suffix: stored name})} for quantized ones."""
+    out = {}
+    for t in tensors:
+        for kind, (qsuf, *rest) in SUFFIXES.items():
+            if t.endswith(qsuf):
+                base = t[: -len(qsuf)]
+                out[base] = (kind, {s: base + s for s in (qsuf, *rest)})
+    return out
+
+
+def float_bytes(shapes: dict[str, tuple], quant: dict, dtype: torch.dtype) -> int:
+    """Bytes of a unit's dequantized weights in `dtype`."""
+    total = 0
+    for base, (kind, names) in quant.items():
+        q = shapes[names[SUFFIXES[kind][0]]]
+        total += q[0] * q[1] * (2 if kind == "int4" else 1) * dtype.itemsize
+    return total

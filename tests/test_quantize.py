@@ -1,0 +1,68 @@
+"""Quantized stores: block-wise int8/int4, GGUF Q4_1 kept exactly, dequantized per sweep or once."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from layerstream import AutoModel, Store
+from layerstream.quantize import BLOCK, dequantize, quantizable, quantize
+
+from conftest import make_model_dir, run_cli
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_round_trip_error_is_within_half_a_step(kind):
+    torch.manual_seed(0)
+    w = torch.randn(48, 256) * torch.linspace(0.1, 3, 256)
+    parts = quantize(w, kind)
+    back = dequantize(kind, parts, torch.float32)
+    step = parts[".scale"].float().repeat_interleave(BLOCK[kind], dim=1)
+    assert torch.all((back - w).abs() <= step / 2 + 1e-3 * step + 1e-6)
+    nbytes = sum(t.numel() * t.element_size() for t in parts.values())
+    assert nbytes / (w.numel() * 2) <= {"int8": 0.52, "int4": 0.32}[kind]   # vs bf16
+
+
+@pytest.mark.parametrize("kind, spelling", [("int8", "8bit"), ("int4", "int4")])
+@pytest.mark.parametrize("max_ram", [0, None])
+def test_quantized_store_matches_transformers_on_the_same_weights(tmp_path, kind, spelling, max_ram):
+    """The reference is transformers with each linear weight replaced by its dequantized self: streaming a
+    quantized store must give exactly its tokens."""
+    src = make_model_dir(tmp_path / "src", "qwen2", tie=False, layers=3)
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "embed_tokens" not in name and quantizable(name, p.shape, kind):
+                p.copy_(dequantize(kind, quantize(p, kind), torch.float32))
+    m = AutoModel.from_pretrained(src, compression=spelling, max_ram=max_ram, store_path=tmp_path / "store",
+                                  progress=False)
+    assert m.store.manifest.quantization == kind
+    assert bool(m.plan.dequant_bytes) == (max_ram == 0)   # per sweep when streaming; once when it fits
+    ids = torch.tensor([[1, 7, 3, 99, 45]])
+    with torch.no_grad():
+        want = ref(ids).logits
+    torch.testing.assert_close(m(ids).logits, want, rtol=1e-4, atol=1e-4)
+    assert m.generate(ids, max_new_tokens=10, do_sample=False).tolist() == \
+        ref.generate(ids, max_new_tokens=10, do_sample=False).tolist()
+
+
+def test_embedded_int4_is_lossless_and_small(tmp_path, smol_reference):
+    """The embedded GGUF's Q4_1 blocks are kept as they are: the same tokens as the float model."""
+    r = run_cli("split", "--quantize", "int4", __import__("layerstream.split", fromlist=["x"]).embedded_model(),
+                tmp_path / "int4")
+    assert r.returncode == 0, r.stderr
+    s = Store(tmp_path / "int4")
+    for u in s.manifest.units:
+        if u.kind == "layer":
+            params = sum(sl.shape[0] * sl.shape[1] * (2 if sl.name.endswith(".q4") else 1)
+                         for sl in s.slots(u.name) if sl.name.endswith((".q4", ".q8")))
+            assert u.bytes <= 0.32 * params * 2   # <= 0.32x the unit in bf16
+    enc = None
+    for budget in (0, None):
+        m = AutoModel.from_pretrained(tmp_path / "int4", max_ram=budget, progress=False)
+        enc = m.tokenizer.apply_chat_template([{"role": "user", "content": "Write a short poem about the sea."}],
+                                              add_generation_prompt=True, return_tensors="pt")["input_ids"]
+        got = m.generate(enc, max_new_tokens=20, do_sample=False)
+        want = smol_reference.generate(enc, max_new_tokens=20, do_sample=False)
+        assert got.tolist() == want.tolist(), budget
+        torch.testing.assert_close(m(enc).logits, smol_reference(enc).logits, rtol=0, atol=1e-4)
+        m.close()
