@@ -24,6 +24,15 @@ def test_run_streams_text_and_prints_stats(embedded_store):
     assert "tok/s" in stats and "read per token" in stats and "peak RSS" in stats
 
 
+def test_profile_prints_per_unit_io_copy_compute(embedded_store):
+    r = run_cli("run", "Hi", "--model", embedded_store, "--max-new-tokens", "4", "--max-ram", "0", "--profile")
+    assert r.returncode == 0, r.stderr
+    assert "wait ms" in r.stderr and "compute ms" in r.stderr and "copy ms" in r.stderr
+    rows = [l.split() for l in r.stderr.splitlines() if l.strip().startswith("layer.")]
+    assert len(rows) == 30 and all(int(row[1]) >= 4 for row in rows)   # every layer, every sweep
+    assert "per sweep" in r.stderr
+
+
 def test_chat_subcommand_keeps_history(embedded_store):
     r = run_cli("chat", "--model", embedded_store, "--max-new-tokens", "8",
                 input="Hello, who are you?\nWhat did I just ask?\n/exit\n")
