@@ -439,14 +439,19 @@ class Streamer:
                 return host[uniq]
             out = torch.empty((len(uniq), hidden), dtype=slot.dtype)
             mv = memoryview(out.view(torch.uint8).numpy()).cast("B")
-            fd = os.open(path, os.O_RDONLY)
             try:
-                for i, r in enumerate(uniq.tolist()):
-                    n = os.preadv(fd, [mv[i * row_bytes:(i + 1) * row_bytes]], first + r * row_bytes)
-                    if n != row_bytes:
-                        raise StoreError(f"{path}: short read of embedding row {r}; re-split the model")
-            finally:
-                os.close(fd)
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    for i, r in enumerate(uniq.tolist()):
+                        n = os.preadv(fd, [mv[i * row_bytes:(i + 1) * row_bytes]], first + r * row_bytes)
+                        if n != row_bytes:
+                            raise StoreError(f"{path}: short read of embedding row {r} (unit embed); "
+                                             f"re-split the model")
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                raise StoreError(f"{path}: cannot read unit embed ({e.strerror}); the store or its source is "
+                                 f"missing or moved: run `layerstream verify {self.store.path}`") from None
             self.prof.bytes_read += len(uniq) * row_bytes
             return out
 

@@ -227,3 +227,28 @@ def test_in_place_source_changes_are_detected(small_src, tmp_path):
         m = AutoModel.from_pretrained(out, max_ram=0, progress=False)
         m.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False)
     assert Store(out).verify()  # and verify names the problem
+
+
+def test_store_vanishing_mid_run_is_a_clear_error(small_src, tmp_path):
+    """The store's directory moves away while tokens are being generated: the next read fails with the
+    unit and file named; nothing hangs; generate raises instead of returning a short answer."""
+    out = split(small_src, tmp_path / "store", progress=False)
+    m = AutoModel.from_pretrained(out, max_ram=0, progress=False)
+
+    class MoveAfter:
+        def __init__(self):
+            self.calls = 0
+
+        def put(self, value):
+            self.calls += 1
+            if self.calls == 3:
+                shutil.move(out, tmp_path / "moved")
+
+        def end(self):
+            pass
+
+    t0 = time.time()
+    with pytest.raises(StoreError, match=r"(layer\.\d|head|embed).*(missing or moved|cannot)"):
+        m.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=20, do_sample=False, streamer=MoveAfter())
+    assert time.time() - t0 < 30
+    m.close()
