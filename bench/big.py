@@ -397,31 +397,30 @@ def read_bandwidth(files: list[pathlib.Path], readers: int, limit: int, chunk: i
     if errors:
         raise errors[0]
     return {"readers": readers, "bytes": sum(got), "seconds": dt, "gb_s": sum(got) / dt / 1e9,
-            "files": f"{files[0].name}..{f.name}" if files else ""}
+            "files": f"{jobs[0][0].name}..{jobs[-1][0].name}" if jobs else ""}
 
 
-def measure_bandwidth(d: pathlib.Path, limit: int, skip_files: int = 0) -> list[dict]:
-    """1 reader then 4 readers, each over different shards (page cache dropped before each)."""
+def measure_bandwidth(d: pathlib.Path, limit: int, start: int = 0) -> tuple[list[dict], int]:
+    """1 reader, then 4 readers, each over different decoder-layer shards (page cache dropped before each):
+    the first from byte `start` of the layer shards taken in order (wrapping around), the next where the
+    previous stopped. Returns the results and where the next measurement should start."""
     index = json.loads((d / "model.safetensors.index.json").read_text())
     shards = sorted({d / f for f in index["weight_map"].values()})
     layer_shards = shards[1:-2] or shards
-    layer_shards = layer_shards[skip_files:] + layer_shards[:skip_files]
-    out, used = [], 0
+    sizes = [f.stat().st_size for f in layer_shards]
+    out = []
     for readers in (1, 4):
-        # different files for each measurement: the virtual disk's host may cache what was just read
-        start = 0
-        acc = 0
-        for k, f in enumerate(layer_shards):
-            if acc >= used:
-                start = k
-                break
-            acc += f.stat().st_size
-        files = layer_shards[start:] + layer_shards[:start]
+        k, acc = 0, 0
+        pos = start % max(1, sum(sizes))
+        while k < len(sizes) - 1 and acc + sizes[k] <= pos:
+            acc += sizes[k]
+            k += 1
+        files = layer_shards[k:] + layer_shards[:k]
         drop_caches()
         r = read_bandwidth(files, readers, limit)
-        used += r["bytes"]
+        start = acc + r["bytes"]
         out.append(r)
-    return out
+    return out, start
 
 
 # ----------------------------------------------------------------------------------------------
@@ -493,6 +492,15 @@ def child(key: str, a) -> dict:
     d = a.dir
     tok = AutoTokenizer.from_pretrained(str(d))
     ids = torch.tensor([tok(PROMPT, add_special_tokens=False)["input_ids"]], dtype=torch.long)
+    if key in ("ls", "lsdef"):          # the system's own imports count in the baseline
+        import layerstream  # noqa: F401
+    elif key == "offload":
+        import accelerate  # noqa: F401
+        from transformers import AutoModelForCausalLM  # noqa: F401
+    elif key == "airllm":
+        import airllm  # noqa: F401
+    elif key == "llama":
+        import llama_cpp  # noqa: F401
     base_rss = _rss_now()
     meter = Meter()
     r = {"key": key, "name": SYSTEMS[key].replace("BUDGET", fmt_b(a.budget).replace(" ", "")),
@@ -631,7 +639,11 @@ def run_child(key: str, a, logdir: pathlib.Path) -> dict:
     dropped = drop_caches()
     before = cpu_snapshot()
     t0 = time.perf_counter()
-    proc = subprocess.run(_self_cmd(a, "--child", key), capture_output=True, text=True)
+    try:
+        proc = subprocess.run(_self_cmd(a, "--child", key), capture_output=True, text=True, timeout=a.timeout)
+    except subprocess.TimeoutExpired as e:
+        out = lambda x: x.decode(errors="replace") if isinstance(x, bytes) else (x or "")  # noqa: E731
+        proc = subprocess.CompletedProcess(e.cmd, -9, out(e.stdout), out(e.stderr) + f"\ntimed out after {a.timeout} s")
     wall = time.perf_counter() - t0
     after = cpu_snapshot()
     (logdir / f"{key}.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
@@ -665,6 +677,7 @@ def main(argv=None) -> int:
                    help="bytes read by each bandwidth measurement (default 6GB)")
     p.add_argument("--wait-quiet", type=float, default=60.0, metavar="SECONDS",
                    help="before each system, wait up to this long for other processes to leave the CPUs idle")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed to each system (default 3600)")
     p.add_argument("--json", type=pathlib.Path)
     p.add_argument("--child", choices=list(SYSTEMS), help=argparse.SUPPRESS)
     p.add_argument("--prep", choices=["ls", "airllm"], help=argparse.SUPPRESS)
@@ -685,8 +698,10 @@ def main(argv=None) -> int:
 
     if a.make or a.make_only:
         t0 = time.perf_counter()
-        subprocess.run(_self_cmd(a, "--do-make", "--gguf-type", a.gguf_type, *(["--no-gguf"] if a.no_gguf else [])),
-                       check=True)
+        rc = subprocess.run(_self_cmd(a, "--do-make", "--gguf-type", a.gguf_type,
+                                      *(["--no-gguf"] if a.no_gguf else []))).returncode
+        if rc:
+            return rc
         print(f"--make: {time.perf_counter() - t0:.0f} s", flush=True)
         if a.make_only:
             return 0
@@ -718,7 +733,7 @@ def main(argv=None) -> int:
         preps[what] = json.loads(line[7:]) if line else {"failed": proc.returncode}
         print(f"prep {what}: {time.perf_counter() - t0:.0f} s {preps[what]}", flush=True)
 
-    bw = measure_bandwidth(a.dir, a.bw_bytes)
+    bw, next_start = measure_bandwidth(a.dir, a.bw_bytes)
     for r in bw:
         print(f"disk: {r['readers']} O_DIRECT reader(s), 16 MB chunks: {r['gb_s']:.2f} GB/s "
               f"({fmt_b(r['bytes'])} in {r['seconds']:.1f} s)", flush=True)
@@ -737,7 +752,7 @@ def main(argv=None) -> int:
         else:
             print(f"  {r['name']}: {r.get('note')}", flush=True)
 
-    bw += measure_bandwidth(a.dir, a.bw_bytes, skip_files=len(bw) * 4)
+    bw += measure_bandwidth(a.dir, a.bw_bytes, next_start)[0]
     for r in bw[2:]:
         print(f"disk again: {r['readers']} reader(s): {r['gb_s']:.2f} GB/s", flush=True)
     best = max(r["gb_s"] for r in bw) * 1e9
@@ -804,7 +819,8 @@ def report(a, results, bw, best, preps) -> None:
         if x in by and by[x].get("decode_s"):
             parts = [f"{speedup(x, y):.2f}x {by[y]['name']}" for y in ("offload", "airllm", "llama")
                      if speedup(x, y)]
-            print(f"{by[x]['name']} decode is " + ", ".join(parts))
+            if parts:
+                print(f"{by[x]['name']} decode is " + ", ".join(parts))
     print()
     targets = []
     if lim16:

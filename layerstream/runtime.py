@@ -427,11 +427,8 @@ class Streamer:
         rows, hidden = slot.shape
         row_bytes = hidden * torch.empty(0, dtype=slot.dtype).element_size()
         path, first = self.store.layout("embed").file_offset[weight_name]
-        if emb.tier == "disk":
-            whole = aligned_empty(self.store.layout("embed").size)
-            self.reader.read("embed", whole)   # checked once before any row is used
-            del whole
-            self.prof.bytes_read = 0
+        if emb.tier == "disk" and self.reader.verify != "never":
+            self.store.check_streaming("embed")   # checked once before any row is used, 16 MB at a time
 
         def gather(uniq: torch.Tensor) -> torch.Tensor:
             if emb.tier == "ram":   # accelerator with the embedding in host RAM
