@@ -16,6 +16,9 @@ from .utils import available_ram, fmt_bytes
 
 RAM_MARGIN = 1_500_000_000      # left free for activations, KV cache, the OS
 GPU_MARGIN = 1_000_000_000
+# Kept out of a RAM budget that streams, for what is not weights: activations, KV cache, the tokenizer,
+# allocator slack (measured on a 31 GB model at max_ram=16GB: ~0.5 GB above weights + in-flight buffers).
+RUNTIME_RESERVE = 512_000_000
 
 
 @dataclass
@@ -156,6 +159,7 @@ def make_plan(store: Store, device: str = "cpu", max_ram=None, max_gpu_memory=No
     # The RAM budget holds the resident units and the buffers of the units in flight; a budget below the
     # in-flight buffers alone (max_ram=0: AirLLM's behaviour) keeps nothing resident and the buffers come on top.
     resident_budget = plan.ram_budget
+    reserve = min(RUNTIME_RESERVE, plan.ram_budget // 10)
     if plan.dequant_bytes and device == "cpu":
         dense = sum(plan.dequant_bytes.get(n, b) for n, b in unit_bytes.items())
         if dense <= plan.ram_budget:   # fits dequantized: dequantize once at load, run at full speed
@@ -163,11 +167,11 @@ def make_plan(store: Store, device: str = "cpu", max_ram=None, max_gpu_memory=No
             plan.notes.append("quantized store dequantized once at load: it fits the budget as floats")
         inflight = plan.inflight_bytes
     if sum(unit_bytes.values()) > plan.ram_budget or plan.dequant_bytes:
-        resident_budget = max(0, plan.ram_budget - inflight)
+        resident_budget = max(0, plan.ram_budget - inflight - reserve)
         if plan.ram_budget < inflight:
             plan.notes.append(f"the budget is below the in-flight buffers ({fmt_bytes(inflight)}): they come on top")
     if device == "cpu":
-        _assign(plan, units, "ram", resident_budget, plan.ram_budget)
+        _assign(plan, units, "ram", resident_budget, plan.ram_budget - reserve)
         return plan
 
     # accelerator: device tier first, then pinned RAM

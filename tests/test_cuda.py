@@ -36,3 +36,22 @@ def test_cuda_matches_transformers(tmp_path, tiers):
     if tiers != "all-device":
         assert m.profiler.allocations <= 8  # buffers reused, not allocated per token
     m.close()
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_cuda_quantized_store_dequantized_on_the_device(tmp_path, kind):
+    from layerstream.quantize import dequantize, quantizable, quantize
+
+    src = make_model_dir(tmp_path / "src", "llama", layers=4)
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "embed_tokens" not in name and quantizable(name, p.shape, kind):
+                p.copy_(dequantize(kind, quantize(p, kind), torch.float32))
+    ref = ref.to("cuda")
+    m = AutoModel.from_pretrained(src, device="cuda", compression=kind, max_gpu_memory="4MB", max_ram=0,
+                                  store_path=tmp_path / "store", progress=False)
+    assert m.plan.dequant_bytes
+    ids = torch.tensor([[1, 5, 9, 13]], device="cuda")
+    assert m.generate(ids, max_new_tokens=8, do_sample=False).tolist() == \
+        ref.generate(ids, max_new_tokens=8, do_sample=False).tolist()
