@@ -68,6 +68,11 @@ def _load(a):
                                   store_path=a.store, profiling=a.profile, lookahead=a.lookahead, threads=a.threads,
                                   io=a.io, in_place=False if a.copy else None, compression=a.quantize)
     if a.verbose:
+        if m.plan.bytes_per_sweep:
+            from .plan import measure_read_bandwidth
+
+            say("measuring the store's read bandwidth (O_DIRECT, 4 readers, ~2 s) for the plan …")
+            m.plan.bandwidth = measure_read_bandwidth(m.store)
         print(m.plan.describe(), file=sys.stderr, flush=True)
     say(f"ready: {len(m.plan.streamed)} units streamed per sweep, "
         f"{sum(1 for u in m.plan.units if u.tier != 'disk')} resident; first sweep …")
@@ -186,6 +191,7 @@ def cmd_verify(a) -> int:
 
 def cmd_plan(a) -> int:
     say("importing torch and transformers …")
+    from .model import choose_direct_io
     from .plan import make_plan, measure_read_bandwidth
     from .split import resolve
     from .store import Store
@@ -194,6 +200,10 @@ def cmd_plan(a) -> int:
     store = Store(resolve(a.source, store_path=a.store))
     plan = make_plan(store, a.device.split(":")[0], parse_size(a.max_ram, "--max-ram"),
                      parse_size(a.max_gpu_memory, "--max-gpu-memory"), a.lookahead)
+    if not choose_direct_io("auto", plan):
+        plan.notes.append("streamed units fit in the page cache: read through it (io auto)")
+    else:
+        plan.notes.append("streamed units do not fit in the page cache: O_DIRECT reads (io auto)")
     if plan.bytes_per_sweep and not a.no_measure:
         say("measuring the read bandwidth of the store (O_DIRECT, 4 readers, ~2 s) …")
         plan.bandwidth = measure_read_bandwidth(store)

@@ -15,7 +15,7 @@ from .plan import make_plan
 from .runtime import Profiler, Streamer
 from .split import log, resolve
 from .store import Store
-from .utils import fmt_bytes, parse_size
+from .utils import parse_size
 
 DTYPE_ALIASES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
                  "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "auto": None}
@@ -62,12 +62,16 @@ def choose_direct_io(io: str, plan) -> bool:
     if io not in ("auto", "buffered", "direct"):
         raise InputError(f"io must be 'auto', 'buffered' or 'direct', got {io!r}")
     if io != "auto":
+        plan.cached = []   # an explicit choice applies to every streamed unit
         return io == "direct"
     from .utils import available_ram
 
     streamed = plan.bytes_per_sweep
     room = available_ram() - plan.inflight_bytes - (plan.resident("ram") if plan.device == "cpu" else 0)
-    return streamed > 0 and streamed > 0.8 * max(0, room)
+    if not (streamed > 0 and streamed > 0.8 * max(0, room)):
+        plan.cached = []
+        return False
+    return True
 
 
 class StreamedModel:
@@ -150,7 +154,6 @@ class StreamedModel:
 
     def generate(self, input_ids=None, **kwargs):
         """transformers' `generate`, with the weights streamed. Returns what transformers returns."""
-        kwargs.pop("inputs", None) if input_ids is not None else None
         input_ids = self._check_inputs(input_ids, kwargs)
         kwargs.pop("inputs", None)
         if "attention_mask" in kwargs and torch.is_tensor(kwargs["attention_mask"]):

@@ -43,6 +43,9 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     bandwidth: float | None = None      # bytes/s, when measured (`layerstream plan`)
     dequant_bytes: dict[str, int] = field(default_factory=dict)   # quantized units: their float weights' size
+    # streamed units read through the page cache when the rest is read with O_DIRECT: a fixed set sized to
+    # the RAM the budget leaves free, which the kernel keeps because O_DIRECT reads never evict it
+    cached: list[str] = field(default_factory=list)
 
     def tier(self, name: str) -> str:
         return next(u.tier for u in self.units if u.name == name)
@@ -89,6 +92,10 @@ class Plan:
                      + (f", gpu {fmt_bytes(self.gpu_budget)}" if self.gpu_budget is not None else ""))
         lines.append(f"  streamed per sweep: {fmt_bytes(self.bytes_per_sweep)} from disk; "
                      f"in-flight buffers: {fmt_bytes(self.inflight_bytes)} (lookahead {self.lookahead})")
+        if self.cached:
+            cb = sum(self.unit_bytes[n] for n in self.cached)
+            lines.append(f"  page cache: {len(self.cached)} streamed units ({fmt_bytes(cb)}) read through it, "
+                         f"the rest with O_DIRECT  {_compact(self.cached)}")
         if self.bandwidth:
             lines.append(f"  measured read bandwidth {fmt_bytes(self.bandwidth)}/s -> at least "
                          f"{self.bytes_per_sweep / self.bandwidth:.2f} s per token from streaming alone")
@@ -172,6 +179,7 @@ def make_plan(store: Store, device: str = "cpu", max_ram=None, max_gpu_memory=No
             plan.notes.append(f"the budget is below the in-flight buffers ({fmt_bytes(inflight)}): they come on top")
     if device == "cpu":
         _assign(plan, units, "ram", resident_budget, plan.ram_budget - reserve)
+        _cache_tier(plan)
         return plan
 
     # accelerator: device tier first, then pinned RAM
@@ -193,6 +201,20 @@ def make_plan(store: Store, device: str = "cpu", max_ram=None, max_gpu_memory=No
         u.tier = "device"
     _assign(plan, [u for u in units if u.tier == "disk"], "ram", resident_budget, plan.ram_budget)
     return plan
+
+
+def _cache_tier(plan: Plan) -> None:
+    """Streamed units for the page cache: as many as the free RAM left beside the budget holds (minus a
+    margin), spread evenly. Used only when the others are read with O_DIRECT (they then never evict these)."""
+    streamed = [u for u in plan.streamed if u.kind == "layer"]
+    if not streamed:
+        return
+    room = available_ram() - plan.ram_budget - RAM_MARGIN
+    per = max(plan.unit_bytes[u.name] for u in streamed)
+    k = min(len(streamed), max(0, room) // per)
+    if k:
+        step = len(streamed) / k
+        plan.cached = [streamed[int(i * step + step / 2)].name for i in range(k)]
 
 
 def _assign(plan: Plan, cands: list[UnitPlan], tier: str, first: int, budget: int) -> None:

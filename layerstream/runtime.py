@@ -77,6 +77,7 @@ class FileReader:
         if verify not in ("first", "always", "never"):
             raise ValueError("verify must be 'first', 'always' or 'never'")
         self.store, self.verify, self.prof, self.direct = store, verify, profiler, direct
+        self.cached: set[str] = set()     # read through the page cache even when direct (the plan's cache tier)
         self.seen: dict[str, tuple] = {}
         self.pool = ThreadPoolExecutor(readers, thread_name_prefix="layerstream-read") if readers > 1 else None
 
@@ -101,7 +102,7 @@ class FileReader:
         t0 = time.perf_counter()
         key = self._stat(unit)
         try:
-            read_layout(layout, dest, direct=self.direct, pool=self.pool)
+            read_layout(layout, dest, direct=self.direct and unit not in self.cached, pool=self.pool)
         except OSError as e:
             raise StoreError(f"{self.store.where(unit)}: read error ({e.strerror})") from None
         if self.verify == "always" or (self.verify == "first" and self.seen.get(unit) != key):
@@ -334,6 +335,8 @@ class Streamer:
         self.device, self.dtype, self.prof = device, dtype, profiler
         self.params: dict[str, nn.Parameter] = dict(model.named_parameters(remove_duplicate=False))
         self.reader = FileReader(store, verify, profiler, direct=direct, readers=readers)
+        if direct:
+            self.reader.cached = set(plan.cached)
         self.empty = torch.empty(0, dtype=dtype, device=device)
         self.handles = []
         self.ram_units: dict[str, torch.Tensor] = {}

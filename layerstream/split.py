@@ -149,7 +149,6 @@ class GGUFSource:
 
     def _mapping(self):
         if self._map is None:
-            from transformers.integrations.ggml import GGUF_CONFIG_MAPPING  # noqa: F401 (import check)
             from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
                                                                   get_gguf_hf_weights_map, load_gguf_checkpoint)
 

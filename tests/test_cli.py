@@ -20,6 +20,7 @@ def test_run_streams_text_and_prints_stats(embedded_store):
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.split()) >= 3
     assert "importing torch" in r.stderr and "plan on cpu" in r.stderr
+    assert "measured read bandwidth" in r.stderr and "s per token from streaming alone" in r.stderr
     stats = r.stderr.strip().splitlines()[-1]
     assert "tok/s" in stats and "read per token" in stats and "peak RSS" in stats
 
@@ -51,7 +52,7 @@ def test_split_info_verify(tmp_path):
     r = run_cli("verify", tmp_path / "store")
     assert r.returncode == 0 and "ok" in r.stderr
     r = run_cli("plan", tmp_path / "store", "--max-ram", "0")
-    assert r.returncode == 0 and "streamed per sweep" in r.stdout
+    assert r.returncode == 0 and "streamed per sweep" in r.stdout and "measured read bandwidth" in r.stdout
 
 
 @pytest.mark.parametrize("args, pattern", [

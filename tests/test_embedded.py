@@ -1,6 +1,5 @@
 """The real embedded model (SmolLM2-135M-Instruct from its GGUF) against transformers itself."""
 
-import resource
 import subprocess
 import sys
 

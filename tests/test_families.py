@@ -112,3 +112,19 @@ def test_direct_io_with_parallel_readers(tmp_path, in_place):
     torch.testing.assert_close(m(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-4)
     assert m.generate(ids, max_new_tokens=8, do_sample=False).tolist() == \
         ref.generate(ids, max_new_tokens=8, do_sample=False).tolist()
+
+
+def test_page_cache_tier_only_beside_direct_reads(tmp_path):
+    """A fixed set of streamed layers may be read through the page cache while the rest use O_DIRECT; when
+    everything streamed fits in the page cache anyway, plain buffered reads are used and the tier is empty."""
+    from layerstream.model import choose_direct_io
+    from layerstream.plan import make_plan
+
+    src = make_model_dir(tmp_path / "src", "llama", layers=6)
+    m = AutoModel.from_pretrained(src, max_ram=0, store_path=tmp_path / "store", progress=False)
+    plan = make_plan(m.store, "cpu", 0)
+    layers = [u.name for u in plan.streamed if u.kind == "layer"]
+    assert plan.cached == layers          # plenty of free RAM beside a budget of 0
+    assert choose_direct_io("auto", plan) is False and plan.cached == []
+    plan = make_plan(m.store, "cpu", 0)
+    assert choose_direct_io("direct", plan) is True and plan.cached == []
