@@ -90,10 +90,12 @@ class Plan:
                              f"  {_compact(us)}")
         lines.append(f"  budgets: ram {fmt_bytes(self.ram_budget)}"
                      + (f", gpu {fmt_bytes(self.gpu_budget)}" if self.gpu_budget is not None else ""))
-        lines.append(f"  streamed per sweep: {fmt_bytes(self.bytes_per_sweep)} from disk; "
+        cb = sum(self.unit_bytes[n] for n in self.cached)
+        lines.append(f"  streamed per sweep: {fmt_bytes(self.bytes_per_sweep)}"
+                     + (f" ({fmt_bytes(self.bytes_per_sweep - cb)} from disk, {fmt_bytes(cb)} through the page cache)"
+                        if cb else " from disk") + "; "
                      f"in-flight buffers: {fmt_bytes(self.inflight_bytes)} (lookahead {self.lookahead})")
         if self.cached:
-            cb = sum(self.unit_bytes[n] for n in self.cached)
             lines.append(f"  page cache: {len(self.cached)} streamed units ({fmt_bytes(cb)}) read through it, "
                          f"the rest with O_DIRECT  {_compact(self.cached)}")
         if self.bandwidth:
