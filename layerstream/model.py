@@ -59,8 +59,10 @@ def choose_direct_io(io: str, plan) -> bool:
     """O_DIRECT when what is streamed each sweep cannot stay in the page cache anyway (the model is larger
     than RAM): reads skip the copy through the cache and evict nothing. Buffered while it fits: a page-cache
     hit is faster than any disk."""
-    if io not in ("auto", "buffered", "direct"):
-        raise InputError(f"io must be 'auto', 'buffered' or 'direct', got {io!r}")
+    if io not in ("auto", "buffered", "direct", "fadvise"):
+        raise InputError(f"io must be 'auto', 'buffered', 'direct' or 'fadvise', got {io!r}")
+    if io == "fadvise":
+        return False       # buffered reads dropped after use; the page-cache tier stays as planned
     if io != "auto":
         plan.cached = []   # an explicit choice applies to every streamed unit
         return io == "direct"
@@ -110,11 +112,12 @@ class StreamedModel:
             bar = tqdm(total=resident, unit="B", unit_scale=True, desc="loading resident units", file=sys.stderr,
                        leave=False)
         self.direct = choose_direct_io(io, self.plan)
+        self.fadvise = io == "fadvise"
         self.threads = set_threads(threads, streaming=bool(self.plan.streamed) and prefetch, direct=self.direct)
-        readers = readers or (4 if self.direct else 1)
+        readers = readers or (4 if self.direct or self.fadvise else 1)
         self.streamer = Streamer(self.model, self.layout, self.store, self.plan, self.device, self.dtype, prefetch,
                                  self.profiler, verify, progress=bar.update if bar else None, direct=self.direct,
-                                 readers=readers)
+                                 readers=readers, fadvise=self.fadvise)
         if bar:
             bar.close()
         self.last_stats: dict = {}

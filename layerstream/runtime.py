@@ -57,7 +57,7 @@ class Profiler:
         tw, tc, tk = sum(self.wait.values()), sum(self.copy.values()), sum(self.compute.values())
         td = sum(self.dequant.values())
         lines.append(f"total: wait {tw:.2f} s, copy {tc:.2f} s, compute {tk:.2f} s over {self.sweeps} sweeps; "
-                     + (f"dequantize {td:.2f} s on the loader; " if td else "") +
+                     + (f"dequantize/convert {td:.2f} s on the loader; " if td else "") +
                      f"read {fmt_bytes(self.bytes_read)} ({fmt_bytes(self.bytes_read / sweeps)} per sweep"
                      + (f", {fmt_bytes(self.bytes_read / self.read_seconds)}/s on the loader" if self.read_seconds else "")
                      + f"); buffer allocations {self.allocations}")
@@ -71,13 +71,16 @@ class FileReader:
     place, mtimes) on every read, the xxh3 of the content on the first read and whenever a file changed.
 
     io: "buffered" (page cache; best when the model fits in RAM), "direct" (O_DIRECT into aligned
-    buffers: no copy through the page cache, and streamed units do not evict anything), or "auto"."""
+    buffers: no copy through the page cache, and streamed units do not evict anything), "fadvise"
+    (buffered, then posix_fadvise DONTNEED), or "auto"."""
 
-    def __init__(self, store: Store, verify: str, profiler: Profiler, direct: bool = False, readers: int = 1):
+    def __init__(self, store: Store, verify: str, profiler: Profiler, direct: bool = False, readers: int = 1,
+                 fadvise: bool = False):
         if verify not in ("first", "always", "never"):
             raise ValueError("verify must be 'first', 'always' or 'never'")
         self.store, self.verify, self.prof, self.direct = store, verify, profiler, direct
-        self.cached: set[str] = set()     # read through the page cache even when direct (the plan's cache tier)
+        self.fadvise = fadvise             # buffered reads dropped from the page cache after (io="fadvise")
+        self.cached: set[str] = set()     # read through the page cache and kept (the plan's cache tier)
         self.seen: dict[str, tuple] = {}
         self.pool = ThreadPoolExecutor(readers, thread_name_prefix="layerstream-read") if readers > 1 else None
 
@@ -102,7 +105,9 @@ class FileReader:
         t0 = time.perf_counter()
         key = self._stat(unit)
         try:
-            read_layout(layout, dest, direct=self.direct and unit not in self.cached, pool=self.pool)
+            streamed = unit not in self.cached
+            read_layout(layout, dest, direct=self.direct and streamed, pool=self.pool,
+                        drop=self.fadvise and streamed)
         except OSError as e:
             raise StoreError(f"{self.store.where(unit)}: read error ({e.strerror})") from None
         if self.verify == "always" or (self.verify == "first" and self.seen.get(unit) != key):
@@ -162,7 +167,8 @@ class Loader:
         self.accel = device.type != "cpu"
         self.cuda = device.type == "cuda"
         self.pool = BufferPool(device, pin=False, profiler=profiler)
-        self.fpool = BufferPool(device, pin=False, profiler=profiler)      # dequantized weights
+        self.fpool = BufferPool(device, pin=False, profiler=profiler)      # dequantized / converted weights
+        self._out: dict[str, int] = {}
         self.dtype = dtype
         self.staging = BufferPool(torch.device("cpu"), pin=self.cuda, profiler=profiler) if self.accel else None
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
@@ -217,8 +223,8 @@ class Loader:
             parts = self.plan.parts(u)
             copied = [p for p in parts if self.plan.tier(p) != self.plan.compute_tier]
             entry = self.pool.acquire(sum(self.store.layout(p).size for p in copied)) if copied else None
-            fentry = self.fpool.acquire(sum(self.plan.dequant_bytes.get(p, 0) for p in parts)) \
-                if any(p in self.plan.dequant_bytes for p in parts) else None
+            out_bytes = sum(self._out_bytes(p) for p in parts)
+            fentry = self.fpool.acquire(out_bytes) if out_bytes else None
             for e in (entry, fentry):
                 if self.cuda and e is not None and e[1] is not None:
                     self.copy_stream.wait_event(e[1])  # the compute finished with this buffer
@@ -229,8 +235,8 @@ class Loader:
                                      0 if resident is not None else off)
                 if resident is None:
                     off += self.store.layout(p).size
-                if p in self.plan.dequant_bytes:
-                    foff = self._dequantize(p, views, fentry[0], foff)
+                if self._out_bytes(p):
+                    foff = self._finish(p, views, fentry[0], foff)
                 item.views.update(views)
             if self.cuda:
                 item.event = torch.cuda.Event()
@@ -240,8 +246,25 @@ class Loader:
             item.error = e
         return item
 
-    def _dequantize(self, p: str, views: dict, fbuf: torch.Tensor, foff: int) -> int:
-        """Replace a part's quantized tensors in `views` by float weights written into fbuf[foff:]."""
+    def _out_bytes(self, p: str) -> int:
+        """Bytes of float weights the loader makes for part `p`: dequantized weights, and weights converted
+        to the compute dtype (off the compute thread's critical path)."""
+        if p not in self._out:
+            total = 0
+            quant = stored_names([sl.name for sl in self.store.slots(p)])
+            qnames = {n for _, names in quant.values() for n in names.values()}
+            for base, (kind, names) in quant.items():
+                q = next(sl for sl in self.store.slots(p) if sl.name == names[SUFFIXES[kind][0]])
+                total += q.shape[0] * q.shape[1] * (2 if kind == "int4" else 1) * self.dtype.itemsize
+            for sl in self.store.slots(p):
+                if sl.name not in qnames and sl.dtype.is_floating_point and sl.dtype != self.dtype:
+                    total += (sl.end - sl.begin) // sl.dtype.itemsize * self.dtype.itemsize
+            self._out[p] = total
+        return self._out[p]
+
+    def _finish(self, p: str, views: dict, fbuf: torch.Tensor, foff: int) -> int:
+        """Replace a part's quantized tensors in `views` by float weights, and float weights of another
+        dtype by converted ones, all written into fbuf[foff:]."""
         t0 = time.perf_counter()
         ctx = torch.cuda.stream(self.copy_stream) if self.cuda else contextlib.nullcontext()
         with ctx:
@@ -253,6 +276,13 @@ class Loader:
                 dequantize(kind, {s: views.pop(name) for s, name in names.items()}, self.dtype, out=out)
                 views[base] = out
                 foff += n
+            for name, t in list(views.items()):
+                if t.is_floating_point() and t.dtype != self.dtype:
+                    n = t.numel() * self.dtype.itemsize
+                    out = fbuf[foff:foff + n].view(self.dtype).view(t.shape)
+                    out.copy_(t)
+                    views[name] = out
+                    foff += n
         self.prof.dequant[p] += time.perf_counter() - t0
         return foff
 
@@ -330,12 +360,12 @@ class Streamer:
 
     def __init__(self, model: nn.Module, lay: Layout, store: Store, plan: Plan, device: torch.device,
                  dtype: torch.dtype, prefetch: bool, profiler: Profiler, verify: str = "first", progress=None,
-                 direct: bool = False, readers: int = 1):
+                 direct: bool = False, readers: int = 1, fadvise: bool = False):
         self.model, self.lay, self.store, self.plan = model, lay, store, plan
         self.device, self.dtype, self.prof = device, dtype, profiler
         self.params: dict[str, nn.Parameter] = dict(model.named_parameters(remove_duplicate=False))
-        self.reader = FileReader(store, verify, profiler, direct=direct, readers=readers)
-        if direct:
+        self.reader = FileReader(store, verify, profiler, direct=direct, readers=readers, fadvise=fadvise)
+        if direct or fadvise:
             self.reader.cached = set(plan.cached)
         self.empty = torch.empty(0, dtype=dtype, device=device)
         self.handles = []
@@ -368,7 +398,7 @@ class Streamer:
 
     def _bind(self, name: str, t: torch.Tensor):
         if t.is_floating_point() and t.dtype != self.dtype:
-            t = t.to(self.dtype)   # resident: once; streamed: per use (choose the store's dtype to avoid it)
+            t = t.to(self.dtype)   # resident units, once (the loader converts streamed ones)
         self.params[name].data = t
 
     def _unbind(self, names):

@@ -341,9 +341,11 @@ class Store:
         return problems
 
 
-def read_layout(layout: UnitLayout, dest: torch.Tensor, direct: bool = False, pool=None, chunk: int = 16 << 20):
+def read_layout(layout: UnitLayout, dest: torch.Tensor, direct: bool = False, pool=None, chunk: int = 16 << 20,
+                drop: bool = False):
     """Read a unit's ranges into `dest` (a buffer of at least layout.size bytes, 4096-aligned for O_DIRECT).
-    With `pool` (a ThreadPoolExecutor), ranges are read as parallel chunks: several requests in flight."""
+    With `pool` (a ThreadPoolExecutor), ranges are read as parallel chunks: several requests in flight.
+    drop: buffered reads followed by posix_fadvise(DONTNEED), so the pages read leave the page cache."""
     mv = memoryview(dest.numpy()).cast("B")
     jobs = []
     for path, a0, a1, off in layout.reads:
@@ -366,6 +368,8 @@ def read_layout(layout: UnitLayout, dest: torch.Tensor, direct: bool = False, po
                 if n <= 0:
                     break   # end of file: the aligned tail past it is padding
                 got += n
+            if drop and not direct:
+                os.posix_fadvise(fd, b, e - b, os.POSIX_FADV_DONTNEED)
             return got
         finally:
             os.close(fd)

@@ -101,13 +101,16 @@ def test_bfloat16_store(tmp_path):
 
 
 @pytest.mark.parametrize("in_place", [True, False])
-def test_direct_io_with_parallel_readers(tmp_path, in_place):
-    """O_DIRECT reads into aligned buffers, several chunks in flight: same tokens as transformers."""
+@pytest.mark.parametrize("io", ["direct", "fadvise"])
+def test_direct_io_with_parallel_readers(tmp_path, in_place, io):
+    """O_DIRECT reads into aligned buffers (or buffered reads dropped from the page cache after), several
+    chunks in flight: same tokens as transformers."""
     src = make_model_dir(tmp_path / "src", "llama", layers=4)
     ref = reference(src)
     m = AutoModel.from_pretrained(src, max_ram=0, store_path=tmp_path / "store", progress=False,
-                                  in_place=in_place, io="direct", readers=3)
-    assert m.direct and m.streamer.reader.pool is not None
+                                  in_place=in_place, io=io, readers=3)
+    assert m.direct == (io == "direct") and m.streamer.reader.fadvise == (io == "fadvise")
+    assert m.streamer.reader.pool is not None
     ids = torch.tensor([[1, 17, 33, 5]])
     torch.testing.assert_close(m(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-4)
     assert m.generate(ids, max_new_tokens=8, do_sample=False).tolist() == \
@@ -128,3 +131,17 @@ def test_page_cache_tier_only_beside_direct_reads(tmp_path):
     assert choose_direct_io("auto", plan) is False and plan.cached == []
     plan = make_plan(m.store, "cpu", 0)
     assert choose_direct_io("direct", plan) is True and plan.cached == []
+
+
+def test_bf16_store_computed_in_fp32_converts_on_the_loader(tmp_path):
+    """Streamed weights of another dtype are converted by the loader thread, off the compute's path."""
+    src = make_model_dir(tmp_path / "src", "llama", dtype=torch.bfloat16)
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()   # upcast once
+    AutoModel.from_pretrained(src, max_ram=0, store_path=tmp_path / "store", progress=False).close()   # bf16
+    m = AutoModel.from_pretrained(tmp_path / "store", max_ram=0, dtype="float32", progress=False)
+    assert m.store.manifest.dtype == "bfloat16" and m.dtype == torch.float32
+    ids = torch.tensor([[1, 5, 9, 13]])
+    torch.testing.assert_close(m(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+    assert m.generate(ids, max_new_tokens=8, do_sample=False).tolist() == \
+        ref.generate(ids, max_new_tokens=8, do_sample=False).tolist()
+    assert sum(m.profiler.dequant.values()) > 0   # the conversions ran on the loader
