@@ -57,6 +57,9 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
+from big_gguf import drop_file_cache  # noqa: E402
+from cpuload import cpu_snapshot, foreign_load, wait_until_quiet  # noqa: E402
+
 SYSTEMS = {"ls": "layerstream max_ram=BUDGET", "lsdef": "layerstream default budget",
            "offload": "accelerate disk offload", "airllm": "airllm 4.0.0", "llama": "llama.cpp"}
 PROMPT = "The sea is"
@@ -153,17 +156,6 @@ def make_tensor(name: str, shape, seed: int = SEED):
         return torch.ones(shape, dtype=torch.bfloat16)
     g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
     return torch.empty(shape, dtype=torch.bfloat16).normal_(0.0, STD, generator=g)
-
-
-def _fadvise_dontneed(path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def _fsync_dir(d) -> None:
@@ -265,7 +257,7 @@ def make(d: pathlib.Path, layers: int, gguf: bool, gguf_type: str) -> None:
                     del t
                 f.flush()
                 os.fsync(f.fileno())
-            _fadvise_dontneed(tmp)
+            drop_file_cache(tmp)
             os.replace(tmp, path)
         bar.close()
         weight_map = {n: f for f, ts in plan for n, _ in ts}
@@ -323,32 +315,6 @@ def drop_caches() -> bool:
         return False
 
 
-def cpu_snapshot():
-    """(wall, busy CPU seconds of the whole machine incl. children we wait for, our own + children's CPU)."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    busy = (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-    t = os.times()
-    return time.perf_counter(), busy, t.user + t.system + t.children_user + t.children_system
-
-
-def foreign_load(before, after) -> float | None:
-    """Cores busy with processes other than this one and its finished children, on average."""
-    wall = after[0] - before[0]
-    if wall <= 0:
-        return None
-    return max(0.0, ((after[1] - before[1]) - (after[2] - before[2])) / wall)
-
-
-def wait_until_quiet(max_wait: float, threshold: float = 0.2, window: float = 2.0) -> float | None:
-    deadline = time.perf_counter() + max_wait
-    while True:
-        before = cpu_snapshot()
-        time.sleep(window)
-        load = foreign_load(before, cpu_snapshot())
-        if load is None or load < threshold or time.perf_counter() >= deadline:
-            return load
 
 
 def read_bandwidth(files: list[pathlib.Path], readers: int, limit: int, chunk: int = 16 << 20) -> dict:

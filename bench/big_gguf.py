@@ -153,7 +153,7 @@ def write_gguf(ckpt_dir, out_path, dtype: str = "bf16", progress: bool = True) -
         f = weight_map[hname]
         if f != last_file:       # done with the previous shard: drop it from the page cache
             if last_file is not None:
-                _drop_file_cache(ckpt_dir / last_file)
+                drop_file_cache(ckpt_dir / last_file)
                 handles.pop(last_file, None)
             last_file = f
     bar.close()
@@ -161,12 +161,12 @@ def write_gguf(ckpt_dir, out_path, dtype: str = "bf16", progress: bool = True) -
     for fo in writer.fout or []:
         os.fsync(fo.fileno())
     writer.close()
-    _drop_file_cache(tmp)
+    drop_file_cache(tmp)
     os.replace(tmp, out_path)
     return out_path.stat().st_size
 
 
-def _drop_file_cache(path) -> None:
+def drop_file_cache(path) -> None:
     try:
         fd = os.open(str(path), os.O_RDONLY)
         try:

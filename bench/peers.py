@@ -376,44 +376,9 @@ def _default_dir() -> pathlib.Path:
     return pathlib.Path(tempfile.gettempdir()) / "layerstream-bench" / "smollm2-135m-hf-fp32"
 
 
-def _cpu_snapshot():
-    """(wall, CPU seconds used by the whole machine, CPU seconds used by this process).
-
-    Linux only (``/proc/stat``); elsewhere the machine figure is None. The difference of two
-    snapshots says how much CPU other processes took while a peer ran: on a shared 2-core
-    machine that is what makes a figure unreliable.
-    """
-    machine = None
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)        # idle + iowait
-        busy = sum(fields[:8]) - idle                                  # without guest time
-        machine = busy / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        pass
-    t = os.times()
-    return time.perf_counter(), machine, t.user + t.system
-
-
-def _foreign_load(before, after):
-    """Average number of cores busy with other processes between two ``_cpu_snapshot``s."""
-    wall = after[0] - before[0]
-    if before[1] is None or after[1] is None or wall <= 0:
-        return None
-    return max(0.0, ((after[1] - before[1]) - (after[2] - before[2])) / wall)
-
-
-def wait_until_quiet(max_wait: float, threshold: float = 0.2, window: float = 2.0) -> float | None:
-    """Wait (at most ``max_wait`` s) until other processes use < ``threshold`` cores over
-    ``window`` s; return the last measured load (None where it cannot be measured)."""
-    deadline = time.perf_counter() + max_wait
-    while True:
-        before = _cpu_snapshot()
-        time.sleep(window)
-        load = _foreign_load(before, _cpu_snapshot())
-        if load is None or load < threshold or time.perf_counter() >= deadline:
-            return load
+from cpuload import cpu_snapshot as _cpu_snapshot  # noqa: E402
+from cpuload import foreign_load as _foreign_load  # noqa: E402
+from cpuload import wait_until_quiet  # noqa: E402,F401
 
 
 def main(argv=None) -> int:
