@@ -389,8 +389,11 @@ class Streamer:
                 self.ram_units[u.name] = buf       # dequantized, or copied to the device, on each use
                 continue
             views = tensor_views(buf, self.store.slots(u.name))
-            for base, (kind, names) in stored_names(list(views)).items():   # a quantized store that fits
-                views[base] = dequantize(kind, {sf: views.pop(n) for sf, n in names.items()}, self.dtype)
+            quant = stored_names(list(views))
+            if quant:   # a quantized store that fits as floats: dequantize once, and free the packed bytes
+                views = {n: t.clone() for n, t in views.items() if not any(n in q[1].values() for q in quant.values())} | \
+                    {base: dequantize(kind, {sf: views[n] for sf, n in names.items()}, self.dtype)
+                     for base, (kind, names) in quant.items()}
             for name, t in views.items():
                 self._bind(name, t)
         self.prof.bytes_read = 0
