@@ -145,3 +145,36 @@ def test_bf16_store_computed_in_fp32_converts_on_the_loader(tmp_path):
     assert m.generate(ids, max_new_tokens=8, do_sample=False).tolist() == \
         ref.generate(ids, max_new_tokens=8, do_sample=False).tolist()
     assert sum(m.profiler.dequant.values()) > 0   # the conversions ran on the loader
+
+
+def test_stopping_criteria_and_streamer_as_in_transformers(tmp_path):
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class After(StoppingCriteria):
+        def __init__(self, n):
+            self.n = n
+
+        def __call__(self, input_ids, scores, **kw):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.n, dtype=torch.bool)
+
+    class Collect:
+        def __init__(self):
+            self.got = []
+
+        def put(self, value):
+            self.got.append(value.reshape(-1).tolist())
+
+        def end(self):
+            self.got.append("end")
+
+    src = make_model_dir(tmp_path / "src", "llama")
+    ref = reference(src)
+    m = AutoModel.from_pretrained(src, max_ram=0, store_path=tmp_path / "store", progress=False)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    a, b = Collect(), Collect()
+    want = ref.generate(ids, max_new_tokens=20, do_sample=False, stopping_criteria=StoppingCriteriaList([After(9)]),
+                        streamer=a)
+    got = m.generate(ids, max_new_tokens=20, do_sample=False, stopping_criteria=StoppingCriteriaList([After(9)]),
+                     streamer=b)
+    assert got.shape[1] == 9 and got.tolist() == want.tolist()
+    assert b.got == a.got and b.got[-1] == "end"
