@@ -69,7 +69,7 @@ def choose_direct_io(io: str, plan) -> bool:
     from .utils import available_ram
 
     streamed = plan.bytes_per_sweep
-    room = available_ram() - plan.inflight_bytes - (plan.resident("ram") if plan.device == "cpu" else 0)
+    room = available_ram() - plan.inflight_bytes - plan.resident("ram")   # host RAM on any device
     if not (streamed > 0 and streamed > 0.8 * max(0, room)):
         plan.cached = []
         return False

@@ -95,17 +95,38 @@ class SafetensorsSource:
         self.identity = _identity(self.files + [path / "config.json"])
         self.name = path.name
         self._handles = {}
+        # FP8 checkpoints (DeepSeek-V3 / Qwen style): float8 e4m3 weights with a float32 scale per block in
+        # `<weight>_scale_inv`; dequantized here, tensor by tensor, into a float store.
+        qc = getattr(self.config, "quantization_config", None)
+        qc = qc.to_dict() if hasattr(qc, "to_dict") else qc
+        self.fp8_block = None
+        if qc:
+            if str(qc.get("quant_method", "")).lower().endswith("fp8"):
+                self.fp8_block = tuple(qc.get("weight_block_size") or (128, 128))
+                del self.config.quantization_config
+            else:
+                raise SourceError(f"{path}: checkpoints quantized with {qc.get('quant_method')!r} are not supported; "
+                                  f"use a float, FP8 or GGUF checkpoint")
 
     def has(self, name: str) -> bool:
         return name in self.weight_map
 
-    def get(self, name: str) -> torch.Tensor:
+    def _raw(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
 
         fname = self.weight_map[name]
         if fname not in self._handles:
             self._handles[fname] = safe_open(self.path / fname, framework="pt")
         return self._handles[fname].get_tensor(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        t = self._raw(name)
+        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and name + "_scale_inv" in self.weight_map:
+            scale = self._raw(name + "_scale_inv").float()
+            (b0, b1), (rows, cols) = self.fp8_block or (128, 128), t.shape
+            full = scale.repeat_interleave(b0, 0)[:rows].repeat_interleave(b1, 1)[:, :cols]
+            return t.float() * full
+        return t
 
     def nbytes(self, name: str) -> int:
         from safetensors import safe_open
@@ -489,7 +510,7 @@ def resolve(source=None, store_path=None, dtype=None, progress=True, in_place=No
         return split(src, out, dtype=dtype, progress=progress, quantize=quant)
     if in_place is None and src.kind == "safetensors":
         names = {n for n in src.weight_map}
-        in_place = dtype is None or _source_dtype(src, names) == dtype
+        in_place = not src.fp8_block and (dtype is None or _source_dtype(src, names) == dtype)
     if in_place:
         if src.kind != "safetensors":
             raise SourceError(f"{src.path}: only safetensors checkpoints can be served in place; split it")
