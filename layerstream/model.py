@@ -113,13 +113,14 @@ class StreamedModel:
                        leave=False)
         self.direct = choose_direct_io(io, self.plan)
         self.fadvise = io == "fadvise"
-        self.threads = set_threads(threads, streaming=bool(self.plan.streamed) and prefetch, direct=self.direct)
         readers = readers or (4 if self.direct or self.fadvise else 1)
         self.streamer = Streamer(self.model, self.layout, self.store, self.plan, self.device, self.dtype, prefetch,
                                  self.profiler, verify, progress=bar.update if bar else None, direct=self.direct,
                                  readers=readers, fadvise=self.fadvise)
         if bar:
             bar.close()
+        # after the resident load: units computed on packed weights need no streaming
+        self.threads = set_threads(threads, streaming=bool(self.plan.streamed) and prefetch, direct=self.direct)
         self.last_stats: dict = {}
         _LIVE.add(self)
 

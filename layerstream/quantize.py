@@ -110,3 +110,39 @@ def float_bytes(shapes: dict[str, tuple], quant: dict, dtype: torch.dtype) -> in
         q = shapes[names[SUFFIXES[kind][0]]]
         total += q[0] * q[1] * (2 if kind == "int4" else 1) * dtype.itemsize
     return total
+
+
+def int4_linear(module, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> bool:
+    """Make an nn.Linear compute on its int4 blocks with torch's CPU int4 matmul kernel
+    (`_weight_int4pack_mm_for_cpu`), never materializing the float weight. Returns False where the
+    kernel is missing or the shapes do not fit it (the caller then dequantizes instead)."""
+    import types
+
+    from torch import nn
+
+    ops = torch.ops.aten
+    # measured here: 72 GB/s bf16-equivalent with bf16 activations, 2.3 with float32 ones (slower than
+    # dequantizing): used for bfloat16 compute only
+    if dtype != torch.bfloat16:
+        return False
+    if not (isinstance(module, nn.Linear) and hasattr(ops, "_weight_int4pack_mm_for_cpu")
+            and hasattr(ops, "_convert_weight_to_int4pack_for_cpu")):
+        return False
+    q, d, m = parts[".q4"], parts[".scale"].float(), parts[".min"].float()
+    n, k = q.shape[0], q.shape[1] * 2
+    if k // d.shape[1] != 32:
+        return False
+    q = q.reshape(n, k // 32, 16)
+    vals = torch.cat([q & 0xF, q >> 4], dim=-1).reshape(n, k).to(torch.int32)
+    module._ls_packed = ops._convert_weight_to_int4pack_for_cpu(vals, 2)
+    # the kernel computes (q - 8) * scale + zero; Q4_1 is d * q + m, so zero = m + 8 d
+    module._ls_sz = torch.stack([d, m + 8 * d], dim=-1).transpose(0, 1).contiguous().to(dtype)
+    module._ls_shape = (n, k)
+
+    def forward(self, x):
+        y = ops._weight_int4pack_mm_for_cpu(x.reshape(-1, k).contiguous(), self._ls_packed, 32, self._ls_sz)
+        y = y.reshape(*x.shape[:-1], n)
+        return y + self.bias if self.bias is not None else y
+
+    module.forward = types.MethodType(forward, module)
+    return True

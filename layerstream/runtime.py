@@ -21,7 +21,7 @@ from torch import nn
 from .adapters import Layout
 from .errors import InputError, StoreError
 from .plan import Plan, UnitPlan
-from .quantize import SUFFIXES, dequantize, stored_names
+from .quantize import SUFFIXES, dequantize, int4_linear, stored_names
 from .store import Store, aligned_empty, read_layout, tensor_views
 from .utils import fmt_bytes
 
@@ -385,6 +385,8 @@ class Streamer:
             if progress:
                 progress(u.bytes)
             buf = host.to(self.device) if accel and u.tier == "device" else host
+            if not accel and u.name in self.plan.dequant_bytes and self._compute_packed(u.name, buf):
+                continue
             if u.name in self.plan.dequant_bytes or (accel and u.tier == "ram"):
                 self.ram_units[u.name] = buf       # dequantized, or copied to the device, on each use
                 continue
@@ -398,6 +400,31 @@ class Streamer:
                 self._bind(name, t)
         self.prof.bytes_read = 0
         self.prof.read_seconds = 0.0
+
+    def _compute_packed(self, unit: str, buf: torch.Tensor) -> bool:
+        """A resident int4 unit on the CPU: its linear layers compute on the packed blocks directly (no
+        dequantization per sweep); it then needs no loader. False when some weight cannot (int8, odd shapes)."""
+        views = tensor_views(buf, self.store.slots(unit))
+        quant = stored_names(list(views))
+        mods = dict(self.model.named_modules())
+        if any(kind != "int4" for kind, _ in quant.values()):
+            return False
+        done = []
+        for base, (kind, names) in quant.items():
+            mod_name, attr = base.rsplit(".", 1)
+            if attr != "weight" or not int4_linear(mods[mod_name], {s: views[n] for s, n in names.items()},
+                                                     self.dtype):
+                for mn in done:   # undo: this unit goes through the loader after all
+                    for a in ("_ls_packed", "_ls_sz", "_ls_shape", "forward"):
+                        mods[mn].__dict__.pop(a, None)
+                return False
+            done.append(mod_name)
+        packed = {n for _, names in quant.values() for n in names.values()}
+        for name, t in views.items():
+            if name not in packed:
+                self._bind(name, t.clone())
+        del self.plan.dequant_bytes[unit]
+        return True
 
     def _bind(self, name: str, t: torch.Tensor):
         if t.is_floating_point() and t.dtype != self.dtype:

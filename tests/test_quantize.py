@@ -66,3 +66,28 @@ def test_embedded_int4_is_lossless_and_small(tmp_path, smol_reference):
         assert got.tolist() == want.tolist(), budget
         torch.testing.assert_close(m(enc).logits, smol_reference(enc).logits, rtol=0, atol=1e-4)
         m.close()
+
+
+def test_resident_int4_computes_on_packed_weights_in_bf16(tmp_path):
+    """Resident int4 units that do not fit as floats run torch's int4 kernel on the packed blocks (bf16
+    compute); streamed ones are dequantized. Against float32 math on the dequantized weights, the packed
+    path is as close as bf16 compute on dequantized weights is."""
+    src = make_model_dir(tmp_path / "src", "qwen2", tie=False, layers=6, dtype=torch.bfloat16)
+    truth = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in truth.named_parameters():
+            if "embed_tokens" not in name and quantizable(name, p.shape, "int4"):
+                p.copy_(dequantize("int4", quantize(p.to(torch.bfloat16), "int4"), torch.float32))
+    store = tmp_path / "store"
+    streamed = AutoModel.from_pretrained(src, compression="int4", max_ram=0, store_path=store, progress=False)
+    dense = sum(streamed.plan.dequant_bytes.get(u.name, u.bytes) for u in Store(store).manifest.units)
+    m = AutoModel.from_pretrained(store, max_ram=dense - 1, progress=False)   # packed fits, floats do not
+    packed = [n for n, mod in m.model.named_modules() if hasattr(mod, "_ls_packed")]
+    assert packed, m.plan.describe()
+    ids = torch.tensor([[1, 7, 3, 99, 45, 12, 8, 64]])
+    with torch.no_grad():
+        want = truth(ids).logits
+    err_dequant = (streamed(ids).logits.float() - want).abs().max()
+    err_packed = (m(ids).logits.float() - want).abs().max()
+    assert err_packed <= 2 * err_dequant + 1e-3, (err_packed, err_dequant)
+    assert (m(ids).logits.argmax(-1) == want.argmax(-1)).float().mean() >= 0.85
