@@ -74,10 +74,7 @@ class SafetensorsSource:
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
         elif (path / "model.safetensors").is_file():
-            from safetensors import safe_open
-
-            with safe_open(path / "model.safetensors", framework="pt") as f:
-                weight_map = {k: "model.safetensors" for k in f.keys()}
+            weight_map = {sl.name: "model.safetensors" for sl in read_header(path / "model.safetensors")[0]}
         elif any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
             raise SourceError(f"{path}: has only pickle weights (.bin/.pt); layerstream loads safetensors only, "
                               f"for safety. Convert them to safetensors first")
@@ -112,12 +109,22 @@ class SafetensorsSource:
         return name in self.weight_map
 
     def _raw(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
+        """One tensor, read with plain file reads (no memory map: a split must not leave the whole
+        checkpoint mapped into the process)."""
         fname = self.weight_map[name]
         if fname not in self._handles:
-            self._handles[fname] = safe_open(self.path / fname, framework="pt")
-        return self._handles[fname].get_tensor(name)
+            self._handles[fname] = {sl.name: sl for sl in read_header(self.path / fname)[0]}
+        sl = self._handles[fname][name]
+        out = torch.empty(sl.end - sl.begin, dtype=torch.uint8)
+        with open(self.path / fname, "rb", buffering=0) as f:
+            f.seek(sl.begin)
+            mv, got = memoryview(out.numpy()), 0
+            while got < len(mv):
+                n = f.readinto(mv[got:])
+                if not n:
+                    raise SourceError(f"{self.path / fname}: truncated (tensor {name}); the checkpoint is damaged")
+                got += n
+        return out.view(sl.dtype).reshape(sl.shape) if sl.shape else out.view(sl.dtype)[0]
 
     def get(self, name: str) -> torch.Tensor:
         t = self._raw(name)
@@ -128,15 +135,13 @@ class SafetensorsSource:
             return t.float() * full
         return t
 
-    def nbytes(self, name: str) -> int:
-        from safetensors import safe_open
-
+    def numel(self, name: str) -> int:
+        """Number of elements of a tensor (from the shard's header)."""
         fname = self.weight_map[name]
         if fname not in self._handles:
-            self._handles[fname] = safe_open(self.path / fname, framework="pt")
-        sl = self._handles[fname].get_slice(name)
+            self._handles[fname] = {sl.name: sl for sl in read_header(self.path / fname)[0]}
         n = 1
-        for d in sl.get_shape():
+        for d in self._handles[fname][name].shape:
             n *= d
         return n
 
@@ -199,7 +204,7 @@ class GGUFSource:
         w = self.processor.process(weights=w, name=t.name, tensor_key_mapping={}, parsed_parameters={}).weights
         return torch.from_numpy(np.array(w, order="C"))  # a copy: the reader's arrays are read-only maps
 
-    def nbytes(self, name: str) -> int:
+    def numel(self, name: str) -> int:
         n = 1
         for d in self._mapping()[name].shape:
             n *= int(d)
@@ -344,7 +349,16 @@ def split(source, out=None, dtype: torch.dtype | None = None, progress: bool = T
         first = src.get(lay.units[0].params[0])
         store_dtype = first.dtype if first.is_floating_point() else torch.float32
     elem = torch.empty(0, dtype=store_dtype).element_size()
-    need = sum(src.nbytes(n) * elem for n in names)
+    embed_params = set(lay.units[0].params) if lay.units[0].kind == "embed" else set()
+    per_weight = {"int4": 0.625, "int8": 1.04, None: None}[quant]   # bytes per quantized weight, scales included
+
+    def est(n: str) -> float:
+        k = src.numel(n)
+        if per_weight and n not in embed_params and n.endswith(".weight") and k > 4096:
+            return k * per_weight
+        return k * elem
+
+    need = int(sum(est(n) for n in names))
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "units").mkdir(exist_ok=True)

@@ -1,0 +1,85 @@
+"""Quantized stores on the embedded model: speed and agreement with the float model, in one run.
+
+SmolLM2-135M-Instruct: the fp32 store and the int4 store made from the same GGUF (its Q4_1 blocks kept
+exactly). For each setting: greedy tokens/s (32 new tokens after a 2-token warm-up, chat prompt) and,
+over a fixed text (teacher forcing), top-1 next-token agreement and mean KL(float || setting) against the
+fp32 float model. Each setting in its own subprocess.
+
+Run:  .venv/bin/python bench/quant.py
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+WORK = pathlib.Path("/tmp/layerstream-bench")
+TEXT = ("The sea is vast and deep. Sailors have crossed it for thousands of years, guided by the stars and by "
+        "the wind. Today ships carry most of the goods we use, and scientists study the currents that shape "
+        "our climate. ") * 4
+SETTINGS = {
+    "fp32, fully resident": dict(quant=None, max_ram=None, dtype=None),
+    "int4, dequantized once at load (fits as floats)": dict(quant="int4", max_ram=None, dtype=None),
+    "int4, packed int4 kernel, bf16 compute (max_ram=300MB)": dict(quant="int4", max_ram="300MB", dtype="bfloat16"),
+    "int4, streamed and dequantized per sweep (max_ram=0)": dict(quant="int4", max_ram=0, dtype=None),
+    "int8 (Q4_1 re-rounded), dequantized once at load": dict(quant="int8", max_ram=None, dtype=None),
+}
+
+
+def child(name: str) -> dict:
+    import torch
+
+    from layerstream import AutoModel
+    from layerstream.split import embedded_model, resolve
+
+    s = SETTINGS[name]
+    ref_store = resolve(embedded_model(), store_path=WORK / "store", progress=False)
+    store = resolve(embedded_model(), store_path=WORK / f"store-{s['quant']}", quantize=s["quant"],
+                    progress=False) if s["quant"] else ref_store
+    m = AutoModel.from_pretrained(store, max_ram=s["max_ram"], dtype=s["dtype"], progress=False)
+    tok = m.tokenizer
+    ids = tok.apply_chat_template([{"role": "user", "content": "Write a short poem about the sea."}],
+                                  add_generation_prompt=True, return_tensors="pt")["input_ids"]
+    m.generate(ids, max_new_tokens=2, do_sample=False)
+    t0 = time.perf_counter()
+    m.generate(ids, max_new_tokens=32, do_sample=False)
+    tok_s = 32 / (time.perf_counter() - t0)
+    text = tok(TEXT, return_tensors="pt")["input_ids"]
+    logits = m(text).logits.float()
+    m.close()
+    ref = AutoModel.from_pretrained(ref_store, progress=False)
+    with torch.no_grad():
+        want = ref(text).logits.float()
+    agree = (logits.argmax(-1) == want.argmax(-1)).float().mean().item()
+    kl = torch.nn.functional.kl_div(logits.log_softmax(-1), want.log_softmax(-1), log_target=True,
+                                    reduction="none").sum(-1).mean().item()
+    bytes_ = sum(u.bytes for u in m.store.manifest.units)
+    return {"tok_s": tok_s, "agree": agree, "kl": kl, "tokens": text.shape[1], "store_bytes": bytes_,
+            "packed": sum(1 for mod in m.model.modules() if hasattr(mod, "_ls_packed"))}
+
+
+def main() -> int:
+    if len(sys.argv) > 2 and sys.argv[1] == "--child":
+        print("RESULT " + json.dumps(child(sys.argv[2])), flush=True)
+        return 0
+    print(f"{'setting':58s} {'tok/s':>7s} {'store':>9s} {'top-1':>7s} {'KL':>9s}")
+    for name in SETTINGS:
+        p = subprocess.run([sys.executable, __file__, "--child", name], capture_output=True, text=True)
+        line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if line is None:
+            print(f"{name:58s} failed: {p.stderr.strip().splitlines()[-1:]}")
+            continue
+        r = json.loads(line[7:])
+        print(f"{name:58s} {r['tok_s']:7.2f} {r['store_bytes'] / 1e6:7.1f}MB {r['agree']:7.1%} {r['kl']:9.5f}"
+              + (f"  ({r['packed']} linear layers on the int4 kernel)" if r["packed"] else ""), flush=True)
+    print(f"(top-1 and KL over {r['tokens']} tokens of a fixed text, against the fp32 model)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
