@@ -40,3 +40,15 @@ def wait_until_quiet(max_wait: float, threshold: float = 0.2, window: float = 2.
         load = foreign_load(before, cpu_snapshot())
         if load is None or load < threshold or time.perf_counter() >= deadline:
             return load
+
+
+def child_result(cmd: list[str]) -> tuple[dict | None, str]:
+    """Run a benchmark child (`cmd`) that prints its result as one `RESULT <json>` line: (the result or
+    None, the last line of its stderr for a failure note)."""
+    import json
+    import subprocess
+
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+    tail = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+    return (json.loads(line[7:]) if line else None), tail

@@ -26,6 +26,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import peers  # noqa: E402
+from cpuload import child_result  # noqa: E402
 
 SYSTEMS = ["layerstream max_ram=0", "layerstream full", "transformers (RAM)", "accelerate disk offload",
            "airllm 4.0.0", "llama.cpp (Q4_1)"]
@@ -96,14 +97,11 @@ def main(argv=None) -> int:
         if a.wait_quiet > 0:
             peers.wait_until_quiet(a.wait_quiet)
         before = peers._cpu_snapshot()
-        proc = subprocess.run([sys.executable, __file__, "--child", key, "-n", str(a.new_tokens), "--dir", str(a.dir)],
-                              capture_output=True, text=True)
+        r, tail = child_result([sys.executable, __file__, "--child", key, "-n", str(a.new_tokens), "--dir",
+                                str(a.dir)])
         after = peers._cpu_snapshot()
-        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-        if line is None:
-            r = peers._result(KEYS[key], None, None, f"failed: {proc.stderr.strip().splitlines()[-1:]}")
-        else:
-            r = json.loads(line[7:])
+        if r is None:
+            r = peers._result(KEYS[key], None, None, f"failed: {tail}")
         # the child's own CPU is not visible from here: report machine load beyond ~1 process of ours
         r["total_seconds"] = after[0] - before[0]
         results.append(r)

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import pathlib
-import subprocess
 import sys
 import time
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
+from cpuload import child_result  # noqa: E402
 
 WORK = pathlib.Path("/tmp/layerstream-bench")
 
@@ -47,10 +47,10 @@ def main() -> int:
         return 0
     runs = []
     for in_place in (True, False) * 3:
-        p = subprocess.run([sys.executable, __file__, "--child", "1" if in_place else "0"], capture_output=True,
-                           text=True)
-        line = next(l for l in p.stdout.splitlines() if l.startswith("RESULT "))
-        runs.append(json.loads(line[7:]))
+        r, tail = child_result([sys.executable, __file__, "--child", "1" if in_place else "0"])
+        if r is None:
+            raise SystemExit(f"a run failed: {tail}")
+        runs.append(r)
     for name, flag in (("in place", True), ("split store", False)):
         rs = [r for r in runs if r["in_place"] == flag]
         rates = " ".join(f"{r['tok_s']:.2f}" for r in rs)

@@ -14,6 +14,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from cpuload import child_result  # noqa: E402
+
 SETTINGS = {
     "auto (O_DIRECT + page-cache tier), lookahead 2": dict(io="auto", lookahead=2),
     "O_DIRECT only, lookahead 2": dict(io="direct", lookahead=2),
@@ -61,13 +64,11 @@ def main() -> int:
             pathlib.Path("/proc/sys/vm/drop_caches").write_text("3\n")
         except OSError:
             print("  (cannot drop the page cache: not root; figures are flattered)")
-        r = subprocess.run([sys.executable, __file__, "--dir", a.dir, "--budget", a.budget, "-n", str(a.n),
-                            "--child", json.dumps(kw)], capture_output=True, text=True)
-        line = next((l for l in r.stdout.splitlines() if l.startswith("RESULT ")), None)
-        if line is None:
-            print(f"  {name:50s} failed: {r.stderr.strip().splitlines()[-1:]}")
+        res, tail = child_result([sys.executable, __file__, "--dir", a.dir, "--budget", a.budget, "-n", str(a.n),
+                                  "--child", json.dumps(kw)])
+        if res is None:
+            print(f"  {name:50s} failed: {tail}")
             continue
-        res = json.loads(line[7:])
         print(f"  {name:50s} {res['decode_s']:6.2f} s/token  (page-cache tier: {res['cached']} units, "
               f"O_DIRECT: {res['direct']})", flush=True)
     return 0

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import json
 import pathlib
-import subprocess
 import sys
 import time
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+from cpuload import child_result  # noqa: E402
+
 WORK = pathlib.Path("/tmp/layerstream-bench")
 TEXT = ("The sea is vast and deep. Sailors have crossed it for thousands of years, guided by the stars and by "
         "the wind. Today ships carry most of the goods we use, and scientists study the currents that shape "
@@ -69,12 +71,10 @@ def main() -> int:
         return 0
     print(f"{'setting':58s} {'tok/s':>7s} {'store':>9s} {'top-1':>7s} {'KL':>9s}")
     for name in SETTINGS:
-        p = subprocess.run([sys.executable, __file__, "--child", name], capture_output=True, text=True)
-        line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
-        if line is None:
-            print(f"{name:58s} failed: {p.stderr.strip().splitlines()[-1:]}")
+        r, tail = child_result([sys.executable, __file__, "--child", name])
+        if r is None:
+            print(f"{name:58s} failed: {tail}")
             continue
-        r = json.loads(line[7:])
         print(f"{name:58s} {r['tok_s']:7.2f} {r['store_bytes'] / 1e6:7.1f}MB {r['agree']:7.1%} {r['kl']:9.5f}"
               + (f"  ({r['packed']} linear layers on the int4 kernel)" if r["packed"] else ""), flush=True)
     print(f"(top-1 and KL over {r['tokens']} tokens of a fixed text, against the fp32 model)")
