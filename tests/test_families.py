@@ -178,3 +178,14 @@ def test_stopping_criteria_and_streamer_as_in_transformers(tmp_path):
                      streamer=b)
     assert got.shape[1] == 9 and got.tolist() == want.tolist()
     assert b.got == a.got and b.got[-1] == "end"
+
+
+def test_no_buffer_allocation_per_token_once_warm(tmp_path):
+    """Streamed units land in reused buffers: a second generation allocates none."""
+    src = make_model_dir(tmp_path / "src", "llama", layers=5)
+    m = AutoModel.from_pretrained(src, max_ram=0, store_path=tmp_path / "store", progress=False)
+    ids = torch.tensor([[1, 2, 3]])
+    m.generate(ids, max_new_tokens=4, do_sample=False)
+    m.generate(ids, max_new_tokens=12, do_sample=False)
+    assert m.profiler.sweeps == 12 and m.profiler.allocations == 0
+    assert m.last_stats["bytes_read"] > 0
