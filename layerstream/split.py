@@ -126,6 +126,10 @@ class SafetensorsSource:
                 got += n
         return out.view(sl.dtype).reshape(sl.shape) if sl.shape else out.view(sl.dtype)[0]
 
+    def get_quantized(self, name: str, kind: str) -> None:
+        """Already-quantized blocks to keep as they are: none in a float (or FP8) checkpoint."""
+        return None
+
     def get(self, name: str) -> torch.Tensor:
         t = self._raw(name)
         if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and name + "_scale_inv" in self.weight_map:
@@ -297,23 +301,17 @@ def _unit_tensors(src, u, dtype: torch.dtype, quant: str | None) -> dict[str, to
     from .quantize import quantizable, quantize
 
     tensors = {}
+    quantized = quant is not None and u.kind != "embed"
     for n in u.params:
-        if quant and u.kind != "embed":
-            parts = src.get_quantized(n, quant) if hasattr(src, "get_quantized") else None
-            if parts is None:
-                t = src.get(n)
-                if t.is_floating_point() and quantizable(n, t.shape, quant):
-                    parts = quantize(t, quant)
-            else:
-                t = None
-            if parts is not None:
-                tensors.update({n + suffix: v.contiguous() for suffix, v in parts.items()})
-                continue
-        else:
+        parts = src.get_quantized(n, quant) if quantized else None
+        if parts is None:
             t = src.get(n)
-        if t.is_floating_point():
-            t = t.to(dtype)
-        tensors[n] = t.contiguous()
+            if quantized and t.is_floating_point() and quantizable(n, t.shape, quant):
+                parts = quantize(t, quant)
+        if parts is not None:
+            tensors.update({n + suffix: v.contiguous() for suffix, v in parts.items()})
+        else:
+            tensors[n] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
     return tensors
 
 
