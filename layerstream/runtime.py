@@ -485,10 +485,10 @@ class Streamer:
 
     # -- embedding rows: a streamed embedding reads only the rows of the tokens in the batch
     def _embed_setup(self, emb: UnitPlan, module: nn.Module):
-        (slot,) = [s for s in self.store.slots("embed")]
+        (slot,) = self.store.slots("embed")
         weight_name = slot.name
         rows, hidden = slot.shape
-        row_bytes = hidden * torch.empty(0, dtype=slot.dtype).element_size()
+        row_bytes = hidden * slot.dtype.itemsize
         path, first = self.store.layout("embed").file_offset[weight_name]
         if emb.tier == "disk" and self.reader.verify != "never":
             self.store.check_streaming("embed")   # checked once before any row is used, 16 MB at a time
@@ -521,7 +521,8 @@ class Streamer:
             ids = args[0] if args else next(iter(kwargs.values()))
             uniq, inv = torch.unique(ids, return_inverse=True)
             if len(uniq) and (int(uniq[0]) < 0 or int(uniq[-1]) >= rows):
-                raise InputError(f"token id {int(uniq[-1])} is outside the vocabulary (0..{rows - 1})")
+                bad = int(uniq[0]) if int(uniq[0]) < 0 else int(uniq[-1])
+                raise InputError(f"token id {bad} is outside the vocabulary (0..{rows - 1})")
             w = gather(uniq.cpu()).to(self.device)
             self._bind(weight_name, w)
             state["pad"] = getattr(mod, "padding_idx", None)

@@ -14,14 +14,13 @@ import json
 import os
 import shutil
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from .errors import DiskSpaceError, SourceError, StoreError
 from .store import (DTYPES, MANIFEST, Manifest, Store, TensorSlot, UnitInfo, aligned_empty, atomic_write_bytes,
-                    file_digests, fsync_dir, read_header)
+                    fsync_dir, read_header)
 from .utils import cache_dir, fmt_bytes
 
 PROGRESS = "split-progress.jsonl"
@@ -530,4 +529,4 @@ def resolve(source=None, store_path=None, dtype=None, progress=True, in_place=No
     return split(src, out, dtype=dtype, progress=progress)
 
 
-__all__ = ["split", "resolve", "open_source", "embedded_model", "default_store_path", "file_digests", "asdict"]
+__all__ = ["split", "resolve", "open_source", "embedded_model", "default_store_path", "index_in_place"]
