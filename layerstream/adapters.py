@@ -6,6 +6,7 @@ adapter only says where the decoder layers, embeddings and head live, found gene
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass, field
 
@@ -15,16 +16,34 @@ from torch import nn
 from .errors import UnsupportedModelError
 
 # Families whose outputs are checked against transformers in the test suite.
-TESTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3")
+TESTED_DENSE = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3")
+TESTED_MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")   # per-expert streaming
+TESTED_MODEL_TYPES = TESTED_DENSE + TESTED_MOE
 ALLOW_UNTESTED_ENV = "LAYERSTREAM_ALLOW_UNTESTED"
 
 
 @dataclass
 class Unit:
-    name: str                 # "embed" | "layer.<i>" | "head"
-    kind: str                 # "embed" | "layer" | "head"
-    params: list[str] = field(default_factory=list)   # parameter names owned (tied aliases excluded)
+    name: str                 # "embed" | "layer.<i>" | "layer.<i>.expert.<j>" | "head"
+    kind: str                 # "embed" | "layer" | "expert" | "head"
+    params: list[str] = field(default_factory=list)   # tensor names owned (tied aliases excluded)
     modules: list[str] = field(default_factory=list)  # module names that own those params
+
+
+@dataclass
+class Experts:
+    """A mixture-of-experts block's experts: transformers keeps them fused, one [num_experts, ...] tensor
+    per weight; the store keeps each expert's slices as a unit of its own, named `<module>.<j>.<param>`."""
+    module: str               # e.g. "model.layers.3.mlp.experts"
+    layer: str                # its layer unit, "layer.3"
+    num_experts: int
+    params: list[str]         # the fused parameters' attribute names ("gate_up_proj", "down_proj", ...)
+
+    def unit(self, j: int) -> str:
+        return f"{self.layer}.expert.{j}"
+
+    def tensor(self, j: int, param: str) -> str:
+        return f"{self.module}.{j}.{param}"
 
 
 @dataclass
@@ -33,13 +52,25 @@ class Layout:
     tied: dict[str, str]      # alias parameter name -> owner parameter name
     embed_module: str
     layers_prefix: str
+    experts: dict[str, Experts] = field(default_factory=dict)   # by module name
+    buffers: set[str] = field(default_factory=set)   # persistent buffers (e.g. a router's bias), by name
 
     def unit(self, name: str) -> Unit:
         return next(u for u in self.units if u.name == name)
 
 
-def _is_moe(config) -> bool:
-    return any(getattr(config, k, None) for k in ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size"))
+def _routed_experts(mod: nn.Module) -> bool:
+    """transformers' fused experts module called as experts(hidden_states, top_k_index, top_k_weights):
+    the routing is known before its weights are needed, so each expert can be its own unit."""
+    n = getattr(mod, "num_experts", None)
+    if not isinstance(n, int) or n < 1 or not mod._parameters or isinstance(mod, nn.ModuleList):
+        return False
+    try:
+        params = [p for p in inspect.signature(type(mod).forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        return False
+    return len(params) >= 4     # self, hidden_states, top_k_index, top_k_weights
 
 
 def check_supported(config) -> None:
@@ -50,9 +81,6 @@ def check_supported(config) -> None:
     if mt not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise UnsupportedModelError(f"architecture {arch} (model_type {mt!r}) is not a causal language model "
                                     f"that transformers can build; layerstream supports: {', '.join(TESTED_MODEL_TYPES)}")
-    if _is_moe(config):
-        raise UnsupportedModelError(f"architecture {arch} is a mixture-of-experts model; per-expert streaming is not "
-                                    f"supported yet (supported: {', '.join(TESTED_MODEL_TYPES)})")
     if mt not in TESTED_MODEL_TYPES and not os.environ.get(ALLOW_UNTESTED_ENV):
         raise UnsupportedModelError(f"architecture {arch} (model_type {mt!r}) is not supported yet: layerstream is "
                                     f"tested on {', '.join(TESTED_MODEL_TYPES)}; set {ALLOW_UNTESTED_ENV}=1 to try "
@@ -111,12 +139,28 @@ def layout(model: nn.Module) -> Layout:
             owners[id(p)] = name
             names.append(name)
 
+    experts: dict[str, Experts] = {}
+    for mod_name, mod in model.named_modules():
+        if mod_name.startswith(layers_prefix + ".") and _routed_experts(mod):
+            i = int(mod_name[len(layers_prefix) + 1:].split(".")[0])
+            experts[mod_name] = Experts(mod_name, f"layer.{i}", mod.num_experts, list(mod._parameters))
+    params = set(names)
+    buffers = {n for n in model.state_dict(keep_vars=True) if n not in params and n not in tied}
+    names += sorted(buffers)
+
     units = {"embed": Unit("embed", "embed")}
     for i in range(n_layers):
         units[f"layer.{i}"] = Unit(f"layer.{i}", "layer")
+        for ex in experts.values():
+            if ex.layer == f"layer.{i}":
+                for j in range(ex.num_experts):
+                    units[ex.unit(j)] = Unit(ex.unit(j), "expert", [ex.tensor(j, p) for p in ex.params],
+                                             [ex.module])
     units["head"] = Unit("head", "head")
     for name in names:
         mod_name = name.rsplit(".", 1)[0]
+        if mod_name in experts:
+            continue
         if mod_name == embed_module:
             u = units["embed"]
         elif name.startswith(layers_prefix + "."):
@@ -130,4 +174,5 @@ def layout(model: nn.Module) -> Layout:
         mod_name = alias.rsplit(".", 1)[0]
         if owner.rsplit(".", 1)[0] == embed_module and mod_name not in units["head"].modules:
             units["head"].modules.append(mod_name)
-    return Layout([u for u in units.values() if u.params or u.modules], tied, embed_module, layers_prefix)
+    return Layout([u for u in units.values() if u.params or u.modules], tied, embed_module, layers_prefix, experts,
+                  buffers)

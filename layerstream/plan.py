@@ -46,6 +46,10 @@ class Plan:
     # streamed units read through the page cache when the rest is read with O_DIRECT: a fixed set sized to
     # the RAM the budget leaves free, which the kernel keeps because O_DIRECT reads never evict it
     cached: list[str] = field(default_factory=list)
+    # mixture of experts: expert units are read on demand, when the router has chosen them (never in the
+    # sweep's read-ahead); `expert_share` is the expected share of a layer's experts a token uses (top_k / n)
+    expert_share: float = 0.0
+    expert_topk: int = 0
 
     def tier(self, name: str) -> str:
         return next(u.tier for u in self.units if u.name == name)
@@ -66,19 +70,25 @@ class Plan:
     def streamed(self) -> list[UnitPlan]:
         """Units brought in each sweep (read from disk, or copied from RAM to the device), in sweep order."""
         return [u for u in self.units
-                if self.parts(u) and not (u.kind == "embed" and self.embed_rows_only)]
+                if u.kind != "expert" and self.parts(u) and not (u.kind == "embed" and self.embed_rows_only)]
 
     @property
     def bytes_per_sweep(self) -> int:
-        """Bytes read from disk per sweep (embedding rows excluded: a few KB)."""
-        return sum(self.unit_bytes[n] for u in self.streamed for n in self.parts(u) if self.tier(n) == "disk")
+        """Bytes read from disk per sweep (embedding rows excluded: a few KB; experts: the expected share of
+        those on disk, for one token)."""
+        experts = sum(u.bytes for u in self.units if u.kind == "expert" and u.tier == "disk")
+        return sum(self.unit_bytes[n] for u in self.streamed for n in self.parts(u) if self.tier(n) == "disk") + \
+            int(experts * self.expert_share)
 
     @property
     def inflight_bytes(self) -> int:
-        """Load buffers (and dequantized weights) of the `lookahead + 1` largest loads."""
+        """Load buffers (and dequantized weights) of the `lookahead + 1` largest loads; with experts, the
+        read buffers and the stacked weights of one token's routed experts (a long prompt's prefill may
+        route to every expert of a layer: up to twice a layer's experts, briefly)."""
         sizes = sorted((sum(self.unit_bytes[n] * (self.tier(n) != self.compute_tier) + self.dequant_bytes.get(n, 0)
                             for n in self.parts(u)) for u in self.streamed), reverse=True)
-        return sum(sizes[: self.lookahead + 1])
+        experts = [u.bytes + self.dequant_bytes.get(u.name, 0) for u in self.units if u.kind == "expert"]
+        return sum(sizes[: self.lookahead + 1]) + (2 * self.expert_topk * max(experts) if experts else 0)
 
     def describe(self) -> str:
         lines = [f"plan on {self.device}: {len(self.units)} units, "
@@ -106,6 +116,11 @@ class Plan:
 
 
 def _compact(names: list[str]) -> str:
+    experts = [n for n in names if ".expert." in n]
+    if experts:
+        layers = len({n.split(".")[1] for n in experts})
+        rest = _compact([n for n in names if ".expert." not in n])
+        return (rest + ", " if rest else "") + f"{len(experts)} experts of {layers} layers"
     out, run = [], []
     for n in names + [None]:
         if n is not None and n.startswith("layer.") and (not run or int(n[6:]) == int(run[-1][6:]) + 1):
@@ -147,6 +162,13 @@ def _choose(cands: list[UnitPlan], budget: int) -> list[UnitPlan]:
             for i in idx:
                 chosen.append(layers[i])
                 left -= layers[i].bytes
+    # experts last: each is needed by a share of the tokens only. Taken expert 0 of every layer, then
+    # expert 1 ..., so every layer's reads shrink alike.
+    experts = [u for u in cands if u.kind == "expert" and u not in chosen]
+    for u in sorted(experts, key=lambda u: (int(u.name.rsplit(".", 1)[1]), int(u.name.split(".")[1]))):
+        if u.bytes <= left:
+            chosen.append(u)
+            left -= u.bytes
     return chosen
 
 
@@ -159,6 +181,11 @@ def make_plan(store: Store, device: str = "cpu", max_ram=None, max_gpu_memory=No
         load = [u.name] + (["embed"] if u.kind == "head" and tied_embed else [])
         units.append(UnitPlan(u.name, u.kind, u.bytes, load, tied_embed=u.kind == "embed" and tied_embed))
     plan = Plan(device, units, unit_bytes, 0, None, lookahead, dequant_bytes=_dequant_bytes(store))
+    n_experts = sum(1 for u in units if u.kind == "expert" and u.name.startswith(
+        next((x.name for x in units if x.kind == "expert"), "\0").rsplit(".", 1)[0] + "."))
+    if n_experts:
+        plan.expert_topk = _experts_per_token(store)
+        plan.expert_share = min(1.0, plan.expert_topk / n_experts)
     inflight = plan.inflight_bytes  # everything streamed: the largest possible in-flight set
     if max_ram is None:
         plan.ram_budget = max(0, available_ram() - RAM_MARGIN)
@@ -253,6 +280,17 @@ def _dequant_bytes(store: Store) -> dict[str, int]:
         if quant:
             out[u.name] = float_bytes({s.name: s.shape for s in store.slots(u.name)}, quant, dtype)
     return out
+
+
+def _experts_per_token(store: Store) -> int:
+    import json
+
+    cfg = json.loads((store.path / "config.json").read_text())
+    cfg = cfg.get("text_config", cfg)
+    for k in ("num_experts_per_tok", "moe_topk", "top_k", "num_experts_per_token"):
+        if isinstance(cfg.get(k), int):
+            return cfg[k]
+    return 1
 
 
 def _embed_prefix(store: Store) -> str:

@@ -31,7 +31,8 @@ def normalize(kind) -> str | None:
 
 
 def quantizable(name: str, shape, kind: str) -> bool:
-    return len(shape) == 2 and name.endswith(".weight") and shape[1] % BLOCK[kind] == 0
+    """2-D linear weights: `*.weight`, and one expert's slice of a fused experts weight (`*.experts.<j>.<w>`)."""
+    return len(shape) == 2 and (name.endswith(".weight") or ".experts." in name) and shape[1] % BLOCK[kind] == 0
 
 
 def quantize(w: torch.Tensor, kind: str, block: int | None = None) -> dict[str, torch.Tensor]:

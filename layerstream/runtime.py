@@ -42,6 +42,8 @@ class Profiler:
         self.read_seconds = 0.0
         self.sweeps = 0
         self.allocations = 0
+        # mixture of experts: one entry per experts call, (layer unit, experts routed, of which read from disk)
+        self.experts: list[tuple[str, tuple[int, ...], int]] = []
 
     def reset(self):
         self.__init__(self.enabled)
@@ -56,6 +58,10 @@ class Profiler:
                          f"{1e3 * self.compute[n] / c:11.2f}")
         tw, tc, tk = sum(self.wait.values()), sum(self.copy.values()), sum(self.compute.values())
         td = sum(self.dequant.values())
+        if self.experts:
+            routed = sum(len(e[1]) for e in self.experts)
+            lines.append(f"experts: {len(self.experts)} calls, {routed / len(self.experts):.2f} routed per call, "
+                         f"{sum(e[2] for e in self.experts) / len(self.experts):.2f} of them read from disk")
         lines.append(f"total: wait {tw:.2f} s, copy {tc:.2f} s, compute {tk:.2f} s over {self.sweeps} sweeps; "
                      + (f"dequantize/convert {td:.2f} s on the loader; " if td else "") +
                      f"read {fmt_bytes(self.bytes_read)} ({fmt_bytes(self.bytes_read / sweeps)} per sweep"
@@ -82,6 +88,7 @@ class FileReader:
         self.fadvise = fadvise             # buffered reads dropped from the page cache after (io="fadvise")
         self.cached: set[str] = set()     # read through the page cache and kept (the plan's cache tier)
         self.seen: dict[str, tuple] = {}
+        self.lock = threading.Lock()
         self.pool = ThreadPoolExecutor(readers, thread_name_prefix="layerstream-read") if readers > 1 else None
 
     def _stat(self, unit: str) -> tuple:
@@ -113,8 +120,9 @@ class FileReader:
         if self.verify == "always" or (self.verify == "first" and self.seen.get(unit) != key):
             self.store.check_content(unit, dest)
             self.seen[unit] = key
-        self.prof.bytes_read += sum(n for _, n in layout.data)
-        self.prof.read_seconds += time.perf_counter() - t0
+        with self.lock:   # routed experts are read on several threads at once
+            self.prof.bytes_read += sum(n for _, n in layout.data)
+            self.prof.read_seconds += time.perf_counter() - t0
 
     def close(self):
         if self.pool is not None:
@@ -303,6 +311,14 @@ class Loader:
                 self.pidx = (idx + 1) % len(self.order)
                 self.cond.notify_all()
 
+    def load_now(self, u: UnitPlan) -> Loaded:
+        """A unit brought in on demand, outside the sweep order (a routed expert); hand it back with done()."""
+        item = self._load(u)
+        if self.cuda and item.event is not None:
+            torch.cuda.current_stream(self.device).wait_event(item.event)
+        self.prof.copy[u.name.rsplit(".expert.", 1)[0] + ".experts"] += item.copy_seconds
+        return item
+
     def _drop(self, item: Loaded):
         for pool, e in item.entries:
             pool.release(e)
@@ -364,6 +380,10 @@ class Streamer:
         self.model, self.lay, self.store, self.plan = model, lay, store, plan
         self.device, self.dtype, self.prof = device, dtype, profiler
         self.params: dict[str, nn.Parameter] = dict(model.named_parameters(remove_duplicate=False))
+        self.buffers = {n: (m, n.rsplit(".", 1)[-1], b) for mn, m in model.named_modules()
+                        for n, b in ((f"{mn}.{k}" if mn else k, b) for k, b in m._buffers.items())}
+        self.expert_views: dict[str, dict[str, torch.Tensor]] = {}   # resident experts, ready to stack
+        self.expert_units = {u.name: u for u in plan.units if u.kind == "expert"}
         self.reader = FileReader(store, verify, profiler, direct=direct, readers=readers, fadvise=fadvise)
         if direct or fadvise:
             self.reader.cached = set(plan.cached)
@@ -385,7 +405,8 @@ class Streamer:
             if progress:
                 progress(u.bytes)
             buf = host.to(self.device) if accel and u.tier == "device" else host
-            if not accel and u.name in self.plan.dequant_bytes and self._compute_packed(u.name, buf):
+            if not accel and u.kind != "expert" and u.name in self.plan.dequant_bytes and \
+                    self._compute_packed(u.name, buf):
                 continue
             if u.name in self.plan.dequant_bytes or (accel and u.tier == "ram"):
                 self.ram_units[u.name] = buf       # dequantized, or copied to the device, on each use
@@ -396,6 +417,10 @@ class Streamer:
                 views = {n: t.clone() for n, t in views.items() if not any(n in q[1].values() for q in quant.values())} | \
                     {base: dequantize(kind, {sf: views[n] for sf, n in names.items()}, self.dtype)
                      for base, (kind, names) in quant.items()}
+            if u.kind == "expert":     # stacked with the routed ones at each use
+                self.expert_views[u.name] = {n: t.to(self.dtype) if t.is_floating_point() else t
+                                             for n, t in views.items()}
+                continue
             for name, t in views.items():
                 self._bind(name, t)
         self.prof.bytes_read = 0
@@ -427,13 +452,23 @@ class Streamer:
         return True
 
     def _bind(self, name: str, t: torch.Tensor):
-        if t.is_floating_point() and t.dtype != self.dtype:
-            t = t.to(self.dtype)   # resident units, once (the loader converts streamed ones)
-        self.params[name].data = t
+        if name in self.buffers:   # a persistent buffer kept in the checkpoint, in its own dtype
+            mod, attr, default = self.buffers[name]
+            mod._buffers[attr] = t.to(device=self.device, dtype=default.dtype)
+            return
+        p = self.params[name]
+        want = p.dtype if p.dtype == torch.float32 else self.dtype   # modules transformers keeps in fp32 stay so
+        if t.is_floating_point() and t.dtype != want:
+            t = t.to(want)   # resident units, once (the loader converts streamed ones)
+        p.data = t
 
     def _unbind(self, names):
         for n in names:
-            self.params[n].data = self.empty
+            if n in self.buffers:
+                mod, attr, default = self.buffers[n]
+                mod._buffers[attr] = default
+            else:
+                self.params[n].data = self.empty
 
     # -- hooks
     def _install_hooks(self):
@@ -457,7 +492,62 @@ class Streamer:
                 for mn in u.modules:
                     self.handles.append(mods[mn].register_forward_pre_hook(self._pre(u.name, once=True)))
                 self.handles.append(mods[last].register_forward_hook(self._post(u.name)))
+        for ex in self.lay.experts.values():
+            self.handles.append(mods[ex.module].register_forward_pre_hook(self._experts_pre(ex), with_kwargs=True))
+            self.handles.append(mods[ex.module].register_forward_hook(self._experts_post(ex)))
         self.bound: dict[str, tuple] = {}
+        self.expert_pool = ThreadPoolExecutor(4, thread_name_prefix="layerstream-experts") \
+            if any(u.tier != self.plan.compute_tier for u in self.expert_units.values()) else None
+
+    # -- experts: only the ones the router chose are brought in, when it has chosen them
+    def _experts_pre(self, ex):
+        def hook(mod, args, kwargs):
+            args = list(args)
+            names = ("hidden_states", "top_k_index")
+            for i, key in enumerate(names):   # positional in every family; keywords accepted too
+                if len(args) <= i:
+                    k = key if key in kwargs else next(k for k in kwargs if k not in names[:i] and
+                                                         ("index" in k or "indices" in k or i == 0))
+                    args.append(kwargs.pop(k))
+            idx = args[1]
+            t0 = time.perf_counter()
+            routed = [j for j in torch.unique(idx).tolist() if 0 <= j < ex.num_experts]
+            if not routed:
+                routed = [0]
+            todo = [self.expert_units[ex.unit(j)] for j in routed if ex.unit(j) not in self.expert_views]
+            if self.expert_pool is not None and len(todo) > 1:
+                items = list(self.expert_pool.map(self.loader.load_now, todo))
+            else:
+                items = [self.loader.load_now(u) for u in todo]
+            try:
+                for item in items:
+                    if item.error is not None:
+                        raise item.error
+                views = {it.name: it.views for it in items} | self.expert_views
+                for p in ex.params:
+                    stacked = torch.stack([views[ex.unit(j)][ex.tensor(j, p)] for j in routed])
+                    self.params[f"{ex.module}.{p}"].data = stacked.to(self.dtype) if stacked.is_floating_point() \
+                        else stacked
+            finally:
+                for item in items:
+                    self.loader.done(item)
+            remap = torch.full((ex.num_experts + 1,), len(routed), dtype=idx.dtype, device=idx.device)
+            remap[torch.tensor(routed, device=idx.device)] = torch.arange(len(routed), dtype=idx.dtype,
+                                                                          device=idx.device)
+            args[1] = remap[idx]
+            mod.num_experts = len(routed)
+            self.prof.wait[ex.layer + ".experts"] += time.perf_counter() - t0
+            self.prof.experts.append((ex.layer, tuple(routed),
+                                      sum(self.plan.tier(u.name) == "disk" for u in todo)))
+            return tuple(args), kwargs
+        return hook
+
+    def _experts_post(self, ex):
+        def hook(mod, args, output):
+            mod.num_experts = ex.num_experts
+            self._unbind([f"{ex.module}.{p}" for p in ex.params])
+            self.prof.calls[ex.layer + ".experts"] += 1
+        return hook
 
     def _sweep_start(self, module, args):
         self.prof.sweeps += 1
@@ -545,5 +635,7 @@ class Streamer:
     def close(self):
         for h in self.handles:
             h.remove()
+        if self.expert_pool is not None:
+            self.expert_pool.shutdown(wait=False)
         self.loader.close()
         self.reader.close()

@@ -7,6 +7,7 @@ last. Killed at any point, it resumes without redoing finished units.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import importlib.util
@@ -104,32 +105,116 @@ class SafetensorsSource:
                 raise SourceError(f"{path}: checkpoints quantized with {qc.get('quant_method')!r} are not supported; "
                                   f"use a float, FP8 or GGUF checkpoint")
 
-    def has(self, name: str) -> bool:
-        return name in self.weight_map
+    def map_names(self, skeleton, lay) -> None:
+        """Name the checkpoint's tensors as the skeleton does, with transformers' own conversion mapping
+        (renamings; experts stored one tensor per expert, which transformers fuses into [num_experts, ...]).
+        Each store tensor of expert j is assembled from that expert's checkpoint tensors alone."""
+        import re
 
-    def _raw(self, name: str) -> torch.Tensor:
-        """One tensor, read with plain file reads (no memory map: a split must not leave the whole
-        checkpoint mapped into the process)."""
-        fname = self.weight_map[name]
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (Concatenate, MergeModulelist, WeightConverter, apply_converters,
+                                                     apply_renamings)
+
+        transforms = get_model_conversion_mapping(skeleton)
+        renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        self.alias: dict[str, str] = {}                       # skeleton name -> checkpoint key
+        self.parts: dict[str, tuple[list[str], list]] = {}    # expert tensor -> (checkpoint keys, per-expert ops)
+        self.fused: dict[str, tuple[str, int]] = {}           # expert tensor -> (fused checkpoint key, expert)
+        groups: dict[tuple[str, int], dict[int, str]] = {}
+        ops_of: dict[str, list] = {}
+        for key in self.weight_map:
+            renamed = apply_renamings(key, renamings)
+            target, pattern = apply_converters(renamed, converters)
+            if pattern is None:
+                if target != key:
+                    self.alias[target] = key
+                continue
+            conv = next(c for c in converters if pattern in c.source_patterns)
+            rx = re.escape(pattern).replace(r"\*", r"(\d+)")
+            m = re.search(rx, renamed)
+            if m is None or not m.groups():
+                continue
+            groups.setdefault((target, int(m.group(1))), {})[conv.source_patterns.index(pattern)] = key
+            ops_of[target] = conv.operations
+        for ex in lay.experts.values():
+            for p in ex.params:
+                fused = ex.module + "." + p
+                src_fused = fused if fused in self.weight_map else self.alias.get(fused)
+                for j in range(ex.num_experts):
+                    name = ex.tensor(j, p)
+                    if src_fused is not None:
+                        self.fused[name] = (src_fused, j)
+                    elif (fused, j) in groups:
+                        keys = [k for _, k in sorted(groups[(fused, j)].items())]
+                        per_expert = []
+                        for op in ops_of[fused]:
+                            if isinstance(op, MergeModulelist) and op.dim == 0:
+                                continue        # stacks the experts: one expert needs no stacking
+                            if isinstance(op, Concatenate) and op.dim >= 1:
+                                per_expert.append(("cat", op.dim - 1))
+                                continue
+                            raise SourceError(f"{self.path}: experts stored as {keys[0]} need the conversion "
+                                              f"{type(op).__name__}, which layerstream cannot apply per expert yet")
+                        self.parts[name] = (keys, per_expert)
+
+    def needs_conversion(self) -> bool:
+        """Whether some tensor is assembled or sliced (the store must be split, not served in place)."""
+        return bool(getattr(self, "parts", None) or getattr(self, "fused", None))
+
+    def key(self, name: str) -> str:
+        return self.alias.get(name, name) if hasattr(self, "alias") else name
+
+    def has(self, name: str) -> bool:
+        return self.key(name) in self.weight_map or name in getattr(self, "parts", {}) or \
+            name in getattr(self, "fused", {})
+
+    def _slot(self, key: str):
+        fname = self.weight_map[key]
         if fname not in self._handles:
             self._handles[fname] = {sl.name: sl for sl in read_header(self.path / fname)[0]}
-        sl = self._handles[fname][name]
-        out = torch.empty(sl.end - sl.begin, dtype=torch.uint8)
+        return fname, self._handles[fname][key]
+
+    def _raw(self, name: str, row: int | None = None) -> torch.Tensor:
+        """One tensor, read with plain file reads (no memory map: a split must not leave the whole
+        checkpoint mapped into the process)."""
+        fname, sl = self._slot(name)
+        begin, size, shape = sl.begin, sl.end - sl.begin, list(sl.shape)
+        if row is not None:     # one slice along the first dimension (an expert of a fused tensor)
+            size //= shape[0]
+            begin += row * size
+            shape = shape[1:]
+        out = torch.empty(size, dtype=torch.uint8)
         with open(self.path / fname, "rb", buffering=0) as f:
-            f.seek(sl.begin)
+            f.seek(begin)
             mv, got = memoryview(out.numpy()), 0
             while got < len(mv):
                 n = f.readinto(mv[got:])
                 if not n:
                     raise SourceError(f"{self.path / fname}: truncated (tensor {name}); the checkpoint is damaged")
                 got += n
-        return out.view(sl.dtype).reshape(sl.shape) if sl.shape else out.view(sl.dtype)[0]
+        return out.view(sl.dtype).reshape(shape) if shape else out.view(sl.dtype)[0]
 
     def get_quantized(self, name: str, kind: str) -> None:
         """Already-quantized blocks to keep as they are: none in a float (or FP8) checkpoint."""
         return None
 
     def get(self, name: str) -> torch.Tensor:
+        parts = getattr(self, "parts", {})
+        if name in parts:
+            keys, ops = parts[name]
+            ts = [self.get(k) for k in keys]
+            for op, dim in ops:
+                ts = [torch.cat(ts, dim=dim)]
+            if len(ts) != 1:
+                raise SourceError(f"{self.path}: cannot assemble {name} from {', '.join(keys)}")
+            return ts[0]
+        if name in getattr(self, "fused", {}):
+            key, j = self.fused[name]
+            if self._raw(key, 0).dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                return self.get(key)[j]
+            return self._raw(key, j)
+        name = self.key(name)
         t = self._raw(name)
         if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and name + "_scale_inv" in self.weight_map:
             scale = self._raw(name + "_scale_inv").float()
@@ -140,11 +225,13 @@ class SafetensorsSource:
 
     def numel(self, name: str) -> int:
         """Number of elements of a tensor (from the shard's header)."""
-        fname = self.weight_map[name]
-        if fname not in self._handles:
-            self._handles[fname] = {sl.name: sl for sl in read_header(self.path / fname)[0]}
+        if name in getattr(self, "parts", {}):
+            return sum(self.numel(k) for k in self.parts[name][0])
+        if name in getattr(self, "fused", {}):
+            key, _ = self.fused[name]
+            return self.numel(key) // self._slot(key)[1].shape[0]
         n = 1
-        for d in self._handles[fname][name].shape:
+        for d in self._slot(self.key(name))[1].shape:
             n *= d
         return n
 
@@ -320,6 +407,10 @@ def _units_of(src):
 
     skeleton = build_skeleton(src.config, torch.float32, device="meta")
     lay = layout(skeleton)
+    if hasattr(src, "map_names"):
+        src.map_names(skeleton, lay)
+    for u in lay.units:   # persistent buffers (a router's bias ...) come from the checkpoint when it has them
+        u.params = [n for n in u.params if n not in lay.buffers or src.has(n)]
     names = [n for u in lay.units for n in u.params]
     missing = [n for n in names if not src.has(n)]
     if missing:
@@ -351,7 +442,7 @@ def split(source, out=None, dtype: torch.dtype | None = None, progress: bool = T
 
     def est(n: str) -> float:
         k = src.numel(n)
-        if per_weight and n not in embed_params and n.endswith(".weight") and k > 4096:
+        if per_weight and n not in embed_params and (n.endswith(".weight") or ".experts." in n) and k > 4096:
             return k * per_weight
         return k * elem
 
@@ -443,16 +534,20 @@ def index_in_place(src: SafetensorsSource, out, progress: bool = True) -> Path:
 
     out = Path(out)
     skeleton, lay, names = _units_of(src)
-    dtype = _source_dtype(src, set(names))
+    if src.needs_conversion():
+        raise SourceError(f"{src.path}: its experts are stored in another layout than the model computes with "
+                          f"(one tensor per expert and weight); it cannot be served in place: split it")
+    by_key = {src.key(n): n for n in names}
+    dtype = _source_dtype(src, set(by_key))
     if dtype is None:
         raise SourceError(f"{src.path}: weights of mixed float dtypes cannot be served in place; split it")
     where = {}
     for f in src.files:
         for slot in read_header(f)[0]:
-            if slot.name in names:
+            if slot.name in by_key:
                 if slot.begin % slot.dtype.itemsize:
                     raise SourceError(f"{f}: tensor {slot.name} is not aligned; split the model instead")
-                where[slot.name] = (f, slot)
+                where[by_key[slot.name]] = (f, dataclasses.replace(slot, name=by_key[slot.name]))
     units, total = [], 0
     for u in lay.units:
         ranges, slots = [], {}
@@ -521,7 +616,9 @@ def resolve(source=None, store_path=None, dtype=None, progress=True, in_place=No
         return split(src, out, dtype=dtype, progress=progress, quantize=quant)
     if in_place is None and src.kind == "safetensors":
         names = {n for n in src.weight_map}
-        in_place = not src.fp8_block and (dtype is None or _source_dtype(src, names) == dtype)
+        _units_of(src)
+        in_place = not src.fp8_block and not src.needs_conversion() and \
+            (dtype is None or _source_dtype(src, names) == dtype)
     if in_place:
         if src.kind != "safetensors":
             raise SourceError(f"{src.path}: only safetensors checkpoints can be served in place; split it")

@@ -72,3 +72,47 @@ def run_cli(*args, env=None, input=None, timeout=600):
     e.update(env or {})
     return subprocess.run([sys.executable, "-m", "layerstream", *map(str, args)], capture_output=True, text=True,
                           env=e, input=input, timeout=timeout)
+
+
+def tiny_moe_config(family: str, layers: int = 3):
+    """A small random-weight mixture-of-experts config (8 experts, 2 per token)."""
+    import transformers as tf
+
+    common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, bos_token_id=1,
+                  eos_token_id=2, pad_token_id=0, num_experts_per_tok=2)
+    deepseek = dict(num_key_value_heads=4, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1,
+                    first_k_dense_replace=1, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)
+    return {
+        "mixtral": lambda: tf.MixtralConfig(**common, num_local_experts=8),
+        "qwen2_moe": lambda: tf.Qwen2MoeConfig(**common, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                                               num_experts=8),
+        "qwen3_moe": lambda: tf.Qwen3MoeConfig(**common, moe_intermediate_size=32, num_experts=8, head_dim=16),
+        "deepseek_v2": lambda: tf.DeepseekV2Config(**{**common, **deepseek}, q_lora_rank=None),
+        "deepseek_v3": lambda: tf.DeepseekV3Config(**{**common, **deepseek}, q_lora_rank=32, n_group=2, topk_group=1),
+    }[family]()
+
+
+def make_moe_dir(path: Path, family: str, layers: int = 3, fused: bool = False, seed: int = 0) -> Path:
+    """A random-weight MoE checkpoint. As transformers saves it (one tensor per expert and weight, the
+    hub's layout), or with `fused` as the model holds it ([num_experts, ...] per weight)."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_moe_config(family, layers), dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.3)
+            else:
+                p.uniform_(0.5, 1.5)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):   # a router bias kept in the checkpoint
+                b.uniform_(-0.5, 0.5)
+    model.save_pretrained(path)
+    if fused:
+        sd = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"
+              or not model.config.tie_word_embeddings}
+        save_file(sd, path / "model.safetensors", metadata={"format": "pt"})
+    return path

@@ -5,11 +5,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from layerstream import AutoModel
-from layerstream.adapters import TESTED_MODEL_TYPES
+from layerstream.adapters import TESTED_DENSE
 
 from conftest import make_model_dir
 
-FAMILIES = list(TESTED_MODEL_TYPES)
+FAMILIES = list(TESTED_DENSE)
 
 
 def reference(path):

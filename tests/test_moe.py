@@ -1,0 +1,142 @@
+"""Mixture of experts: each expert is its own unit, and only the experts the router chose are read."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from layerstream import AutoModel, Store
+from layerstream.errors import SourceError
+from layerstream.quantize import dequantize, quantizable, quantize
+
+from conftest import make_moe_dir
+
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3"]
+IDS = torch.tensor([[1, 17, 33, 5, 90, 64, 12]])
+
+
+def reference(path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def routing_of(ref, ids, max_new_tokens):
+    """The experts transformers itself routes to, per experts call: [(layer index, sorted expert ids)]."""
+    calls = []
+    hooks = []
+    for name, mod in ref.named_modules():
+        if name.endswith(".experts") and hasattr(mod, "num_experts"):
+            layer = int(name.split(".layers.")[1].split(".")[0])
+            hooks.append(mod.register_forward_pre_hook(
+                lambda m, args, layer=layer: calls.append((layer, tuple(sorted(set(args[1].flatten().tolist())))))))
+    out = ref.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+    for h in hooks:
+        h.remove()
+    return out, calls
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("max_ram", [0, None])
+def test_moe_matches_transformers(tmp_path, family, max_ram):
+    src = make_moe_dir(tmp_path / "src", family)
+    ref = reference(src)
+    m = AutoModel.from_pretrained(src, max_ram=max_ram, store_path=tmp_path / "store", progress=False)
+    experts = [u for u in m.store.manifest.units if u.kind == "expert"]
+    layers_with_experts = 2 if family.startswith("deepseek") else 3   # DeepSeek: the first layer is dense
+    assert len(experts) == 8 * layers_with_experts
+    assert all(len(u.tensors) >= 2 for u in experts)
+    with torch.no_grad():
+        want = ref(IDS).logits
+    torch.testing.assert_close(m(IDS).logits, want, rtol=1e-4, atol=1e-4)
+    want_ids = ref.generate(IDS, max_new_tokens=12, do_sample=False)
+    got_ids = m.generate(IDS, max_new_tokens=12, do_sample=False)
+    assert got_ids.tolist() == want_ids.tolist()
+    assert len(set(got_ids[0, IDS.shape[1]:].tolist())) > 1
+    if family == "deepseek_v3":   # the router's bias is a buffer kept in the checkpoint: loaded, not zeros
+        names = {t for u in m.store.manifest.units for t in u.tensors}
+        assert "model.layers.1.mlp.gate.e_score_correction_bias" in names
+    m.close()
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_only_routed_experts_are_read(tmp_path, family):
+    """max_ram=0: per experts call, the expert units read are exactly the ones transformers routes to, and
+    the bytes read are the dense units of every sweep plus those experts (plus the embedding rows)."""
+    src = make_moe_dir(tmp_path / "src", family)
+    want_ids, want_calls = routing_of(reference(src), IDS, 12)
+    # prefetch off: no read-ahead of the next sweep's first units, so the bytes read add up exactly
+    m = AutoModel.from_pretrained(src, max_ram=0, store_path=tmp_path / "store", progress=False, prefetch=False)
+    got_ids = m.generate(IDS, max_new_tokens=12, do_sample=False)
+    assert got_ids.tolist() == want_ids.tolist()
+    prof = m.profiler
+    assert [(int(layer.split(".")[1]), routed) for layer, routed, _ in prof.experts] == want_calls
+    assert all(read == len(routed) for _, routed, read in prof.experts)   # nothing resident: all from disk
+    decode = [routed for _, routed, _ in prof.experts][-len(set(c[0] for c in want_calls)):]
+    assert all(len(r) == 2 for r in decode)  # one token, two experts per token: 2 of 8 experts read
+
+    units = {u.name: u.bytes for u in m.store.manifest.units}
+    dense = sum(b for n, b in units.items() if ".expert." not in n and n != "embed")
+    experts = sum(units[f"{layer}.expert.{j}"] for layer, routed, _ in prof.experts for j in routed)
+    (slot,) = m.store.slots("embed")
+    rows = len(set(IDS[0].tolist())) + prof.sweeps - 1        # the prompt's distinct tokens, then one per step
+    assert prof.bytes_read == prof.sweeps * dense + experts + rows * slot.shape[1] * slot.dtype.itemsize
+    all_experts = sum(b for n, b in units.items() if ".expert." in n)
+    assert experts / prof.sweeps < 0.5 * all_experts   # far below a dense sweep of every expert
+    m.close()
+
+
+def test_partial_budget_keeps_experts_resident(tmp_path):
+    src = make_moe_dir(tmp_path / "src", "qwen3_moe")
+    ref = reference(src)
+    store = tmp_path / "store"
+    units = AutoModel.from_pretrained(src, max_ram=0, store_path=store, progress=False).store.units
+    dense = sum(u.bytes for n, u in units.items() if ".expert." not in n)
+    expert = units["layer.0.expert.0"].bytes
+    m = AutoModel.from_pretrained(store, max_ram=int((dense + 12 * expert + 2 * 2 * expert) / 0.9) + 4096 * 8,
+                                  progress=False)
+    tiers = {u.name: u.tier for u in m.plan.units}
+    resident = [n for n, t in tiers.items() if ".expert." in n and t == "ram"]
+    assert 0 < len(resident) < 24
+    # dense parts before experts (the untied embedding stays on disk: only its rows are read)
+    assert all(t == "ram" for n, t in tiers.items() if ".expert." not in n and n != "embed")
+    # spread over the layers: expert 0 of every layer before expert 1 of any
+    assert {f"layer.{i}.expert.0" for i in range(3)} <= set(resident)
+    want = ref.generate(IDS, max_new_tokens=10, do_sample=False)
+    assert m.generate(IDS, max_new_tokens=10, do_sample=False).tolist() == want.tolist()
+    for layer, routed, read in m.profiler.experts:
+        assert read == sum(tiers[f"{layer}.expert.{j}"] == "disk" for j in routed)
+    assert "experts of 3 layers" in m.plan.describe()
+
+
+def test_fused_checkpoint_and_quantized_experts(tmp_path):
+    """A checkpoint that already holds [num_experts, ...] tensors is sliced per expert; an int8 store
+    quantizes every expert's weights too, and streams exactly what transformers computes on the same
+    (dequantized) weights."""
+    src = make_moe_dir(tmp_path / "src", "mixtral", fused=True)
+    ref = reference(src)
+    m = AutoModel.from_pretrained(src, max_ram=0, store_path=tmp_path / "store", progress=False)
+    want = ref.generate(IDS, max_new_tokens=10, do_sample=False)
+    assert m.generate(IDS, max_new_tokens=10, do_sample=False).tolist() == want.tolist()
+
+    q = AutoModel.from_pretrained(src, max_ram=0, compression="int8", store_path=tmp_path / "q8", progress=False)
+    unit = q.store.manifest.units[[u.name for u in q.store.manifest.units].index("layer.1.expert.3")]
+    assert any(t.endswith(".q8") for t in unit.tensors)
+    assert unit.bytes < 0.6 * m.store.units["layer.1.expert.3"].bytes
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if ".experts." in name:
+                for j in range(p.shape[0] if quantizable(name, p.shape[1:], "int8") else 0):
+                    p[j] = dequantize("int8", quantize(p[j], "int8"), torch.float32)
+            elif "embed_tokens" not in name and quantizable(name, p.shape, "int8"):
+                p.copy_(dequantize("int8", quantize(p, "int8"), torch.float32))
+        want_logits = ref(IDS).logits
+    torch.testing.assert_close(q(IDS).logits, want_logits, rtol=1e-4, atol=1e-4)
+    assert q.generate(IDS, max_new_tokens=10, do_sample=False).tolist() == \
+        ref.generate(IDS, max_new_tokens=10, do_sample=False).tolist()
+
+
+def test_per_expert_checkpoint_is_split_not_served_in_place(tmp_path):
+    src = make_moe_dir(tmp_path / "src", "qwen2_moe")
+    with pytest.raises(SourceError, match="cannot be served in place: split it"):
+        AutoModel.from_pretrained(src, in_place=True, store_path=tmp_path / "a", progress=False)
+    m = AutoModel.from_pretrained(src, store_path=tmp_path / "b", progress=False)
+    assert not m.store.manifest.in_place
+    assert Store(tmp_path / "b").verify() == []
