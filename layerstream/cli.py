@@ -87,6 +87,16 @@ def _stats(m) -> str:
             f"{fmt_bytes(s['bytes_per_token'])} read per token, peak RSS {fmt_bytes(peak_rss())}")
 
 
+def _tokenizer(m):
+    from .errors import InputError
+
+    tok = m.tokenizer
+    if tok is None or not len(tok("x")["input_ids"]):
+        raise InputError(f"{m.store.path} has no usable tokenizer, so text cannot become token ids: copy the "
+                         f"model's tokenizer files into the store, or call generate() with token ids")
+    return tok
+
+
 def cmd_run(a) -> int:
     from .errors import InputError
 
@@ -98,7 +108,7 @@ def cmd_run(a) -> int:
     m = _load(a)
     from transformers import TextStreamer
 
-    tok = m.tokenizer
+    tok = _tokenizer(m)
     if not a.raw and getattr(tok, "chat_template", None):
         enc = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                       return_tensors="pt")
@@ -117,6 +127,7 @@ def cmd_chat(a) -> int:
     from .errors import InputError
 
     m = _load(a)
+    _tokenizer(m)
     chat = ChatSession(m, system=a.system)
     interactive = sys.stdin.isatty()
     say("chat: type a message; /reset clears the history, /exit or Ctrl-D quits")

@@ -8,7 +8,7 @@ from layerstream import AutoModel, Store
 from layerstream.errors import SourceError
 from layerstream.quantize import dequantize, quantizable, quantize
 
-from conftest import make_moe_dir
+from conftest import make_moe_dir, run_cli
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3"]
 IDS = torch.tensor([[1, 17, 33, 5, 90, 64, 12]])
@@ -140,3 +140,14 @@ def test_per_expert_checkpoint_is_split_not_served_in_place(tmp_path):
     m = AutoModel.from_pretrained(src, store_path=tmp_path / "b", progress=False)
     assert not m.store.manifest.in_place
     assert Store(tmp_path / "b").verify() == []
+
+
+def test_cli_plan_and_a_store_without_tokenizer(tmp_path):
+    src = make_moe_dir(tmp_path / "src", "deepseek_v3")
+    store = AutoModel.from_pretrained(src, max_ram=0, store_path=tmp_path / "store", progress=False).store.path
+    r = run_cli("plan", store, "--max-ram", "0")
+    assert r.returncode == 0, r.stderr
+    assert "16 experts of 2 layers" in r.stdout + r.stderr
+    r = run_cli("run", "--model", store, "--max-new-tokens", "3", "hello")
+    assert r.returncode != 0
+    assert "has no usable tokenizer" in r.stderr and "Traceback" not in r.stderr
