@@ -11,7 +11,7 @@ width 512: ~3.3 GB) is split into a store once. Then, each in its own subprocess
   what a whole-layer streamer such as AirLLM reads per token) and with the expectation
   dense + (top_k / experts) x all experts;
 - layerstream with a RAM budget of half the model: the planner keeps the dense parts and some experts
-  resident;
+  resident; and with a budget that holds everything;
 - transformers + Accelerate disk offload (device_map="auto", max_memory={"cpu": 64MB}), the peer that
   streams this model without per-expert reads; and transformers fully in RAM for the tokens.
 
@@ -135,6 +135,7 @@ def main(argv=None) -> int:
     print(f"checkpoint {ckpt}: {size / 1e9:.2f} GB, {a.layers} layers x {a.experts} experts, {a.topk} per token")
     runs = {}
     for key, what, budget in (("ls_stream", "layerstream", 0), ("ls_half", "layerstream", size // 2),
+                              ("ls_full", "layerstream", 2 * size),
                               ("accelerate", "accelerate", None), ("transformers", "transformers", None)):
         r, tail = child_result([sys.executable, __file__, "--child", what, str(ckpt),
                                 "none" if budget is None else str(budget)])
@@ -152,6 +153,7 @@ def main(argv=None) -> int:
         print(f"  experts routed per call while decoding {s['routed_per_call']:.2f}, read from disk "
               f"{s['read_per_call']:.2f}")
     for key, label in (("ls_stream", "layerstream max_ram=0"), ("ls_half", "layerstream max_ram=half"),
+                       ("ls_full", "layerstream all resident"),
                        ("accelerate", "accelerate disk offload"), ("transformers", "transformers in RAM")):
         r = runs.get(key)
         if not r:

@@ -212,8 +212,9 @@ def make_plan(store: Store, device: str = "cpu", max_ram=None, max_gpu_memory=No
         return plan
 
     # accelerator: device tier first, then pinned RAM
-    largest = max(sum(unit_bytes[n] for n in u.load) for u in units)
-    need_inflight = largest * (lookahead + 1)
+    largest = max(sum(unit_bytes[n] for n in u.load) for u in units if u.kind != "expert")
+    experts = [u.bytes for u in units if u.kind == "expert"]
+    need_inflight = largest * (lookahead + 1) + (2 * plan.expert_topk * max(experts) if experts else 0)
     if max_gpu_memory is None:
         free = _device_free(device)
         plan.gpu_budget = max(0, free - GPU_MARGIN)
@@ -222,7 +223,9 @@ def make_plan(store: Store, device: str = "cpu", max_ram=None, max_gpu_memory=No
         plan.gpu_budget = max_gpu_memory
     if plan.gpu_budget < need_inflight and sum(unit_bytes.values()) > plan.gpu_budget:
         raise BudgetError(f"max_gpu_memory {fmt_bytes(plan.gpu_budget)} cannot hold the units in flight: "
-                          f"{lookahead + 1} x {fmt_bytes(largest)} = {fmt_bytes(need_inflight)} needed at least "
+                          f"{lookahead + 1} x {fmt_bytes(largest)}"
+                          + (f" + routed experts {fmt_bytes(need_inflight - largest * (lookahead + 1))}" if experts
+                             else "") + f" = {fmt_bytes(need_inflight)} needed at least "
                           f"(raise the budget or lower lookahead)")
     on_device = _choose(units, plan.gpu_budget) if sum(unit_bytes.values()) <= plan.gpu_budget else \
         _choose(units, plan.gpu_budget - need_inflight)

@@ -55,3 +55,25 @@ def test_cuda_quantized_store_dequantized_on_the_device(tmp_path, kind):
     ids = torch.tensor([[1, 5, 9, 13]], device="cuda")
     assert m.generate(ids, max_new_tokens=8, do_sample=False).tolist() == \
         ref.generate(ids, max_new_tokens=8, do_sample=False).tolist()
+
+
+@pytest.mark.parametrize("max_ram", [0, "1GB"])
+def test_cuda_moe_streams_routed_experts(tmp_path, max_ram):
+    from conftest import make_moe_dir
+
+    src = make_moe_dir(tmp_path / "src", "qwen3_moe")
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).to("cuda").eval()
+    units = AutoModel.from_pretrained(src, max_ram=0, store_path=tmp_path / "store", progress=False).store.units
+    inflight = 3 * max(units["layer.0"].bytes, units["head"].bytes + units["embed"].bytes) + \
+        2 * 2 * units["layer.0.expert.0"].bytes   # and the routed experts' buffers
+    m = AutoModel.from_pretrained(tmp_path / "store", device="cuda", max_gpu_memory=inflight, max_ram=max_ram,
+                                  progress=False)
+    assert {u.tier for u in m.plan.units if u.kind == "expert"} == ({"disk"} if max_ram == 0 else {"ram"})
+    ids = torch.tensor([[1, 17, 33, 5, 90, 64, 12]], device="cuda")
+    with torch.no_grad():
+        want_logits = ref(ids).logits
+    torch.testing.assert_close(m(ids).logits, want_logits, rtol=1e-3, atol=1e-3)
+    want = ref.generate(ids, max_new_tokens=10, do_sample=False)
+    assert m.generate(ids, max_new_tokens=10, do_sample=False).tolist() == want.tolist()
+    assert all(len(routed) <= 8 for _, routed, _ in m.profiler.experts)
+    m.close()
