@@ -11,7 +11,7 @@ import torch
 
 from .adapters import build_skeleton, layout
 from .errors import InputError, LayerstreamError
-from .plan import make_plan
+from .plan import make_plan, record_expert_counts
 from .runtime import Profiler, Streamer
 from .split import log, resolve
 from .store import Store
@@ -169,6 +169,7 @@ class StreamedModel:
         with torch.inference_mode():
             out = self.model.generate(input_ids, **kwargs)
         dt = time.perf_counter() - t0
+        self._record_experts()
         seq = out.sequences if hasattr(out, "sequences") else out
         new = seq.shape[-1] - input_ids.shape[-1]
         self.last_stats = {"new_tokens": int(new), "seconds": dt, "tokens_per_s": new / dt if dt else 0.0,
@@ -179,7 +180,16 @@ class StreamedModel:
         return out
 
     def close(self):
+        self._record_experts()
         self.streamer.close()
+
+    def _record_experts(self):
+        """Add the routing seen so far to the store's expert counts: later plans keep the experts the
+        router chooses most often resident."""
+        counts = self.streamer.expert_counts
+        if counts:
+            record_expert_counts(self.store, dict(counts))
+            counts.clear()
 
     def __del__(self):
         try:

@@ -29,6 +29,7 @@ class UnitPlan:
     load: list[str]            # store units read when it is streamed (head of a tied model reads embed too)
     tier: str = "disk"
     tied_embed: bool = False
+    heat: int = 0              # experts: how often the router chose it in earlier runs (EXPERT_COUNTS)
 
 
 @dataclass
@@ -162,10 +163,11 @@ def _choose(cands: list[UnitPlan], budget: int) -> list[UnitPlan]:
             for i in idx:
                 chosen.append(layers[i])
                 left -= layers[i].bytes
-    # experts last: each is needed by a share of the tokens only. Taken expert 0 of every layer, then
-    # expert 1 ..., so every layer's reads shrink alike.
+    # experts last: each is needed by a share of the tokens only. The ones the router chose most often
+    # in earlier runs on this store first; without counts, expert 0 of every layer, then expert 1 ...,
+    # so every layer's reads shrink alike.
     experts = [u for u in cands if u.kind == "expert" and u not in chosen]
-    for u in sorted(experts, key=lambda u: (int(u.name.rsplit(".", 1)[1]), int(u.name.split(".")[1]))):
+    for u in sorted(experts, key=lambda u: (-u.heat, int(u.name.rsplit(".", 1)[1]), int(u.name.split(".")[1]))):
         if u.bytes <= left:
             chosen.append(u)
             left -= u.bytes
@@ -186,6 +188,12 @@ def make_plan(store: Store, device: str = "cpu", max_ram=None, max_gpu_memory=No
     if n_experts:
         plan.expert_topk = _experts_per_token(store)
         plan.expert_share = min(1.0, plan.expert_topk / n_experts)
+        counts = read_expert_counts(store)
+        for u in units:
+            u.heat = counts.get(u.name, 0)
+        if counts:
+            plan.notes.append(f"experts ranked by how often the router chose them in earlier runs "
+                              f"({sum(counts.values())} expert calls recorded in {EXPERT_COUNTS})")
     inflight = plan.inflight_bytes  # everything streamed: the largest possible in-flight set
     if max_ram is None:
         plan.ram_budget = max(0, available_ram() - RAM_MARGIN)
@@ -283,6 +291,37 @@ def _dequant_bytes(store: Store) -> dict[str, int]:
         if quant:
             out[u.name] = float_bytes({s.name: s.shape for s in store.slots(u.name)}, quant, dtype)
     return out
+
+
+EXPERT_COUNTS = "expert-counts.json"
+
+
+def read_expert_counts(store: Store) -> dict[str, int]:
+    """{expert unit: times the router chose it}, recorded by earlier runs on this store (absent: {})."""
+    import json
+
+    try:
+        d = json.loads((store.path / EXPERT_COUNTS).read_text())
+        return {k: int(v) for k, v in d.items() if k in store.units}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}
+
+
+def record_expert_counts(store: Store, new: dict[str, int]) -> None:
+    """Add this run's counts to the store's (written atomically; a read-only store keeps none)."""
+    import json
+
+    from .store import atomic_write_bytes
+
+    if not new:
+        return
+    total = read_expert_counts(store)
+    for k, v in new.items():
+        total[k] = total.get(k, 0) + v
+    try:
+        atomic_write_bytes(store.path / EXPERT_COUNTS, json.dumps(total, sort_keys=True).encode())
+    except OSError:
+        pass
 
 
 def _experts_per_token(store: Store) -> int:

@@ -384,6 +384,7 @@ class Streamer:
                         for n, b in ((f"{mn}.{k}" if mn else k, b) for k, b in m._buffers.items())}
         self.expert_views: dict[str, dict[str, torch.Tensor]] = {}   # resident experts, ready to stack
         self.expert_units = {u.name: u for u in plan.units if u.kind == "expert"}
+        self.expert_counts: dict[str, int] = defaultdict(int)   # routed calls per expert, not yet recorded
         self.reader = FileReader(store, verify, profiler, direct=direct, readers=readers, fadvise=fadvise)
         if direct or fadvise:
             self.reader.cached = set(plan.cached)
@@ -537,6 +538,8 @@ class Streamer:
             args[1] = remap[idx]
             mod.num_experts = len(routed)
             self.prof.wait[ex.layer + ".experts"] += time.perf_counter() - t0
+            for j in routed:
+                self.expert_counts[ex.unit(j)] += 1
             self.prof.experts.append((ex.layer, tuple(routed),
                                       sum(self.plan.tier(u.name) == "disk" for u in todo)))
             return tuple(args), kwargs

@@ -1,11 +1,14 @@
 """Mixture of experts: each expert is its own unit, and only the experts the router chose are read."""
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from layerstream import AutoModel, Store
 from layerstream.errors import SourceError
+from layerstream.plan import make_plan
 from layerstream.quantize import dequantize, quantizable, quantize
 
 from conftest import make_moe_dir, run_cli
@@ -151,3 +154,29 @@ def test_cli_plan_and_a_store_without_tokenizer(tmp_path):
     r = run_cli("run", "--model", store, "--max-new-tokens", "3", "hello")
     assert r.returncode != 0
     assert "has no usable tokenizer" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_router_counts_choose_the_resident_experts(tmp_path):
+    """Each run records which experts the router chose (expert-counts.json in the store); a later plan
+    with room for some experts keeps the most chosen ones resident."""
+    src = make_moe_dir(tmp_path / "src", "qwen3_moe")
+    m = AutoModel.from_pretrained(src, max_ram=0, store_path=tmp_path / "store", progress=False)
+    m.generate(IDS, max_new_tokens=6, do_sample=False)
+    calls = list(m.profiler.experts)
+    m.close()
+    counts = json.loads((tmp_path / "store" / "expert-counts.json").read_text())
+    assert sum(counts.values()) == sum(len(r) for _, r, _ in calls)
+    assert counts[f"{calls[-1][0]}.expert.{calls[-1][1][0]}"] >= 1
+
+    units = Store(tmp_path / "store").units
+    dense = sum(u.bytes for n, u in units.items() if ".expert." not in n)
+    expert = units["layer.0.expert.0"].bytes
+    # a hot spot: expert 5 of layer 1 chosen far more often than anything else
+    (tmp_path / "store" / "expert-counts.json").write_text(json.dumps({**counts, "layer.1.expert.5": 10_000}))
+    plan = make_plan(Store(tmp_path / "store"), "cpu", int((dense + 2 * expert + 2 * 2 * expert) / 0.9) + 4096 * 8)
+    resident = [u.name for u in plan.units if u.kind == "expert" and u.tier == "ram"]
+    assert 2 <= len(resident) < 24 and "layer.1.expert.5" in resident
+    heat = {**counts, "layer.1.expert.5": 10_000}
+    others = [u.name for u in plan.units if u.kind == "expert" and u.tier == "disk"]
+    assert min(heat.get(n, 0) for n in resident) >= max(heat.get(n, 0) for n in others)   # the most chosen
+    assert any("router chose" in n for n in plan.notes)
