@@ -16,9 +16,30 @@ from torch import nn
 from .errors import UnsupportedModelError
 
 # Families whose outputs are checked against transformers in the test suite.
-TESTED_DENSE = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3")
-TESTED_MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")   # per-expert streaming
-TESTED_MODEL_TYPES = TESTED_DENSE + TESTED_MOE
+# Families (transformers model_type) whose streamed outputs are checked against transformers' own in the
+# test suite (tests/test_families.py, tests/test_moe.py): tiny random-weight models, logits within 1e-4 and
+# greedy tokens identical. The README lists these; nothing else is called supported.
+TESTED_DENSE = (
+    "apertus", "apertus1p5_text", "arcee", "bamba", "biogpt", "bitnet", "bloom", "codegen", "cohere", "cohere2",
+    "cohere_compass_text", "cpmant", "ctrl", "cwm", "diffllama", "doge", "dory", "ernie4_5", "exaone", "exaone4",
+    "falcon", "falcon_h1", "falcon_mamba", "gemma", "gemma2", "gemma3_text", "gemma3n_text", "gemma4_text",
+    "gemma4_unified_text", "glm", "glm4", "gpt-sw3", "gpt2", "gpt_bigcode", "gpt_neo", "gpt_neox",
+    "gpt_neox_japanese", "gptj", "granite", "granite_swa", "helium", "hunyuan_v1_dense", "hyperclovax", "internlm3",
+    "iquestcoder", "jais2", "lfm2", "lfm3", "llama", "mamba", "mamba2", "minicpm3", "ministral", "ministral3",
+    "mistral", "modernbert-decoder", "mpt", "nanochat", "nemotron", "olmo", "olmo2", "olmo3", "olmo_hybrid",
+    "openai-gpt", "opt", "persimmon", "phi", "phi3", "qwen2", "qwen3", "qwen3_5_text", "recurrent_gemma", "rwkv",
+    "seed_oss", "smollm3", "stablelm", "starcoder2", "vaultgemma", "xglm", "xlstm", "youtu", "zamba", "zamba2",
+)
+# Mixture of experts with per-expert streaming (each expert its own unit, only the routed ones read).
+TESTED_MOE = (
+    "afmoe", "aria_text", "cohere2_moe", "deepseek_v2", "deepseek_v3", "ernie4_5_moe", "exaone_moe", "flex_olmo",
+    "flint", "glm4_moe", "gpt_oss", "granitemoe", "granitemoe_swa", "granitemoeshared", "hunyuan_v1_moe", "hy_v3",
+    "hy_v4", "inkling_text", "kolibri1", "laguna", "mellum", "mimo_v2_flash", "minimax", "minimax_m2",
+    "minimax_m3_vl_text", "mixtral", "nemotron_h", "olmoe", "phimoe", "qwen2_moe", "qwen3_moe", "solar_open",
+)
+# Mixture of experts whose experts are not called with the routing (streamed, correct, a whole layer at a time).
+TESTED_MOE_WHOLE_LAYER = ("beam", "jetmoe", "llama4_text")
+TESTED_MODEL_TYPES = TESTED_DENSE + TESTED_MOE + TESTED_MOE_WHOLE_LAYER
 ALLOW_UNTESTED_ENV = "LAYERSTREAM_ALLOW_UNTESTED"
 
 
@@ -78,13 +99,14 @@ def check_supported(config) -> None:
 
     mt = getattr(config, "model_type", None)
     arch = (getattr(config, "architectures", None) or [mt])[0]
+    tested = f"{len(TESTED_MODEL_TYPES)} tested families, listed in the README under 'Supported models'"
     if mt not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise UnsupportedModelError(f"architecture {arch} (model_type {mt!r}) is not a causal language model "
-                                    f"that transformers can build; layerstream supports: {', '.join(TESTED_MODEL_TYPES)}")
+                                    f"that transformers can build (layerstream runs decoder-only LMs: {tested})")
     if mt not in TESTED_MODEL_TYPES and not os.environ.get(ALLOW_UNTESTED_ENV):
-        raise UnsupportedModelError(f"architecture {arch} (model_type {mt!r}) is not supported yet: layerstream is "
-                                    f"tested on {', '.join(TESTED_MODEL_TYPES)}; set {ALLOW_UNTESTED_ENV}=1 to try "
-                                    f"it anyway (outputs are not checked)")
+        raise UnsupportedModelError(f"architecture {arch} (model_type {mt!r}) is not supported yet: it is not among "
+                                    f"the {tested}; set {ALLOW_UNTESTED_ENV}=1 to try it anyway (outputs are "
+                                    f"not checked)")
 
 
 def build_skeleton(config, dtype: torch.dtype, device: torch.device | str = "cpu") -> nn.Module:
@@ -157,22 +179,31 @@ def layout(model: nn.Module) -> Layout:
                     units[ex.unit(j)] = Unit(ex.unit(j), "expert", [ex.tensor(j, p) for p in ex.params],
                                              [ex.module])
     units["head"] = Unit("head", "head")
+
+    def layer_of(name: str) -> str | None:
+        return name[len(layers_prefix) + 1:].split(".")[0] if name.startswith(layers_prefix + ".") else None
+
+    # a weight tied across decoder layers (Zamba's shared attention block) must stay bound while any of them
+    # runs: it goes to the head unit, which is bound from its first use to the end of the sweep
+    shared = {owner for alias, owner in tied.items() if layer_of(owner) is not None and layer_of(alias) != layer_of(owner)}
     for name in names:
         mod_name = name.rsplit(".", 1)[0]
         if mod_name in experts:
             continue
         if mod_name == embed_module:
             u = units["embed"]
-        elif name.startswith(layers_prefix + "."):
-            u = units[f"layer.{int(name[len(layers_prefix) + 1:].split('.')[0])}"]
+        elif layer_of(name) is not None and name not in shared:
+            u = units[f"layer.{int(layer_of(name))}"]
         else:
             u = units["head"]
         u.params.append(name)
         if mod_name not in u.modules:
             u.modules.append(mod_name)
+    modules = dict(model.named_modules())
     for alias, owner in tied.items():
         mod_name = alias.rsplit(".", 1)[0]
-        if owner.rsplit(".", 1)[0] == embed_module and mod_name not in units["head"].modules:
+        if (owner.rsplit(".", 1)[0] == embed_module or owner in shared) and mod_name in modules \
+                and mod_name not in units["head"].modules:
             units["head"].modules.append(mod_name)
     return Layout([u for u in units.values() if u.params or u.modules], tied, embed_module, layers_prefix, experts,
                   buffers)

@@ -2,7 +2,8 @@
 
 int8: symmetric, blocks of 64 along the input dimension, one fp16 scale per block
       (`<name>.q8` int8 [out, in], `<name>.scale` fp16 [out, in/64]): 1.03 bytes per weight.
-int4: asymmetric, blocks of 32, fp16 scale and min per block, two values per byte in GGUF Q4_1's order
+int4: asymmetric, blocks of 32, fp16 scale and min per block (chosen per block by a least-squares search
+      over candidate grids, not plain min/max), two values per byte in GGUF Q4_1's order
       (byte j of a block holds element j in its low nibble and element j+16 in its high nibble;
       `<name>.q4` uint8 [out, in/2], `<name>.scale`, `<name>.min` fp16 [out, in/32]): 0.625 bytes per
       weight, 0.3125x bf16. A GGUF's Q4_1 (and Q8_0) tensors are kept exactly, not re-rounded.
@@ -35,25 +36,73 @@ def quantizable(name: str, shape, kind: str) -> bool:
     return len(shape) == 2 and (name.endswith(".weight") or ".experts." in name) and shape[1] % BLOCK[kind] == 0
 
 
-def quantize(w: torch.Tensor, kind: str, block: int | None = None) -> dict[str, torch.Tensor]:
-    """{suffix: tensor} for a 2-D float weight."""
+def _best_fit(x: torch.Tensor, kind: str, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per block of x [..., block]: the scale (and, for int4, min) with the least squared error. Candidates
+    are grids slightly narrower and wider than the block's range (as llama.cpp's k-quants search); each
+    candidate's rounding is refitted by least squares (the best scale/min for those integers), and the
+    best of all is kept. Plain min/max (the first candidate) is never beaten by a worse fit."""
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    best_err = best_s = best_m = None
+    n = x.shape[-1]
+    for k in range(steps):
+        f = 1.0 - 0.2 * k / max(steps - 1, 1) if k else 1.0     # grids covering 100% down to 80% of the range
+        if kind == "int8":
+            amax = torch.maximum(lo.abs(), hi.abs()) * f
+            s = torch.where(amax > 0, amax / 127, 1.0)
+            q = torch.round(x / s).clamp(-127, 127)
+            qq = (q * q).sum(-1, keepdim=True)
+            s = torch.where(qq > 0, (q * x).sum(-1, keepdim=True) / qq.clamp(min=1), s)   # least squares
+            m = torch.zeros_like(s)
+        else:
+            mid, half = (hi + lo) / 2, (hi - lo) / 2 * f
+            s = torch.where(half > 0, 2 * half / 15, 1.0)
+            m = mid - half
+            q = torch.round((x - m) / s).clamp(0, 15)
+            sq, sx, sqq, sqx = q.sum(-1, keepdim=True), x.sum(-1, keepdim=True), (q * q).sum(-1, keepdim=True), \
+                (q * x).sum(-1, keepdim=True)
+            det = n * sqq - sq * sq
+            ok = det > 0
+            s2 = torch.where(ok, (n * sqx - sq * sx) / torch.where(ok, det, 1.0), s)
+            m2 = torch.where(ok, (sx - s2 * sq) / n, m)
+            good = s2 > 0
+            s, m = torch.where(good, s2, s), torch.where(good, m2, m)
+        s16, m16 = s.to(torch.float16).float(), m.to(torch.float16).float()
+        if kind == "int8":
+            back = torch.round(x / torch.where(s16 > 0, s16, 1.0)).clamp(-127, 127) * s16
+        else:
+            back = torch.round((x - m16) / torch.where(s16 > 0, s16, 1.0)).clamp(0, 15) * s16 + m16
+        err = ((back - x) ** 2).sum(-1, keepdim=True)
+        if best_err is None:
+            best_err, best_s, best_m = err, s16, m16
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_s, best_m = torch.where(better, s16, best_s), torch.where(better, m16, best_m)
+    return best_s, best_m
+
+
+SEARCH_STEPS = {"int4": 8, "int8": 1}
+
+
+def quantize(w: torch.Tensor, kind: str, block: int | None = None, steps: int | None = None) -> dict[str, torch.Tensor]:
+    """{suffix: tensor} for a 2-D float weight. `steps`: candidate grids searched per block (1: plain
+    min/max, or absmax for int8). int4 searches 8: on SmolLM2 with weights off any 4-bit grid it raised
+    top-1 agreement from 70.4% to 73.8% (bench/quality.py), at ~5x the quantizing time; for int8 the
+    search did not lower the error of Gaussian-like weights, so it keeps absmax."""
     block = block or BLOCK[kind]
+    steps = steps or SEARCH_STEPS[kind]
     out_f, in_f = w.shape
     x = w.float().reshape(out_f, in_f // block, block)
+    s, m = _best_fit(x, kind, steps)
+    safe = torch.where(s > 0, s, 1.0)
     if kind == "int8":
-        scale = (x.abs().amax(-1) / 127).to(torch.float16)
-        s = scale.float().unsqueeze(-1)
-        q = torch.where(s > 0, torch.round(x / torch.where(s > 0, s, 1)), 0).clamp(-127, 127).to(torch.int8)
-        return {".q8": q.reshape(out_f, in_f), ".scale": scale}
-    lo, hi = x.amin(-1), x.amax(-1)
-    scale = ((hi - lo) / 15).to(torch.float16)
-    mn = lo.to(torch.float16)
-    s = scale.float().unsqueeze(-1)
-    q = torch.where(s > 0, torch.round((x - mn.float().unsqueeze(-1)) / torch.where(s > 0, s, 1)), 0)
-    q = q.clamp(0, 15).to(torch.uint8)
+        q = torch.where(s > 0, torch.round(x / safe), 0).clamp(-127, 127).to(torch.int8)
+        return {".q8": q.reshape(out_f, in_f), ".scale": s.squeeze(-1).to(torch.float16)}
+    q = torch.where(s > 0, torch.round((x - m) / safe), 0).clamp(0, 15).to(torch.uint8)
     half = block // 2
     packed = q[..., :half] | (q[..., half:] << 4)
-    return {".q4": packed.reshape(out_f, in_f // 2), ".scale": scale, ".min": mn}
+    return {".q4": packed.reshape(out_f, in_f // 2), ".scale": s.squeeze(-1).to(torch.float16),
+            ".min": m.squeeze(-1).to(torch.float16)}
 
 
 def dequantize(kind: str, parts: dict[str, torch.Tensor], dtype: torch.dtype,

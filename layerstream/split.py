@@ -123,6 +123,9 @@ class SafetensorsSource:
         self.fused: dict[str, tuple[str, int]] = {}           # expert tensor -> (fused checkpoint key, expert)
         groups: dict[tuple[str, int], dict[int, str]] = {}
         ops_of: dict[str, list] = {}
+        self.converted_groups: dict[tuple, tuple] = {}       # (converter, first target) -> (converter, keys)
+        self.converted: dict[str, tuple] = {}                # dense tensor -> its group
+        self._skeleton = skeleton
         for key in self.weight_map:
             renamed = apply_renamings(key, renamings)
             target, pattern = apply_converters(renamed, converters)
@@ -134,9 +137,17 @@ class SafetensorsSource:
             rx = re.escape(pattern).replace(r"\*", r"(\d+)")
             m = re.search(rx, renamed)
             if m is None or not m.groups():
+                # a dense tensor stored in another layout (q/k/v convolutions concatenated, a fused
+                # gate+up split in two ...): the targets are made from their group of checkpoint tensors
+                # with transformers' own operations
+                group = self.converted_groups.setdefault((id(conv), target), (conv, {}))
+                group[1][pattern] = key
                 continue
             groups.setdefault((target, int(m.group(1))), {})[conv.source_patterns.index(pattern)] = key
             ops_of[target] = conv.operations
+        for (_, first), (conv, keys) in self.converted_groups.items():
+            for tp in conv.target_patterns:
+                self.converted[first.replace(conv.target_patterns[0], tp, 1)] = (conv, first, keys)
         for ex in lay.experts.values():
             for p in ex.params:
                 fused = ex.module + "." + p
@@ -160,14 +171,33 @@ class SafetensorsSource:
 
     def needs_conversion(self) -> bool:
         """Whether some tensor is assembled or sliced (the store must be split, not served in place)."""
-        return bool(getattr(self, "parts", None) or getattr(self, "fused", None))
+        return bool(getattr(self, "parts", None) or getattr(self, "fused", None) or getattr(self, "converted", None))
+
+    def _convert(self, name: str) -> torch.Tensor:
+        """A tensor made by one of transformers' conversions from its group of checkpoint tensors (the group's
+        other outputs are kept for the next call: the targets of a group are asked for one after another)."""
+        conv, first, keys = self.converted[name]
+        cache = getattr(self, "_converted_cache", None)
+        if cache is None or cache[0] != (id(conv), first):
+            tensors = {pat: [self.get(k)] for pat, k in keys.items()}
+            for op in conv.operations:
+                tensors = op.convert(tensors, source_patterns=conv.source_patterns, target_patterns=conv.target_patterns,
+                                     full_layer_name=first, model=self._skeleton, config=self._skeleton.config)
+            out = {}
+            for pat, t in tensors.items():
+                full = first.replace(conv.target_patterns[0], pat, 1)
+                out[full] = t[0] if isinstance(t, list) else t
+            cache = self._converted_cache = ((id(conv), first), out)
+        if name not in cache[1]:
+            raise SourceError(f"{self.path}: cannot make {name} from {', '.join(keys.values())}")
+        return cache[1][name]
 
     def key(self, name: str) -> str:
         return self.alias.get(name, name) if hasattr(self, "alias") else name
 
     def has(self, name: str) -> bool:
         return self.key(name) in self.weight_map or name in getattr(self, "parts", {}) or \
-            name in getattr(self, "fused", {})
+            name in getattr(self, "fused", {}) or name in getattr(self, "converted", {})
 
     def _slot(self, key: str):
         fname = self.weight_map[key]
@@ -200,6 +230,8 @@ class SafetensorsSource:
         return None
 
     def get(self, name: str) -> torch.Tensor:
+        if name in getattr(self, "converted", {}):
+            return self._convert(name)
         parts = getattr(self, "parts", {})
         if name in parts:
             keys, ops = parts[name]
@@ -225,6 +257,8 @@ class SafetensorsSource:
 
     def numel(self, name: str) -> int:
         """Number of elements of a tensor (from the shard's header)."""
+        if name in getattr(self, "converted", {}):   # as the model holds it
+            return self._convert(name).numel()
         if name in getattr(self, "parts", {}):
             return sum(self.numel(k) for k in self.parts[name][0])
         if name in getattr(self, "fused", {}):
@@ -360,8 +394,10 @@ def download_hub(repo_id: str) -> Path:
 
 # ---------------------------------------------------------------------------- split
 
-def default_store_path(src, quant: str | None = None) -> Path:
-    return cache_dir() / "stores" / (f"{src.name}-{src.identity}" + (f"-{quant}" if quant else ""))
+def default_store_path(src, quant: str | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Where a source's store goes by default: one per source, quantization and requested dtype."""
+    return cache_dir() / "stores" / (f"{src.name}-{src.identity}" + (f"-{quant}" if quant else "")
+                                     + (f"-{str(dtype).replace('torch.', '')}" if dtype is not None else ""))
 
 
 def _write_unit(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[int, str, str]:
@@ -428,7 +464,7 @@ def split(source, out=None, dtype: torch.dtype | None = None, progress: bool = T
     from tqdm import tqdm
 
     src = source if hasattr(source, "get") else open_source(source)
-    out = Path(out) if out is not None else default_store_path(src)
+    out = Path(out) if out is not None else default_store_path(src, quant, dtype)
     if Store.is_store(out):
         return out
     skeleton, lay, names = _units_of(src)
@@ -604,12 +640,14 @@ def resolve(source=None, store_path=None, dtype=None, progress=True, in_place=No
     from .quantize import normalize
 
     quant = normalize(quantize)
-    out = Path(store_path) if store_path is not None else default_store_path(src, quant)
+    out = Path(store_path) if store_path is not None else default_store_path(src, quant, dtype)
     if Store.is_store(out):
-        have = Store(out).manifest.quantization
-        if have != quant and quantize is not None:
-            raise StoreError(f"{out}: the store there is {have or 'not quantized'}, not {quant}; choose another "
-                             f"store_path")
+        m = Store(out).manifest
+        if m.quantization != quant and quantize is not None:
+            raise StoreError(f"{out}: the store there is {m.quantization or 'not quantized'}, not {quant}; choose "
+                             f"another store_path")
+        if dtype is not None and m.dtype != str(dtype).replace("torch.", "") and not m.quantization:
+            log(f"the store at {out} holds {m.dtype} weights; they are converted to {dtype} as they load")
         log(f"using store {out}")
         return out
     if quant:

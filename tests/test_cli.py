@@ -71,11 +71,12 @@ def test_bad_input_is_one_line_error(tmp_path, embedded_store, args, pattern):
 
 
 def test_damaged_store_and_unsupported_model(tmp_path):
-    from transformers import AutoModelForCausalLM, GPT2Config
+    from transformers import AutoModelForCausalLM, BertConfig
 
-    AutoModelForCausalLM.from_config(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64)).save_pretrained(
-        tmp_path / "gpt2")
-    assert_clean_error(run_cli("run", "hi", "--model", tmp_path / "gpt2"), "GPT2LMHeadModel")
+    AutoModelForCausalLM.from_config(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                intermediate_size=37, vocab_size=64, is_decoder=True)).save_pretrained(
+        tmp_path / "bert")
+    assert_clean_error(run_cli("run", "hi", "--model", tmp_path / "bert"), "BertLMHeadModel")
     src = make_model_dir(tmp_path / "src", "llama")
     assert run_cli("split", src, tmp_path / "store").returncode == 0
     manifest = json.loads((tmp_path / "store/manifest.json").read_text())

@@ -133,12 +133,13 @@ def test_bad_sources_get_clear_errors(tmp_path):
 
 
 def test_unsupported_architecture_is_named(tmp_path):
-    from transformers import AutoModelForCausalLM, GPT2Config
+    from transformers import AutoModelForCausalLM, BertConfig
 
-    m = AutoModelForCausalLM.from_config(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64))
-    m.save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel"):
-        split(tmp_path / "gpt2", tmp_path / "out", progress=False)
+    m = AutoModelForCausalLM.from_config(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                    intermediate_size=37, vocab_size=64, is_decoder=True))
+    m.save_pretrained(tmp_path / "bert")
+    with pytest.raises(UnsupportedModelError, match="BertLMHeadModel.*not among the"):
+        split(tmp_path / "bert", tmp_path / "out", progress=False)
 
 
 def _tmpfs(path, size):
@@ -252,3 +253,16 @@ def test_store_vanishing_mid_run_is_a_clear_error(small_src, tmp_path):
         m.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=20, do_sample=False, streamer=MoveAfter())
     assert time.time() - t0 < 30
     m.close()
+
+
+def test_default_stores_are_kept_apart_by_dtype(tmp_path, monkeypatch):
+    """A bf16 store made once must not become what a later default (float) load gets, and back."""
+    from layerstream.split import resolve
+
+    monkeypatch.setenv("LAYERSTREAM_CACHE", str(tmp_path / "cache"))
+    src = make_model_dir(tmp_path / "src", "llama")
+    bf16 = resolve(src, dtype=torch.bfloat16, progress=False)
+    plain = resolve(src, progress=False)
+    assert bf16 != plain
+    assert Store(bf16).manifest.dtype == "bfloat16" and Store(plain).manifest.dtype == "float32"
+    assert resolve(src, dtype=torch.bfloat16, progress=False) == bf16   # and reused
