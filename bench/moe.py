@@ -11,7 +11,9 @@ width 512: ~3.3 GB) is split into a store once. Then, each in its own subprocess
   what a whole-layer streamer such as AirLLM reads per token) and with the expectation
   dense + (top_k / experts) x all experts;
 - layerstream with a RAM budget of half the model: the planner keeps the dense parts and some experts
-  resident; and with a budget that holds everything;
+  resident, first without router counts (experts spread evenly), then with the counts the runs before
+  recorded in the store (the same prompt: an upper bound on what counts give); and with a budget that
+  holds everything;
 - transformers + Accelerate disk offload (device_map="auto", max_memory={"cpu": 64MB}), the peer that
   streams this model without per-expert reads; and transformers fully in RAM for the tokens.
 
@@ -134,9 +136,12 @@ def main(argv=None) -> int:
     size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
     print(f"checkpoint {ckpt}: {size / 1e9:.2f} GB, {a.layers} layers x {a.experts} experts, {a.topk} per token")
     runs = {}
-    for key, what, budget in (("ls_stream", "layerstream", 0), ("ls_half", "layerstream", size // 2),
-                              ("ls_full", "layerstream", 2 * size),
+    (WORK / "store" / "expert-counts.json").unlink(missing_ok=True)
+    for key, what, budget in (("ls_stream", "layerstream", 0), ("ls_half_nocounts", "layerstream", size // 2),
+                              ("ls_half", "layerstream", size // 2), ("ls_full", "layerstream", 2 * size),
                               ("accelerate", "accelerate", None), ("transformers", "transformers", None)):
+        if key == "ls_half_nocounts":   # the planner's first choice, before any router counts exist
+            (WORK / "store" / "expert-counts.json").unlink(missing_ok=True)
         r, tail = child_result([sys.executable, __file__, "--child", what, str(ckpt),
                                 "none" if budget is None else str(budget)])
         runs[key] = r
@@ -152,7 +157,9 @@ def main(argv=None) -> int:
               f"{expect / 1e6:.1f} MB -> measured/expected {s['bytes_per_token'] / expect:.3f}")
         print(f"  experts routed per call while decoding {s['routed_per_call']:.2f}, read from disk "
               f"{s['read_per_call']:.2f}")
-    for key, label in (("ls_stream", "layerstream max_ram=0"), ("ls_half", "layerstream max_ram=half"),
+    for key, label in (("ls_stream", "layerstream max_ram=0"),
+                       ("ls_half_nocounts", "layerstream max_ram=half, no router counts"),
+                       ("ls_half", "layerstream max_ram=half, router counts of the runs above (same prompt)"),
                        ("ls_full", "layerstream all resident"),
                        ("accelerate", "accelerate disk offload"), ("transformers", "transformers in RAM")):
         r = runs.get(key)
@@ -162,7 +169,7 @@ def main(argv=None) -> int:
         if "bytes_per_token" in r:
             extra = f", {r['bytes_per_token'] / 1e6:.1f} MB read/token, {r['resident_experts']} experts resident"
         same = "" if ref is None else (", same tokens as transformers" if r["out"] == ref else ", TOKENS DIFFER")
-        print(f"{label:26s} {r['seconds'] / r['new']:.3f} s/token{extra}{same} {r.get('note', '')}")
+        print(f"{label:40s} {r['seconds'] / r['new']:.3f} s/token{extra}{same} {r.get('note', '')}")
     out = HERE / "out"
     out.mkdir(exist_ok=True)
     (out / "moe.json").write_text(json.dumps(runs, indent=1))

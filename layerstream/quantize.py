@@ -38,25 +38,29 @@ def quantizable(name: str, shape, kind: str) -> bool:
 
 def _best_fit(x: torch.Tensor, kind: str, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per block of x [..., block]: the scale (and, for int4, min) with the least squared error. Candidates
-    are grids slightly narrower and wider than the block's range (as llama.cpp's k-quants search); each
-    candidate's rounding is refitted by least squares (the best scale/min for those integers), and the
-    best of all is kept. Plain min/max (the first candidate) is never beaten by a worse fit."""
+    are plain min/max and grids narrower than the block's range (in the spirit of llama.cpp's k-quants
+    search); each grid's rounding is refitted by least squares (the best scale/min for those integers),
+    and the candidate with the least error, measured with the fp16-rounded scale/min, is kept."""
     lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
     best_err = best_s = best_m = None
     n = x.shape[-1]
-    for k in range(steps):
-        f = 1.0 - 0.2 * k / max(steps - 1, 1) if k else 1.0     # grids covering 100% down to 80% of the range
+    # plain min/max (absmax for int8), then `steps` grids covering 100% down to 80% of the block's range,
+    # each refitted by least squares
+    cands = [(1.0, False)] + ([(1.0 - 0.2 * k / (steps - 1), True) for k in range(steps)] if steps > 1 else [])
+    for f, refit in cands:
         if kind == "int8":
             amax = torch.maximum(lo.abs(), hi.abs()) * f
             s = torch.where(amax > 0, amax / 127, 1.0)
-            q = torch.round(x / s).clamp(-127, 127)
-            qq = (q * q).sum(-1, keepdim=True)
-            s = torch.where(qq > 0, (q * x).sum(-1, keepdim=True) / qq.clamp(min=1), s)   # least squares
             m = torch.zeros_like(s)
+            if refit:   # least squares refit of the scale for this rounding
+                q = torch.round(x / s).clamp(-127, 127)
+                qq = (q * q).sum(-1, keepdim=True)
+                s = torch.where(qq > 0, (q * x).sum(-1, keepdim=True) / qq.clamp(min=1), s)
         else:
             mid, half = (hi + lo) / 2, (hi - lo) / 2 * f
             s = torch.where(half > 0, 2 * half / 15, 1.0)
             m = mid - half
+        if kind == "int4" and refit:   # least squares refit of scale and min for this rounding
             q = torch.round((x - m) / s).clamp(0, 15)
             sq, sx, sqq, sqx = q.sum(-1, keepdim=True), x.sum(-1, keepdim=True), (q * q).sum(-1, keepdim=True), \
                 (q * x).sum(-1, keepdim=True)

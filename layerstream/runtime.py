@@ -392,6 +392,8 @@ class Streamer:
         self.handles = []
         self.ram_units: dict[str, torch.Tensor] = {}
         self._load_resident(progress)
+        self.fused: set[str] = set()       # experts modules with every expert resident: bound whole, once
+        self._fuse_resident_experts()
         self.loader = Loader(store, plan, device, self.ram_units, self.reader, profiler, prefetch, dtype)
         self._install_hooks()
 
@@ -500,9 +502,31 @@ class Streamer:
         self.expert_pool = ThreadPoolExecutor(4, thread_name_prefix="layerstream-experts") \
             if any(u.tier != self.plan.compute_tier for u in self.expert_units.values()) else None
 
+    def _fuse_resident_experts(self):
+        """A layer whose experts are all resident in compute memory runs as transformers runs it: its fused
+        [num_experts, ...] weights are assembled once (the per-expert buffers then freed) and stay bound,
+        so no expert is copied per token."""
+        for ex in self.lay.experts.values():
+            units = [ex.unit(j) for j in range(ex.num_experts)]
+            if not all(u in self.expert_views for u in units):
+                continue
+            for p in ex.params:
+                fused = torch.stack([self.expert_views[u][ex.tensor(j, p)] for j, u in enumerate(units)])
+                self.params[f"{ex.module}.{p}"].data = fused.to(self.dtype) if fused.is_floating_point() else fused
+            for u in units:
+                del self.expert_views[u]
+            self.fused.add(ex.module)
+
     # -- experts: only the ones the router chose are brought in, when it has chosen them
     def _experts_pre(self, ex):
         def hook(mod, args, kwargs):
+            if ex.module in self.fused:   # all resident and bound: count the routing only
+                idx = args[1] if len(args) > 1 else next(v for k, v in kwargs.items() if "ind" in k)
+                routed = [j for j in torch.unique(idx).tolist() if 0 <= j < ex.num_experts]
+                for j in routed:
+                    self.expert_counts[ex.unit(j)] += 1
+                self.prof.experts.append((ex.layer, tuple(routed), 0))
+                return None
             args = list(args)
             names = ("hidden_states", "top_k_index")
             for i, key in enumerate(names):   # positional in every family; keywords accepted too
@@ -547,6 +571,8 @@ class Streamer:
 
     def _experts_post(self, ex):
         def hook(mod, args, output):
+            if ex.module in self.fused:
+                return
             mod.num_experts = ex.num_experts
             self._unbind([f"{ex.module}.{p}" for p in ex.params])
             self.prof.calls[ex.layer + ".experts"] += 1

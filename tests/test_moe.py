@@ -53,6 +53,9 @@ def test_moe_matches_transformers(tmp_path, family, max_ram):
     got_ids = m.generate(IDS, max_new_tokens=12, do_sample=False)
     assert got_ids.tolist() == want_ids.tolist()
     assert len(set(got_ids[0, IDS.shape[1]:].tolist())) > 1
+    # everything resident: each layer's experts fused once and bound, as transformers holds them
+    assert m.streamer.fused == (set(m.layout.experts) if max_ram is None else set())
+    assert all(read == 0 for _, _, read in m.profiler.experts) == (max_ram is None)
     if family == "deepseek_v3":   # the router's bias is a buffer kept in the checkpoint: loaded, not zeros
         names = {t for u in m.store.manifest.units for t in u.tensors}
         assert "model.layers.1.mlp.gate.e_score_correction_bias" in names
