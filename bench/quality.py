@@ -213,7 +213,7 @@ SCHEMES = [
     ("a-ls-int4-stream", "a", "layerstream int4, streamed (max_ram=0)", "fp32"),
     ("a-ls-int4-bf16", "a", "layerstream int4, int4 kernel (max_ram=300MB)", "bf16"),
     ("b-original", "b", "the weights before the noise (Q4_1 grid)", "fp32"),
-    ("b-ls-int8", "b", "layerstream int8 (sym, block 64, fp16 scale)", "fp32"),
+    ("b-ls-int8", "b", "layerstream int8 (block 64, fp16 scale + min)", "fp32"),
     ("b-ls-int4", "b", "layerstream int4 (block 32, fp16 scale + min)", "fp32"),
     ("b-ls-int4-bf16", "b", "layerstream int4, int4 kernel (max_ram=300MB)", "bf16"),
     ("b-ao-int8-row", "b", "torchao Int8WeightOnly, per row", "fp32"),
@@ -343,15 +343,15 @@ def ls_store_bits(store: pathlib.Path) -> tuple[float, int]:
     for f in sorted((store / "units").glob("*.safetensors")):
         with safe_open(str(f), "pt") as sf:
             for name in sf.keys():
-                if name.endswith((".q4", ".q8", ".scale", ".min")):
+                if name.endswith((".q4", ".q8", ".q8u", ".scale", ".min")):
                     sl = sf.get_slice(name)
                     numel = 1
                     for d in sl.get_shape():
                         numel *= d
-                    bits += numel * 8 * (1 if name.endswith((".q4", ".q8")) else 2)   # scales, mins: fp16
+                    bits += numel * 8 * (1 if name.endswith((".q4", ".q8", ".q8u")) else 2)   # scales, mins: fp16
                     if name.endswith(".q4"):
                         weights += numel * 2
-                    elif name.endswith(".q8"):
+                    elif name.endswith((".q8", ".q8u")):
                         weights += numel
     return bits, weights
 

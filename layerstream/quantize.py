@@ -1,7 +1,8 @@
 """Block-wise weight-only quantization of linear weights, stored as plain safetensors tensors.
 
-int8: symmetric, blocks of 64 along the input dimension, one fp16 scale per block
-      (`<name>.q8` int8 [out, in], `<name>.scale` fp16 [out, in/64]): 1.03 bytes per weight.
+int8: asymmetric, blocks of 64 along the input dimension, fp16 scale and min per block
+      (`<name>.q8u` uint8 [out, in], `<name>.scale`, `<name>.min` fp16 [out, in/64]): 1.06 bytes per
+      weight. (A GGUF's Q8_0 blocks are kept as they are: `<name>.q8` int8 and a scale, symmetric.)
 int4: asymmetric, blocks of 32, fp16 scale and min per block (chosen per block by a least-squares search
       over candidate grids, not plain min/max), two values per byte in GGUF Q4_1's order
       (byte j of a block holds element j in its low nibble and element j+16 in its high nibble;
@@ -18,7 +19,10 @@ import torch
 
 KINDS = {"int8": "int8", "8bit": "int8", "int4": "int4", "4bit": "int4"}
 BLOCK = {"int8": 64, "int4": 32}
-SUFFIXES = {"int8": (".q8", ".scale"), "int4": (".q4", ".scale", ".min")}
+# "int8" is stored asymmetric (uint8 codes, scale and min: `uint8` below); GGUF Q8_0 blocks are kept as
+# they are, symmetric (`int8`: int8 codes and a scale)
+SUFFIXES = {"int8": (".q8", ".scale"), "uint8": (".q8u", ".scale", ".min"), "int4": (".q4", ".scale", ".min")}
+LEVELS = {"int8": 255, "int4": 15}
 
 
 def normalize(kind) -> str | None:
@@ -36,34 +40,23 @@ def quantizable(name: str, shape, kind: str) -> bool:
     return len(shape) == 2 and (name.endswith(".weight") or ".experts." in name) and shape[1] % BLOCK[kind] == 0
 
 
-def _best_fit(x: torch.Tensor, kind: str, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per block of x [..., block]: the scale (and, for int4, min) with the least squared error. Candidates
-    are plain min/max and grids narrower than the block's range (in the spirit of llama.cpp's k-quants
-    search); each grid's rounding is refitted by least squares (the best scale/min for those integers),
-    and the candidate with the least error, measured with the fp16-rounded scale/min, is kept."""
+def _best_fit(x: torch.Tensor, levels: int, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per block of x [..., block]: scale and min (w = q * scale + min, q in 0..levels) with the least
+    squared error. Candidates are plain min/max and `steps` grids covering 100% down to 80% of the block's
+    range, each refitted by least squares (the best scale and min for that rounding; in the spirit of
+    llama.cpp's k-quants search); the error is measured with the fp16 values actually stored."""
     lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
-    best_err = best_s = best_m = None
     n = x.shape[-1]
-    # plain min/max (absmax for int8), then `steps` grids covering 100% down to 80% of the block's range,
-    # each refitted by least squares
-    cands = [(1.0, False)] + ([(1.0 - 0.2 * k / (steps - 1), True) for k in range(steps)] if steps > 1 else [])
+    best_err = best_s = best_m = None
+    cands = [(1.0, False)] + [(1.0 - 0.2 * k / max(steps - 1, 1), True) for k in range(steps)]
     for f, refit in cands:
-        if kind == "int8":
-            amax = torch.maximum(lo.abs(), hi.abs()) * f
-            s = torch.where(amax > 0, amax / 127, 1.0)
-            m = torch.zeros_like(s)
-            if refit:   # least squares refit of the scale for this rounding
-                q = torch.round(x / s).clamp(-127, 127)
-                qq = (q * q).sum(-1, keepdim=True)
-                s = torch.where(qq > 0, (q * x).sum(-1, keepdim=True) / qq.clamp(min=1), s)
-        else:
-            mid, half = (hi + lo) / 2, (hi - lo) / 2 * f
-            s = torch.where(half > 0, 2 * half / 15, 1.0)
-            m = mid - half
-        if kind == "int4" and refit:   # least squares refit of scale and min for this rounding
-            q = torch.round((x - m) / s).clamp(0, 15)
-            sq, sx, sqq, sqx = q.sum(-1, keepdim=True), x.sum(-1, keepdim=True), (q * q).sum(-1, keepdim=True), \
-                (q * x).sum(-1, keepdim=True)
+        mid, half = (hi + lo) / 2, (hi - lo) / 2 * f
+        s = torch.where(half > 0, 2 * half / levels, 1.0)
+        m = mid - half
+        if refit:
+            q = torch.round((x - m) / s).clamp(0, levels)
+            sq, sx = q.sum(-1, keepdim=True), x.sum(-1, keepdim=True)
+            sqq, sqx = (q * q).sum(-1, keepdim=True), (q * x).sum(-1, keepdim=True)
             det = n * sqq - sq * sq
             ok = det > 0
             s2 = torch.where(ok, (n * sqx - sq * sx) / torch.where(ok, det, 1.0), s)
@@ -71,10 +64,7 @@ def _best_fit(x: torch.Tensor, kind: str, steps: int) -> tuple[torch.Tensor, tor
             good = s2 > 0
             s, m = torch.where(good, s2, s), torch.where(good, m2, m)
         s16, m16 = s.to(torch.float16).float(), m.to(torch.float16).float()
-        if kind == "int8":
-            back = torch.round(x / torch.where(s16 > 0, s16, 1.0)).clamp(-127, 127) * s16
-        else:
-            back = torch.round((x - m16) / torch.where(s16 > 0, s16, 1.0)).clamp(0, 15) * s16 + m16
+        back = torch.round((x - m16) / torch.where(s16 > 0, s16, 1.0)).clamp(0, levels) * s16 + m16
         err = ((back - x) ** 2).sum(-1, keepdim=True)
         if best_err is None:
             best_err, best_s, best_m = err, s16, m16
@@ -85,24 +75,23 @@ def _best_fit(x: torch.Tensor, kind: str, steps: int) -> tuple[torch.Tensor, tor
     return best_s, best_m
 
 
-SEARCH_STEPS = {"int4": 8, "int8": 1}
+SEARCH_STEPS = {"int4": 8, "int8": 1}   # int8: min/max and one least-squares refit
 
 
 def quantize(w: torch.Tensor, kind: str, block: int | None = None, steps: int | None = None) -> dict[str, torch.Tensor]:
     """{suffix: tensor} for a 2-D float weight. `steps`: candidate grids searched per block (1: plain
-    min/max, or absmax for int8). int4 searches 8: on SmolLM2 with weights off any 4-bit grid it raised
-    top-1 agreement from 70.4% to 73.8% (bench/quality.py), at ~5x the quantizing time; for int8 the
-    search did not lower the error of Gaussian-like weights, so it keeps absmax."""
+    min/max only). int4 searches 8: on SmolLM2 with weights off any 4-bit grid it raised top-1 agreement
+    from 70.4% to 74.0% (bench/quality.py), at ~5x the quantizing time."""
     block = block or BLOCK[kind]
-    steps = steps or SEARCH_STEPS[kind]
+    steps = SEARCH_STEPS[kind] if steps is None else steps
     out_f, in_f = w.shape
     x = w.float().reshape(out_f, in_f // block, block)
-    s, m = _best_fit(x, kind, steps)
+    s, m = _best_fit(x, LEVELS[kind], steps)
     safe = torch.where(s > 0, s, 1.0)
+    q = torch.where(s > 0, torch.round((x - m) / safe), 0).clamp(0, LEVELS[kind]).to(torch.uint8)
     if kind == "int8":
-        q = torch.where(s > 0, torch.round(x / safe), 0).clamp(-127, 127).to(torch.int8)
-        return {".q8": q.reshape(out_f, in_f), ".scale": s.squeeze(-1).to(torch.float16)}
-    q = torch.where(s > 0, torch.round((x - m) / safe), 0).clamp(0, 15).to(torch.uint8)
+        return {".q8u": q.reshape(out_f, in_f), ".scale": s.squeeze(-1).to(torch.float16),
+                ".min": m.squeeze(-1).to(torch.float16)}
     half = block // 2
     packed = q[..., :half] | (q[..., half:] << 4)
     return {".q4": packed.reshape(out_f, in_f // 2), ".scale": s.squeeze(-1).to(torch.float16),
@@ -114,11 +103,13 @@ def dequantize(kind: str, parts: dict[str, torch.Tensor], dtype: torch.dtype,
     """The float weight from {suffix: tensor}, computed in float32 (as GGUF's own dequantizer does), written
     into `out` when given. The block size follows from the scales' shape."""
     scale = parts[".scale"].float().unsqueeze(-1)
-    block = (parts[".q8"].shape[1] if kind == "int8" else parts[".q4"].shape[1] * 2) // parts[".scale"].shape[1]
-    if kind == "int8":
-        q = parts[".q8"]
-        out_f, in_f = q.shape
-        w = q.reshape(out_f, in_f // block, block).float() * scale
+    codes = parts.get(".q8", parts.get(".q8u"))
+    block = (codes.shape[1] if codes is not None else parts[".q4"].shape[1] * 2) // parts[".scale"].shape[1]
+    if codes is not None:
+        out_f, in_f = codes.shape
+        w = codes.reshape(out_f, in_f // block, block).float() * scale
+        if ".min" in parts:
+            w += parts[".min"].float().unsqueeze(-1)
     else:
         q = parts[".q4"]
         out_f, in_f = q.shape[0], q.shape[1] * 2

@@ -474,7 +474,7 @@ def split(source, out=None, dtype: torch.dtype | None = None, progress: bool = T
         store_dtype = first.dtype if first.is_floating_point() else torch.float32
     elem = torch.empty(0, dtype=store_dtype).element_size()
     embed_params = set(lay.units[0].params) if lay.units[0].kind == "embed" else set()
-    per_weight = {"int4": 0.625, "int8": 1.04, None: None}[quant]   # bytes per quantized weight, scales included
+    per_weight = {"int4": 0.625, "int8": 1.07, None: None}[quant]   # bytes per quantized weight, scales included
 
     def est(n: str) -> float:
         k = src.numel(n)

@@ -124,7 +124,7 @@ def test_fused_checkpoint_and_quantized_experts(tmp_path):
 
     q = AutoModel.from_pretrained(src, max_ram=0, compression="int8", store_path=tmp_path / "q8", progress=False)
     unit = q.store.manifest.units[[u.name for u in q.store.manifest.units].index("layer.1.expert.3")]
-    assert any(t.endswith(".q8") for t in unit.tensors)
+    assert any(t.endswith(".q8u") for t in unit.tensors)
     assert unit.bytes < 0.6 * m.store.units["layer.1.expert.3"].bytes
     with torch.no_grad():
         for name, p in ref.named_parameters():

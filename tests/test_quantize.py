@@ -21,7 +21,7 @@ def test_round_trip_error_is_within_half_a_step(kind):
     step = parts[".scale"].float().repeat_interleave(BLOCK[kind], dim=1)
     assert torch.all((back - w).abs() <= step / 2 + 1e-3 * step + 1e-6)
     nbytes = sum(t.numel() * t.element_size() for t in parts.values())
-    assert nbytes / (w.numel() * 2) <= {"int8": 0.52, "int4": 0.32}[kind]   # vs bf16
+    assert nbytes / (w.numel() * 2) <= {"int8": 0.54, "int4": 0.32}[kind]   # vs bf16
     searched = dequantize(kind, quantize(w, kind), torch.float32)
     per_block = lambda b: ((b - w) ** 2).reshape(48, -1, BLOCK[kind]).sum(-1)   # noqa: E731
     assert torch.all(per_block(searched) <= per_block(back) + 1e-9)
@@ -61,7 +61,7 @@ def test_embedded_int4_is_lossless_and_small(tmp_path, smol_reference):
     for u in s.manifest.units:
         if u.kind == "layer":
             params = sum(sl.shape[0] * sl.shape[1] * (2 if sl.name.endswith(".q4") else 1)
-                         for sl in s.slots(u.name) if sl.name.endswith((".q4", ".q8")))
+                         for sl in s.slots(u.name) if sl.name.endswith((".q4", ".q8", ".q8u")))
             assert u.bytes <= 0.32 * params * 2   # <= 0.32x the unit in bf16
     enc = None
     for budget in (0, None):
