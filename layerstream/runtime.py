@@ -520,13 +520,6 @@ class Streamer:
     # -- experts: only the ones the router chose are brought in, when it has chosen them
     def _experts_pre(self, ex):
         def hook(mod, args, kwargs):
-            if ex.module in self.fused:   # all resident and bound: count the routing only
-                idx = args[1] if len(args) > 1 else next(v for k, v in kwargs.items() if "ind" in k)
-                routed = [j for j in torch.unique(idx).tolist() if 0 <= j < ex.num_experts]
-                for j in routed:
-                    self.expert_counts[ex.unit(j)] += 1
-                self.prof.experts.append((ex.layer, tuple(routed), 0))
-                return None
             args = list(args)
             names = ("hidden_states", "top_k_index")
             for i, key in enumerate(names):   # positional in every family; keywords accepted too
@@ -535,8 +528,11 @@ class Streamer:
                                                          ("index" in k or "indices" in k or i == 0))
                     args.append(kwargs.pop(k))
             idx = args[1]
-            t0 = time.perf_counter()
             routed = [j for j in torch.unique(idx).tolist() if 0 <= j < ex.num_experts]
+            if ex.module in self.fused:   # all resident and bound: count the routing only
+                self._record_routing(ex, routed, 0)
+                return tuple(args), kwargs
+            t0 = time.perf_counter()
             if not routed:
                 routed = [0]
             todo = [self.expert_units[ex.unit(j)] for j in routed if ex.unit(j) not in self.expert_views]
@@ -562,12 +558,15 @@ class Streamer:
             args[1] = remap[idx]
             mod.num_experts = len(routed)
             self.prof.wait[ex.layer + ".experts"] += time.perf_counter() - t0
-            for j in routed:
-                self.expert_counts[ex.unit(j)] += 1
-            self.prof.experts.append((ex.layer, tuple(routed),
-                                      sum(self.plan.tier(u.name) == "disk" for u in todo)))
+            self._record_routing(ex, routed, sum(u.tier == "disk" for u in todo))
             return tuple(args), kwargs
         return hook
+
+    def _record_routing(self, ex, routed: list[int], read: int) -> None:
+        """Count the experts chosen (for the store's expert counts) and log the call for the profiler."""
+        for j in routed:
+            self.expert_counts[ex.unit(j)] += 1
+        self.prof.experts.append((ex.layer, tuple(routed), read))
 
     def _experts_post(self, ex):
         def hook(mod, args, output):

@@ -92,6 +92,11 @@ class SafetensorsSource:
         self.identity = _identity(self.files + [path / "config.json"])
         self.name = path.name
         self._handles = {}
+        # names as the model holds them, where the checkpoint's differ (map_names fills these)
+        self.alias: dict[str, str] = {}                       # skeleton name -> checkpoint key
+        self.parts: dict[str, tuple[list[str], list]] = {}    # expert tensor -> (checkpoint keys, per-expert ops)
+        self.fused: dict[str, tuple[str, int]] = {}           # expert tensor -> (fused checkpoint key, expert)
+        self.converted: dict[str, tuple] = {}                 # dense tensor -> (converter, first target, keys)
         # FP8 checkpoints (DeepSeek-V3 / Qwen style): float8 e4m3 weights with a float32 scale per block in
         # `<weight>_scale_inv`; dequantized here, tensor by tensor, into a float store.
         qc = getattr(self.config, "quantization_config", None)
@@ -118,13 +123,10 @@ class SafetensorsSource:
         transforms = get_model_conversion_mapping(skeleton)
         renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
         converters = [t for t in transforms if isinstance(t, WeightConverter)]
-        self.alias: dict[str, str] = {}                       # skeleton name -> checkpoint key
-        self.parts: dict[str, tuple[list[str], list]] = {}    # expert tensor -> (checkpoint keys, per-expert ops)
-        self.fused: dict[str, tuple[str, int]] = {}           # expert tensor -> (fused checkpoint key, expert)
+        self.alias, self.parts, self.fused, self.converted = {}, {}, {}, {}
         groups: dict[tuple[str, int], dict[int, str]] = {}
         ops_of: dict[str, list] = {}
-        self.converted_groups: dict[tuple, tuple] = {}       # (converter, first target) -> (converter, keys)
-        self.converted: dict[str, tuple] = {}                # dense tensor -> its group
+        converted_groups: dict[tuple, tuple] = {}      # (converter, first target) -> (converter, keys)
         self._skeleton = skeleton
         for key in self.weight_map:
             renamed = apply_renamings(key, renamings)
@@ -140,12 +142,12 @@ class SafetensorsSource:
                 # a dense tensor stored in another layout (q/k/v convolutions concatenated, a fused
                 # gate+up split in two ...): the targets are made from their group of checkpoint tensors
                 # with transformers' own operations
-                group = self.converted_groups.setdefault((id(conv), target), (conv, {}))
+                group = converted_groups.setdefault((id(conv), target), (conv, {}))
                 group[1][pattern] = key
                 continue
             groups.setdefault((target, int(m.group(1))), {})[conv.source_patterns.index(pattern)] = key
             ops_of[target] = conv.operations
-        for (_, first), (conv, keys) in self.converted_groups.items():
+        for (_, first), (conv, keys) in converted_groups.items():
             for tp in conv.target_patterns:
                 self.converted[first.replace(conv.target_patterns[0], tp, 1)] = (conv, first, keys)
         for ex in lay.experts.values():
@@ -171,7 +173,7 @@ class SafetensorsSource:
 
     def needs_conversion(self) -> bool:
         """Whether some tensor is assembled or sliced (the store must be split, not served in place)."""
-        return bool(getattr(self, "parts", None) or getattr(self, "fused", None) or getattr(self, "converted", None))
+        return bool(self.parts or self.fused or self.converted)
 
     def _convert(self, name: str) -> torch.Tensor:
         """A tensor made by one of transformers' conversions from its group of checkpoint tensors (the group's
@@ -193,11 +195,11 @@ class SafetensorsSource:
         return cache[1][name]
 
     def key(self, name: str) -> str:
-        return self.alias.get(name, name) if hasattr(self, "alias") else name
+        return self.alias.get(name, name)
 
     def has(self, name: str) -> bool:
-        return self.key(name) in self.weight_map or name in getattr(self, "parts", {}) or \
-            name in getattr(self, "fused", {}) or name in getattr(self, "converted", {})
+        return self.key(name) in self.weight_map or name in self.parts or name in self.fused or \
+            name in self.converted
 
     def _slot(self, key: str):
         fname = self.weight_map[key]
@@ -230,20 +232,19 @@ class SafetensorsSource:
         return None
 
     def get(self, name: str) -> torch.Tensor:
-        if name in getattr(self, "converted", {}):
+        if name in self.converted:
             return self._convert(name)
-        parts = getattr(self, "parts", {})
-        if name in parts:
-            keys, ops = parts[name]
+        if name in self.parts:
+            keys, ops = self.parts[name]
             ts = [self.get(k) for k in keys]
             for op, dim in ops:
                 ts = [torch.cat(ts, dim=dim)]
             if len(ts) != 1:
                 raise SourceError(f"{self.path}: cannot assemble {name} from {', '.join(keys)}")
             return ts[0]
-        if name in getattr(self, "fused", {}):
+        if name in self.fused:
             key, j = self.fused[name]
-            if self._raw(key, 0).dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            if self._slot(key)[1].dtype in (torch.float8_e4m3fn, torch.float8_e5m2):   # scaled as a whole
                 return self.get(key)[j]
             return self._raw(key, j)
         name = self.key(name)
@@ -257,11 +258,11 @@ class SafetensorsSource:
 
     def numel(self, name: str) -> int:
         """Number of elements of a tensor (from the shard's header)."""
-        if name in getattr(self, "converted", {}):   # as the model holds it
+        if name in self.converted:   # as the model holds it
             return self._convert(name).numel()
-        if name in getattr(self, "parts", {}):
+        if name in self.parts:
             return sum(self.numel(k) for k in self.parts[name][0])
-        if name in getattr(self, "fused", {}):
+        if name in self.fused:
             key, _ = self.fused[name]
             return self.numel(key) // self._slot(key)[1].shape[0]
         n = 1

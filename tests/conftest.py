@@ -116,3 +116,23 @@ def make_moe_dir(path: Path, family: str, layers: int = 3, fused: bool = False, 
               or not model.config.tie_word_embeddings}
         save_file(sd, path / "model.safetensors", metadata={"format": "pt"})
     return path
+
+
+def reference(path):
+    """transformers' own model from a checkpoint directory, in float32."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def assert_like_transformers(m, ref, ids, new_tokens: int):
+    """Logits within 1e-4 and greedy tokens identical to transformers' (and a real sequence, not one token
+    repeated). Returns transformers' logits."""
+    with torch.no_grad():
+        want_logits = ref(ids).logits
+    torch.testing.assert_close(m(ids).logits, want_logits, rtol=1e-4, atol=1e-4)
+    want = ref.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+    got = m.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+    assert got.tolist() == want.tolist()
+    assert len(set(got[0, ids.shape[1]:].tolist())) > 1
+    return want_logits

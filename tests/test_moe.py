@@ -4,21 +4,16 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from layerstream import AutoModel, Store
 from layerstream.errors import SourceError
 from layerstream.plan import make_plan
 from layerstream.quantize import dequantize, quantizable, quantize
 
-from conftest import make_moe_dir, run_cli
+from conftest import assert_like_transformers, make_moe_dir, reference, run_cli
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3"]
 IDS = torch.tensor([[1, 17, 33, 5, 90, 64, 12]])
-
-
-def reference(path):
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def routing_of(ref, ids, max_new_tokens):
@@ -46,13 +41,7 @@ def test_moe_matches_transformers(tmp_path, family, max_ram):
     layers_with_experts = 2 if family.startswith("deepseek") else 3   # DeepSeek: the first layer is dense
     assert len(experts) == 8 * layers_with_experts
     assert all(len(u.tensors) >= 2 for u in experts)
-    with torch.no_grad():
-        want = ref(IDS).logits
-    torch.testing.assert_close(m(IDS).logits, want, rtol=1e-4, atol=1e-4)
-    want_ids = ref.generate(IDS, max_new_tokens=12, do_sample=False)
-    got_ids = m.generate(IDS, max_new_tokens=12, do_sample=False)
-    assert got_ids.tolist() == want_ids.tolist()
-    assert len(set(got_ids[0, IDS.shape[1]:].tolist())) > 1
+    assert_like_transformers(m, ref, IDS, 12)
     # everything resident: each layer's experts fused once and bound, as transformers holds them
     assert m.streamer.fused == (set(m.layout.experts) if max_ram is None else set())
     assert all(read == 0 for _, _, read in m.profiler.experts) == (max_ram is None)
