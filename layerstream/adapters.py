@@ -32,13 +32,19 @@ TESTED_DENSE = (
 )
 # Mixture of experts with per-expert streaming (each expert its own unit, only the routed ones read).
 TESTED_MOE = (
-    "afmoe", "aria_text", "cohere2_moe", "deepseek_v2", "deepseek_v3", "ernie4_5_moe", "exaone_moe", "flex_olmo",
-    "flint", "glm4_moe", "gpt_oss", "granitemoe", "granitemoe_swa", "granitemoeshared", "hunyuan_v1_moe", "hy_v3",
-    "hy_v4", "inkling_text", "kolibri1", "laguna", "mellum", "mimo_v2_flash", "minimax", "minimax_m2",
-    "minimax_m3_vl_text", "mixtral", "nemotron_h", "olmoe", "phimoe", "qwen2_moe", "qwen3_moe", "solar_open",
+    "afmoe", "aria_text", "axk1", "axk2", "bailing_hybrid", "cohere2_moe", "deepseek_v2", "deepseek_v3",
+    "deepseek_v32", "deepseek_v4", "dots1", "dots3_note_text", "ernie4_5_moe", "exaone_moe", "flex_olmo", "flint",
+    "glm4_moe", "glm4_moe_lite", "glm_moe_dsa", "gpt_oss", "granitemoe", "granitemoe_swa", "granitemoehybrid",
+    "granitemoeshared", "hunyuan_v1_moe", "hy_v3", "hy_v4", "inkling2_loop_text", "inkling2_text", "inkling_text",
+    "jamba", "kimi_linear", "kolibri1", "laguna", "lara_mini", "lfm2_moe", "mellum", "mimo_v2_flash", "minimax",
+    "minimax_m2", "minimax_m3_vl_text", "mixtral", "nemotron_h", "olmoe", "phimoe", "qwen2_moe", "qwen3_5_moe_text",
+    "qwen3_moe", "qwen3_next", "qwen4_exp_text", "sarvam_mla", "sarvam_moe", "solar_open", "zaya",
 )
-# Mixture of experts whose experts are not called with the routing (streamed, correct, a whole layer at a time).
-TESTED_MOE_WHOLE_LAYER = ("beam", "jetmoe", "llama4_text")
+# Mixture of experts whose experts module is not one layerstream can stream per expert (streamed, correct, a
+# whole layer at a time): a ModuleList or one not called with the routing (beam, jetmoe, llama4_text), fused
+# weights held by a child module, flattened (dbrx), zero-compute experts counted apart, no num_experts
+# (longcat_flash).
+TESTED_MOE_WHOLE_LAYER = ("beam", "dbrx", "jetmoe", "llama4_text", "longcat_flash")
 TESTED_MODEL_TYPES = TESTED_DENSE + TESTED_MOE + TESTED_MOE_WHOLE_LAYER
 ALLOW_UNTESTED_ENV = "LAYERSTREAM_ALLOW_UNTESTED"
 
@@ -111,7 +117,9 @@ def check_supported(config) -> None:
 
 def build_skeleton(config, dtype: torch.dtype, device: torch.device | str = "cpu") -> nn.Module:
     """transformers' model with no weight memory: parameters are empty tensors on `device`, buffers
-    (rotary inv_freq …) real. Tied parameters stay one object."""
+    (rotary inv_freq …) real. Tied parameters stay one object. On the meta device (the split's skeleton) the
+    parameters keep their shapes, which cost nothing there: transformers' Split conversion sizes its pieces
+    by them (a fused q|k|v or in_proj checkpoint tensor)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -127,7 +135,8 @@ def build_skeleton(config, dtype: torch.dtype, device: torch.device | str = "cpu
             if p is None:
                 continue
             if id(p) not in replaced:
-                replaced[id(p)] = nn.Parameter(torch.empty(0, dtype=p.dtype, device=device), requires_grad=False)
+                shape = p.shape if torch.device(device).type == "meta" else (0,)
+                replaced[id(p)] = nn.Parameter(torch.empty(shape, dtype=p.dtype, device=device), requires_grad=False)
             mod._parameters[name] = replaced[id(p)]
     for mod in model.modules():
         for name, b in list(mod._buffers.items()):
@@ -140,11 +149,17 @@ def build_skeleton(config, dtype: torch.dtype, device: torch.device | str = "cpu
 
 def layout(model: nn.Module) -> Layout:
     """Units of a skeleton: embed, one per decoder layer, head (final norm, lm_head, anything else)."""
-    n_layers = model.config.get_text_config().num_hidden_layers
+    text = model.config.get_text_config()
+    n_layers = text.num_hidden_layers
     layers_prefix = None
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) == n_layers:
-            layers_prefix = name
+    # num_hidden_layers counts the decoder layers; where it counts sublayers instead (LongCat-Flash: two
+    # attention blocks per layer), the stack has the config's num_layers entries
+    for n in dict.fromkeys((n_layers, getattr(text, "num_layers", n_layers))):
+        for name, mod in model.named_modules():
+            if isinstance(mod, nn.ModuleList) and len(mod) == n:
+                layers_prefix, n_layers = name, n
+                break
+        if layers_prefix is not None:
             break
     if layers_prefix is None:
         raise UnsupportedModelError(f"{type(model).__name__}: cannot find its {n_layers} decoder layers")

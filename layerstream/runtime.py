@@ -642,6 +642,9 @@ class Streamer:
                 bad = int(uniq[0]) if int(uniq[0]) < 0 else int(uniq[-1])
                 raise InputError(f"token id {bad} is outside the vocabulary (0..{rows - 1})")
             w = gather(uniq.cpu()).to(self.device)
+            # a tied head bound before the embedding runs (its unit holds weights of the model's own module,
+            # bound when the model starts: ZAYA) keeps its full weight once the rows are done with
+            state["prev"] = self.params[weight_name].data
             self._bind(weight_name, w)
             state["pad"] = getattr(mod, "padding_idx", None)
             if state["pad"] is not None:
@@ -653,7 +656,7 @@ class Streamer:
             return args, {**kwargs, key: inv}
 
         def post(mod, args, kwargs, output):
-            self._unbind([weight_name])
+            self.params[weight_name].data = state.pop("prev")
             if state.get("pad") is not None:
                 mod.padding_idx = state["pad"]
 

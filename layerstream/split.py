@@ -128,6 +128,7 @@ class SafetensorsSource:
         ops_of: dict[str, list] = {}
         converted_groups: dict[tuple, tuple] = {}      # (converter, first target) -> (converter, keys)
         self._skeleton = skeleton
+        per_expert = {ex.module + "." + p for ex in lay.experts.values() for p in ex.params}
         for key in self.weight_map:
             renamed = apply_renamings(key, renamings)
             target, pattern = apply_converters(renamed, converters)
@@ -138,12 +139,15 @@ class SafetensorsSource:
             conv = next(c for c in converters if pattern in c.source_patterns)
             rx = re.escape(pattern).replace(r"\*", r"(\d+)")
             m = re.search(rx, renamed)
-            if m is None or not m.groups():
+            if m is None and "*" in pattern:   # a pattern written as a regex (`\.experts.*.w1.weight`), as
+                m = re.search(pattern.replace("*", r"(\d+)", 1), renamed)   # transformers also reads it
+            if m is None or not m.groups() or target not in per_expert:
                 # a dense tensor stored in another layout (q/k/v convolutions concatenated, a fused
-                # gate+up split in two ...): the targets are made from their group of checkpoint tensors
-                # with transformers' own operations
+                # gate+up split in two ...), or the experts of a layer streamed whole, stored one tensor per
+                # expert: the targets are made from their group of checkpoint tensors (by expert) with
+                # transformers' own operations
                 group = converted_groups.setdefault((id(conv), target), (conv, {}))
-                group[1][pattern] = key
+                group[1].setdefault(pattern, []).append((int(m.group(1)) if m and m.groups() else 0, key))
                 continue
             groups.setdefault((target, int(m.group(1))), {})[conv.source_patterns.index(pattern)] = key
             ops_of[target] = conv.operations
@@ -153,7 +157,7 @@ class SafetensorsSource:
         for ex in lay.experts.values():
             for p in ex.params:
                 fused = ex.module + "." + p
-                src_fused = fused if fused in self.weight_map else self.alias.get(fused)
+                src_fused = fused if fused in self.weight_map or fused in self.converted else self.alias.get(fused)
                 for j in range(ex.num_experts):
                     name = ex.tensor(j, p)
                     if src_fused is not None:
@@ -181,7 +185,7 @@ class SafetensorsSource:
         conv, first, keys = self.converted[name]
         cache = getattr(self, "_converted_cache", None)
         if cache is None or cache[0] != (id(conv), first):
-            tensors = {pat: [self.get(k)] for pat, k in keys.items()}
+            tensors = {pat: [self.get(k) for _, k in sorted(ks)] for pat, ks in keys.items()}
             for op in conv.operations:
                 tensors = op.convert(tensors, source_patterns=conv.source_patterns, target_patterns=conv.target_patterns,
                                      full_layer_name=first, model=self._skeleton, config=self._skeleton.config)
@@ -191,7 +195,8 @@ class SafetensorsSource:
                 out[full] = t[0] if isinstance(t, list) else t
             cache = self._converted_cache = ((id(conv), first), out)
         if name not in cache[1]:
-            raise SourceError(f"{self.path}: cannot make {name} from {', '.join(keys.values())}")
+            raise SourceError(f"{self.path}: cannot make {name} from "
+                              f"{', '.join(k for ks in keys.values() for _, k in ks)}")
         return cache[1][name]
 
     def key(self, name: str) -> str:
@@ -244,6 +249,8 @@ class SafetensorsSource:
             return ts[0]
         if name in self.fused:
             key, j = self.fused[name]
+            if key in self.converted:   # a fused tensor stored in another layout (gate|up interleaved)
+                return self._convert(key)[j]
             if self._slot(key)[1].dtype in (torch.float8_e4m3fn, torch.float8_e5m2):   # scaled as a whole
                 return self.get(key)[j]
             return self._raw(key, j)
@@ -264,6 +271,8 @@ class SafetensorsSource:
             return sum(self.numel(k) for k in self.parts[name][0])
         if name in self.fused:
             key, _ = self.fused[name]
+            if key in self.converted:
+                return self._convert(key)[0].numel()
             return self.numel(key) // self._slot(key)[1].shape[0]
         n = 1
         for d in self._slot(self.key(name))[1].shape:

@@ -24,8 +24,9 @@ from layerstream.adapters import TESTED_DENSE as DENSE_FAMILIES  # noqa: E402  (
 
 # Mixture of experts, each expert streamed as its own unit (checked the same way, with MOE below).
 from layerstream.adapters import TESTED_MOE as MOE_FAMILIES  # noqa: E402
-# Mixture of experts whose experts module is not called with the routing (a ModuleList, or routed inputs
-# only): correct, but each layer is streamed whole.
+# Mixture of experts whose experts module cannot be streamed per expert (a ModuleList, routed inputs only,
+# weights on a child module as dbrx's, identity experts counted apart as longcat_flash's): correct, but each
+# layer is streamed whole.
 from layerstream.adapters import TESTED_MOE_WHOLE_LAYER as MOE_WHOLE_LAYER  # noqa: E402
 
 # Dense families that the survey does not make run (see the report).
@@ -37,11 +38,11 @@ UNSUPPORTED: dict[str, str] = {
 # With the conftest spread these produce one repeated greedy token (the logits still match): their biases
 # at uniform(0.5, 1.5) dominate, or a tied, scaled embedding makes each position predict its own token.
 # Biases at normal(0, 0.3) give real sequences for bloom, ctrl, gpt-sw3, gpt2, gpt_bigcode, gpt_neo, gpt_neox,
-# gptj, stablelm; tie=False for gemma3_text, gemma3n_text, gemma4_unified_text, openai-gpt, xglm; both for
+# gptj, stablelm, zaya; tie=False for gemma3_text, gemma3n_text, gemma4_unified_text, openai-gpt, xglm; both for
 # biogpt; tie=False and seed 1 for gemma4_text (seed 0 untied ends on eos at once).
 SINGLE_TOKEN_WITH_CONFTEST_SPREAD = ("biogpt", "gemma3_text", "bloom", "ctrl", "gemma3n_text", "gemma4_text", "gemma4_unified_text",
                                      "gpt-sw3", "gpt2", "gpt_bigcode", "gpt_neo", "gpt_neox", "gptj", "openai-gpt",
-                                     "stablelm", "xglm")
+                                     "stablelm", "xglm", "zaya")
 
 # Common sizes, by transformers' standard attribute names.
 COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
@@ -59,8 +60,13 @@ ALIASES = {
 
 MLA = dict(q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
 MAMBA = dict(state_size=8, expand=2, conv_kernel=4)
+DSA = dict(index_topk=4, index_head_dim=16, index_n_heads=2)
 LINEAR_ATTN = dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
                    linear_value_head_dim=16, linear_conv_kernel_dim=4)
+
+def _one_full(n: int) -> list[str]:
+    return ["full_attention" if i == 1 else "linear_attention" for i in range(n)]
+
 
 # A family's own knobs, on top of COMMON (field names as the config class spells them); a function of the
 # number of layers where they depend on it.
@@ -134,6 +140,49 @@ EXTRA: dict = {
                                                  for t in ("full_attention", "sliding_attention")}),
     "gemma4_text": dict(vocab_size_per_layer_input=128, hidden_size_per_layer_input=16),
     "gemma4_unified_text": dict(vocab_size_per_layer_input=128, hidden_size_per_layer_input=16),
+    # mixture of experts with multi-head latent attention (every head its own KV), and DeepSeek sparse
+    # attention's indexer keeping fewer positions than the checks see
+    "deepseek_v32": dict(MLA, num_key_value_heads=4, first_k_dense_replace=1, **DSA),
+    "glm_moe_dsa": dict(MLA, num_key_value_heads=4, first_k_dense_replace=1, **DSA),
+    "glm4_moe_lite": dict(MLA, num_key_value_heads=4),
+    "sarvam_mla": dict(MLA, num_key_value_heads=4),
+    "axk1": dict(MLA, num_key_value_heads=4),
+    "axk2": dict(MLA, num_key_value_heads=4, **DSA),
+    # two attention sublayers per decoder layer (num_hidden_layers counts them), the rotary dim as head_dim,
+    # and two zero-compute (identity) experts beside the routed ones
+    "longcat_flash": dict(MLA, num_key_value_heads=4, head_dim=8, expert_ffn_hidden_size=32, zero_expert_num=2),
+    # linear-attention / state-space / short-conv layers with one full-attention layer, experts in every layer
+    "qwen3_next": lambda n: dict(LINEAR_ATTN, layer_types=_one_full(n)),
+    "qwen3_5_moe_text": lambda n: dict(LINEAR_ATTN, layer_types=_one_full(n)),
+    "lara_mini": lambda n: dict(LINEAR_ATTN, layer_types=["linear_attention", "full_attention", "sliding_attention"][:n]),
+    "bailing_hybrid": lambda n: dict(MLA, num_key_value_heads=4, first_k_dense_replace=1, layer_types=_one_full(n)),
+    "kimi_linear": lambda n: dict(MLA, num_key_value_heads=4, linear_head_dim=16, linear_num_heads=4,
+                                  layer_types=_one_full(n)),
+    "granitemoehybrid": lambda n: dict(mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=8,
+                                       mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=8,
+                                       shared_intermediate_size=48, position_embedding_type="rope",
+                                       layer_types=_one_full(n)),
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=1, expert_layer_offset=0,
+                  use_mamba_kernels=False, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=8),
+    "lfm2_moe": lambda n: dict(num_dense_layers=1, conv_L_cache=3,
+                               layer_types=["full_attention" if i == 1 else "conv" for i in range(n)]),
+    "dbrx": dict(attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+                 ffn_config=dict(ffn_hidden_size=32, moe_num_experts=8, moe_top_k=2)),
+    # a hash-routed MoE layer (a fixed token -> experts table, filled by make_family_dir) and top-k ones
+    "deepseek_v4": lambda n: dict(mlp_layer_types=["hash_moe"] + ["moe"] * (n - 1)),
+    "inkling2_text": lambda n: dict(unpadded_vocab_size=128, swa_num_attention_heads=4, swa_num_key_value_heads=2,
+                                    swa_head_dim=16, sliding_window_size=8, d_rel=8, rel_extent=16,
+                                    n_layers_per_attn_res_block=2,
+                                    layer_types=["hybrid" if i == 1 else "hybrid_sliding" for i in range(n)]),
+    "inkling2_loop_text": lambda n: dict(EXTRA["inkling2_text"](n), n_layers_per_attn_res_block=1,
+                                         loop_layer_index_start=1, loop_layer_index_end=2,
+                                         loop_num_passes=2, loop_gate_rank=8),
+    "qwen4_exp_text": lambda n: dict(LINEAR_ATTN, hc_count=2, hc_lowrank=8, indexer_n_heads=2, indexer_kv_heads=1,
+                                     indexer_head_dim=16, indexer_budget=4, indexer_compress_ratio=2,
+                                     layer_types=["indexed_attention" if i == 1 else "linear_attention"
+                                                  for i in range(n)]),
+    "dots3_note_text": dict(MLA, num_key_value_heads=4, first_k_dense_replace=1, **DSA),
+    "zaya": dict(num_experts_per_tok=1),   # the only routing transformers' ZAYA supports
     # per-layer inputs, AltUp and the last layer reusing an earlier layer's KV cache, all small
     "gemma3n_text": lambda n: dict(vocab_size_per_layer_input=128, hidden_size_per_layer_input=16, laurel_rank=8,
                                    query_pre_attn_scalar=16, num_kv_shared_layers=1,
@@ -150,10 +199,10 @@ MOE = dict(num_local_experts=8, num_experts=8, n_routed_experts=8, moe_num_exper
            decoder_sparse_step=1, n_shared_experts=1, num_shared_experts=1, moe_num_shared_experts=1)
 
 
-def _moe(cfg):
+def _moe(cfg, keep=()):
     for c in {id(cfg): cfg, id(cfg.get_text_config()): cfg.get_text_config()}.values():
         for k, v in MOE.items():
-            if hasattr(c, k) and not callable(getattr(c, k)):
+            if hasattr(c, k) and not callable(getattr(c, k)) and k not in keep:   # a family's own value kept
                 setattr(c, k, v)
         if hasattr(c, "mlp_only_layers"):
             c.mlp_only_layers = []
@@ -181,12 +230,13 @@ def tiny_family_config(model_type: str, tie: bool | None = None, layers: int = 3
     if "sliding_window" in fields:
         kw["sliding_window"] = 8
     extra = EXTRA.get(model_type, {})
-    kw.update(extra(layers) if callable(extra) else extra)
+    extra = extra(layers) if callable(extra) else extra
+    kw.update(extra)
     kw = {k: v for k, v in kw.items() if k in fields or k not in COMMON}
     cfg = cls(**kw)
     if tie is not None:
         cfg.tie_word_embeddings = tie
-    return _moe(cfg) if model_type in MOE_FAMILIES + MOE_WHOLE_LAYER else cfg
+    return _moe(cfg, keep=extra) if model_type in MOE_FAMILIES + MOE_WHOLE_LAYER else cfg
 
 
 def make_family_dir(path, model_type: str, layers: int = 3):
@@ -207,5 +257,9 @@ def make_family_dir(path, model_type: str, layers: int = 3):
                 p.normal_(0, 0.3)
             else:
                 p.uniform_(0.5, 1.5)
+        for name, b in model.named_buffers():
+            if name.endswith("tid2eid"):   # DeepSeek-V4's hash routing: distinct experts per token, not all 0
+                n = model.get_submodule(name.rsplit(".", 1)[0]).num_experts
+                b.copy_(torch.stack([torch.randperm(n)[:b.shape[1]] for _ in range(b.shape[0])]))
     model.save_pretrained(path)
     return path
