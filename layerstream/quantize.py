@@ -3,11 +3,13 @@
 int8: asymmetric, blocks of 64 along the input dimension, fp16 scale and min per block
       (`<name>.q8u` uint8 [out, in], `<name>.scale`, `<name>.min` fp16 [out, in/64]): 1.06 bytes per
       weight. (A GGUF's Q8_0 blocks are kept as they are: `<name>.q8` int8 and a scale, symmetric.)
-int4: asymmetric, blocks of 32, fp16 scale and min per block (chosen per block by a least-squares search
-      over candidate grids, not plain min/max), two values per byte in GGUF Q4_1's order
+int4: asymmetric, blocks of 32, fp16 scale and min per block, two values per byte in GGUF Q4_1's order
       (byte j of a block holds element j in its low nibble and element j+16 in its high nibble;
       `<name>.q4` uint8 [out, in/2], `<name>.scale`, `<name>.min` fp16 [out, in/32]): 0.625 bytes per
       weight, 0.3125x bf16. A GGUF's Q4_1 (and Q8_0) tensors are kept exactly, not re-rounded.
+
+Both choose each block's scale and min by a search over candidate grids, each refitted by least squares
+(`_grids`, `_best_fit`), not plain min/max.
 
 Weights are dequantized (w = q * scale [+ min]) by the loader thread, off the compute's critical path,
 on the CPU or on the accelerator.
@@ -40,22 +42,40 @@ def quantizable(name: str, shape, kind: str) -> bool:
     return len(shape) == 2 and (name.endswith(".weight") or ".experts." in name) and shape[1] % BLOCK[kind] == 0
 
 
-def _best_fit(x: torch.Tensor, levels: int, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _grids(lo: torch.Tensor, hi: torch.Tensor, levels: int, kind: str):
+    """Starting grids (step, offset, refit) for a block whose values span lo..hi. First plain min/max. int4:
+    the range shrunk from 100% to 80% in SEARCH_STEPS["int4"] steps (clipping the extremes pays at 15
+    levels). int8: the step widened by 1 or 2 levels and the grid's phase moved over that slack in 8 steps
+    (at 255 levels clipping does not pay, but where the values fall between the levels does)."""
+    span = torch.where(hi > lo, hi - lo, 1.0)
+    yield span / levels, lo, False
+    if kind == "int4":
+        steps = SEARCH_STEPS["int4"]
+        mid = (hi + lo) / 2
+        for k in range(steps):
+            f = 1.0 - 0.2 * k / max(steps - 1, 1)
+            yield span * f / levels, mid - span * f / 2, True
+    else:
+        yield span / levels, lo, True
+        for widen in (1, 2):
+            s = span / (levels - widen)
+            for k in range(SEARCH_STEPS["int8"]):
+                yield s, lo - s * widen * k / SEARCH_STEPS["int8"], True
+
+
+def _best_fit(x: torch.Tensor, levels: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per block of x [..., block]: scale and min (w = q * scale + min, q in 0..levels) with the least
-    squared error. Candidates are plain min/max and `steps` grids covering 100% down to 80% of the block's
-    range, each refitted by least squares (the best scale and min for that rounding; in the spirit of
-    llama.cpp's k-quants search); the error is measured with the fp16 values actually stored."""
+    squared error among the starting grids of `_grids`, each refitted by least squares (the best scale and
+    min for the rounding it gives; in the spirit of llama.cpp's k-quants search). The error is measured
+    with the fp16 values actually stored."""
     lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
     n = x.shape[-1]
+    sx = x.sum(-1, keepdim=True)
     best_err = best_s = best_m = None
-    cands = [(1.0, False)] + [(1.0 - 0.2 * k / max(steps - 1, 1), True) for k in range(steps)]
-    for f, refit in cands:
-        mid, half = (hi + lo) / 2, (hi - lo) / 2 * f
-        s = torch.where(half > 0, 2 * half / levels, 1.0)
-        m = mid - half
+    for s, m, refit in _grids(lo, hi, levels, kind):
         if refit:
             q = torch.round((x - m) / s).clamp(0, levels)
-            sq, sx = q.sum(-1, keepdim=True), x.sum(-1, keepdim=True)
+            sq = q.sum(-1, keepdim=True)
             sqq, sqx = (q * q).sum(-1, keepdim=True), (q * x).sum(-1, keepdim=True)
             det = n * sqq - sq * sq
             ok = det > 0
@@ -75,27 +95,32 @@ def _best_fit(x: torch.Tensor, levels: int, steps: int) -> tuple[torch.Tensor, t
     return best_s, best_m
 
 
-SEARCH_STEPS = {"int4": 8, "int8": 1}   # int8: min/max and one least-squares refit
+# int4: range fractions searched; int8: grid phases searched per widening (see _grids)
+SEARCH_STEPS = {"int4": 8, "int8": 8}
+CHUNK = 1 << 18   # elements quantized at a time: the search's many passes then run in the CPU's cache (9x faster)
 
 
-def quantize(w: torch.Tensor, kind: str, block: int | None = None, steps: int | None = None) -> dict[str, torch.Tensor]:
-    """{suffix: tensor} for a 2-D float weight. `steps`: candidate grids searched per block (1: plain
-    min/max only). int4 searches 8: on SmolLM2 with weights off any 4-bit grid it raised top-1 agreement
-    from 70.4% to 74.0% (bench/quality.py), at ~5x the quantizing time."""
+def quantize(w: torch.Tensor, kind: str, block: int | None = None) -> dict[str, torch.Tensor]:
+    """{suffix: tensor} for a 2-D float weight. The search over grids (`_grids`) against plain min/max
+    blocks, on SmolLM2 with weights off any 4-bit grid (bench/quality.py): int4 top-1 agreement 70.4% ->
+    74.0%; int8 KL divergence 0.00114 -> 0.00098 (squared error -17%)."""
     block = block or BLOCK[kind]
-    steps = SEARCH_STEPS[kind] if steps is None else steps
     out_f, in_f = w.shape
-    x = w.float().reshape(out_f, in_f // block, block)
-    s, m = _best_fit(x, LEVELS[kind], steps)
-    safe = torch.where(s > 0, s, 1.0)
-    q = torch.where(s > 0, torch.round((x - m) / safe), 0).clamp(0, LEVELS[kind]).to(torch.uint8)
+    rows = max(1, CHUNK // in_f)
+    q, s, m = [], [], []
+    for r in range(0, out_f, rows):
+        x = w[r:r + rows].float().reshape(-1, in_f // block, block)
+        sc, mn = _best_fit(x, LEVELS[kind], kind)
+        safe = torch.where(sc > 0, sc, 1.0)
+        q.append(torch.where(sc > 0, torch.round((x - mn) / safe), 0).clamp(0, LEVELS[kind]).to(torch.uint8))
+        s.append(sc.squeeze(-1).to(torch.float16))
+        m.append(mn.squeeze(-1).to(torch.float16))
+    q, s, m = torch.cat(q), torch.cat(s), torch.cat(m)
     if kind == "int8":
-        return {".q8u": q.reshape(out_f, in_f), ".scale": s.squeeze(-1).to(torch.float16),
-                ".min": m.squeeze(-1).to(torch.float16)}
+        return {".q8u": q.reshape(out_f, in_f), ".scale": s, ".min": m}
     half = block // 2
     packed = q[..., :half] | (q[..., half:] << 4)
-    return {".q4": packed.reshape(out_f, in_f // 2), ".scale": s.squeeze(-1).to(torch.float16),
-            ".min": m.squeeze(-1).to(torch.float16)}
+    return {".q4": packed.reshape(out_f, in_f // 2), ".scale": s, ".min": m}
 
 
 def dequantize(kind: str, parts: dict[str, torch.Tensor], dtype: torch.dtype,
