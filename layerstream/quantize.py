@@ -38,8 +38,15 @@ def normalize(kind) -> str | None:
 
 
 def quantizable(name: str, shape, kind: str) -> bool:
-    """2-D linear weights: `*.weight`, and one expert's slice of a fused experts weight (`*.experts.<j>.<w>`)."""
+    """2-D linear weights: `*.weight`, and one expert's slice of a fused experts weight (`*.experts.<j>.<w>`).
+    A MoE router's weight (`gate`, `router`, `shared_expert_gate`) stays float, as llama.cpp keeps its
+    `ffn_gate_inp`: it is small, and rounding it changes which experts run."""
+    if name.endswith(".weight") and name.split(".")[-2] in ROUTERS:
+        return False
     return len(shape) == 2 and (name.endswith(".weight") or ".experts." in name) and shape[1] % BLOCK[kind] == 0
+
+
+ROUTERS = ("gate", "router", "shared_expert_gate")
 
 
 def _grids(lo: torch.Tensor, hi: torch.Tensor, levels: int, kind: str):

@@ -286,9 +286,15 @@ class SafetensorsSource:
 
 
 class GGUFSource:
-    """A .gguf file, read tensor by tensor (memory-mapped) and dequantized to float per tensor."""
+    """A .gguf file, read tensor by tensor (memory-mapped) and dequantized to float per tensor. A MoE layer's
+    `ffn_{gate,up,down}_exps` tensors hold every expert ([experts, rows, cols]); each expert's slice is read
+    on its own, so each expert is its own unit as from a safetensors checkpoint."""
 
     kind = "gguf"
+    # sizes transformers' GGUF config reader does not take from the file (it keeps the config class's
+    # defaults, so e.g. a Qwen3-MoE GGUF whose experts are not 768 wide does not load): metadata key -> field
+    SIZES = {"expert_feed_forward_length": "moe_intermediate_size",
+             "expert_shared_feed_forward_length": "shared_expert_intermediate_size"}
 
     def __init__(self, path: Path):
         from transformers import AutoConfig
@@ -303,11 +309,23 @@ class GGUFSource:
             self.config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
         except (ValueError, KeyError, OSError) as e:
             raise SourceError(f"{path}: not a readable GGUF model ({e})") from None
+        arch = self._field("general.architecture")
+        for key, attr in self.SIZES.items():
+            value = self._field(f"{arch}.{key}")
+            if value is not None and hasattr(self.config, attr) and getattr(self.config, attr) != value:
+                setattr(self.config, attr, int(value))
         self.identity = _identity([path])
         self.name = path.stem
         self._map = None
+        self.experts: dict[str, tuple[list, int]] = {}   # store name of expert j's weight -> (GGUF tensors, j)
+
+    def _field(self, key: str):
+        f = self.reader.fields.get(key)
+        return None if f is None else f.contents()
 
     def _mapping(self):
+        """{transformers name: [GGUF tensors]}: one tensor, or several stacked along dim 1 (a MoE layer's
+        gate and up experts, which transformers holds as one gate_up tensor: gate rows first)."""
         if self._map is None:
             from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
                                                                   get_gguf_hf_weights_map, load_gguf_checkpoint)
@@ -315,45 +333,79 @@ class GGUFSource:
             from .adapters import build_skeleton
 
             parsed = load_gguf_checkpoint(str(self.path), return_tensors=False)
-            arch = self.reader.fields["general.architecture"]
-            arch = bytes(arch.parts[arch.data[0]]).decode()
+            arch = self._field("general.architecture")
             self.processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed["config"])
             skeleton = build_skeleton(self.config, torch.float32, device="meta")
             g2h = get_gguf_hf_weights_map(skeleton, self.processor)
             self._map = {}
             for t in self.reader.tensors:
-                if t.name in g2h:
-                    self._map[g2h[t.name]] = t
+                # stacked experts map without the `.weight` (transformers' fused parameters have none)
+                hf = g2h.get(t.name) or g2h.get(t.name.removesuffix(".weight"))
+                if hf is not None:
+                    self._map.setdefault(hf, []).append(t)
+            for ts in self._map.values():
+                ts.sort(key=lambda t: ".ffn_up" in t.name)
         return self._map
 
+    def map_names(self, skeleton, lay) -> None:
+        """Name each expert's slice of the GGUF's stacked expert tensors as the store names it."""
+        m = self._mapping()
+        for ex in lay.experts.values():
+            for p in ex.params:
+                ts = m.get(f"{ex.module}.{p}")
+                if ts is None or any(len(t.data.shape) < 3 or t.data.shape[0] != ex.num_experts for t in ts):
+                    continue
+                for j in range(ex.num_experts):
+                    self.experts[ex.tensor(j, p)] = (ts, j)
+
     def has(self, name: str) -> bool:
-        return name in self._mapping()
+        return name in self.experts or name in self._mapping()
 
     def get(self, name: str) -> torch.Tensor:
         import numpy as np
         from gguf import dequantize
 
-        t = self._mapping()[name]
+        if name in self.experts:
+            ts, j = self.experts[name]
+            return torch.from_numpy(np.concatenate([dequantize(t.data[j], t.tensor_type) for t in ts], axis=0))
+        ts = self._mapping()[name]
+        if len(ts) > 1:
+            return torch.from_numpy(np.concatenate([dequantize(t.data, t.tensor_type) for t in ts], axis=1))
+        t = ts[0]
         w = dequantize(t.data, t.tensor_type)
         w = self.processor.process(weights=w, name=t.name, tensor_key_mapping={}, parsed_parameters={}).weights
         return torch.from_numpy(np.array(w, order="C"))  # a copy: the reader's arrays are read-only maps
 
     def numel(self, name: str) -> int:
-        n = 1
-        for d in self._mapping()[name].shape:
-            n *= int(d)
-        return n
+        ts, per = (self.experts[name][0], self.experts[name][0][0].data.shape[0]) if name in self.experts \
+            else (self._mapping()[name], 1)
+        total = 0
+        for t in ts:
+            n = 1
+            for d in t.shape:
+                n *= int(d)
+            total += n // per
+        return total
 
     def get_quantized(self, name: str, kind: str) -> dict[str, torch.Tensor] | None:
         """A GGUF Q4_1 / Q8_0 tensor kept exactly as int4 / int8 blocks (rows reordered as transformers
-        reorders the dequantized weight), or None when its type does not match `kind`."""
+        reorders the dequantized weight), or None when its type does not match `kind`. An expert's slice of
+        stacked expert tensors likewise (gate rows, then up rows)."""
         import numpy as np
 
         from .quantize import from_gguf
 
-        t = self._mapping()[name]
-        if {"int4": "Q4_1", "int8": "Q8_0"}[kind] != t.tensor_type.name:
+        want = {"int4": "Q4_1", "int8": "Q8_0"}[kind]
+        if name in self.experts:
+            ts, j = self.experts[name]
+            if any(t.tensor_type.name != want for t in ts):
+                return None
+            parts = [from_gguf(torch.from_numpy(np.array(t.data[j])), want, t.data.shape[1])[1] for t in ts]
+            return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        ts = self._mapping()[name]
+        if len(ts) > 1 or ts[0].tensor_type.name != want:
             return None
+        t = ts[0]
         raw = torch.from_numpy(np.array(t.data))
         rows = raw.shape[0]
         perm = self.processor.process(weights=np.arange(rows, dtype=np.float64).reshape(rows, 1), name=t.name,

@@ -172,3 +172,37 @@ def test_router_counts_choose_the_resident_experts(tmp_path):
     others = [u.name for u in plan.units if u.kind == "expert" and u.tier == "disk"]
     assert min(heat.get(n, 0) for n in resident) >= max(heat.get(n, 0) for n in others)   # the most chosen
     assert any("router chose" in n for n in plan.notes)
+
+
+@pytest.mark.parametrize("qtype, compression", [("Q4_1", None), ("Q4_1", "int4"), ("Q8_0", "int8"), ("F32", None)])
+def test_moe_gguf_streams_per_expert(tmp_path, qtype, compression):
+    """A Qwen3-MoE GGUF (experts stacked per layer in `ffn_*_exps`, as llama.cpp writes them): each expert's
+    slice is its own unit, only the routed experts are read, and the tokens and logits are transformers' own
+    from the same GGUF. With int4/int8 the GGUF's Q4_1/Q8_0 expert blocks are kept bit for bit (so still
+    exactly transformers' dequantized model). The experts are 64 wide, which transformers' GGUF config reader
+    misses (it keeps Qwen3-MoE's default of 768): layerstream reads the size from the file."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from gguf_tiny import MOE_FF, make_moe_gguf
+
+    g = make_moe_gguf(tmp_path / "tiny-moe.gguf", qtype)
+    cfg = AutoConfig.from_pretrained(g.parent, gguf_file=g.name)
+    assert cfg.moe_intermediate_size != MOE_FF   # transformers alone gets this wrong
+    cfg.moe_intermediate_size = MOE_FF
+    ref = AutoModelForCausalLM.from_pretrained(g.parent, gguf_file=g.name, config=cfg, dtype=torch.float32).eval()
+    want_ids, want_calls = routing_of(ref, IDS, 8)
+    m = AutoModel.from_pretrained(g, max_ram=0, store_path=tmp_path / "store", compression=compression,
+                                  progress=False, prefetch=False)
+    experts = [u for u in m.store.manifest.units if u.kind == "expert"]
+    assert len(experts) == 2 * 8
+    if compression:   # the GGUF's own blocks kept: the experts' tensors are stored quantized
+        suffix = {"int4": ".q4", "int8": ".q8"}[compression]
+        assert all(any(t.endswith(suffix) for t in u.tensors) for u in experts)
+    with torch.no_grad():
+        torch.testing.assert_close(m(IDS).logits, ref(IDS).logits, rtol=1e-4, atol=1e-4)
+    m.profiler.reset()
+    got = m.generate(IDS, max_new_tokens=8, do_sample=False)
+    assert got.tolist() == want_ids.tolist()
+    assert [(int(layer.split(".")[1]), routed) for layer, routed, _ in m.profiler.experts] == want_calls
+    assert all(read == len(routed) for _, routed, read in m.profiler.experts)
+    m.close()
