@@ -2,10 +2,10 @@
 
 A random-weight Qwen3-MoE-shaped checkpoint (bf16, written by transformers' own save_pretrained, so one
 tensor per expert as on the hub; default 16 layers, 64 experts of which 8 per token, hidden 1024, expert
-width 512: ~3.3 GB) is split into a store once. Then, each in its own subprocess, greedy decoding of
-16 tokens after an 8-token prompt (one warm-up generation first):
+width 512: ~3.3 GB) is served in place (the store points into its shards). Then, each in its own subprocess, greedy
+decoding of 16 tokens after an 8-token prompt (one warm-up generation first):
 
-- layerstream, max_ram=0: nothing resident; per token the dense part of every layer (attention, norms,
+- layerstream, max_ram=0, in place and from a split store (`in_place=False`): nothing resident; per token the dense part of every layer (attention, norms,
   router) is read, plus only the experts the router chose. Bytes read per token are counted by
   layerstream's reader; they are compared with a dense sweep (every unit of the store but the embedding,
   what a whole-layer streamer such as AirLLM reads per token) and with the expectation
@@ -76,10 +76,13 @@ def child(what: str, ckpt: str, budget: int | None) -> dict:
     import torch
 
     ids = torch.tensor([PROMPT])
-    if what == "layerstream":
+    if what.startswith("layerstream"):
         from layerstream import AutoModel
 
-        m = AutoModel.from_pretrained(ckpt, max_ram=budget, store_path=WORK / "store", progress=False)
+        split = what == "layerstream-split"   # a store of its own instead of the checkpoint's shards in place
+        store = WORK / ("store-split" if split else "store")
+        m = AutoModel.from_pretrained(ckpt, max_ram=budget, store_path=store, progress=False,
+                                      in_place=False if split else None)
         m.generate(ids, max_new_tokens=2, do_sample=False)
         out = m.generate(ids, max_new_tokens=NEW, do_sample=False)
         st, prof = m.last_stats, m.profiler
@@ -94,6 +97,8 @@ def child(what: str, ckpt: str, budget: int | None) -> dict:
                 "routed_per_call": sum(len(r) for _, r, _ in decode) / max(len(decode), 1),
                 "read_per_call": sum(k for _, _, k in decode) / max(len(decode), 1),
                 "resident_experts": sum(u.tier == "ram" for u in m.plan.units if u.kind == "expert"),
+                "in_place": m.store.manifest.in_place,
+                "store_disk": sum(f.stat().st_size for f in store.rglob("*") if f.is_file()),
                 "out": out[0, len(PROMPT):].tolist()}
     from transformers import AutoModelForCausalLM
 
@@ -137,7 +142,8 @@ def main(argv=None) -> int:
     print(f"checkpoint {ckpt}: {size / 1e9:.2f} GB, {a.layers} layers x {a.experts} experts, {a.topk} per token")
     runs = {}
     (WORK / "store" / "expert-counts.json").unlink(missing_ok=True)
-    for key, what, budget in (("ls_stream", "layerstream", 0), ("ls_half_nocounts", "layerstream", size // 2),
+    for key, what, budget in (("ls_stream", "layerstream", 0), ("ls_stream_split", "layerstream-split", 0),
+                              ("ls_half_nocounts", "layerstream", size // 2),
                               ("ls_half", "layerstream", size // 2), ("ls_full", "layerstream", 2 * size),
                               ("accelerate", "accelerate", None), ("transformers", "transformers", None)):
         if key == "ls_half_nocounts":   # the planner's first choice, before any router counts exist
@@ -157,7 +163,8 @@ def main(argv=None) -> int:
               f"{expect / 1e6:.1f} MB -> measured/expected {s['bytes_per_token'] / expect:.3f}")
         print(f"  experts routed per call while decoding {s['routed_per_call']:.2f}, read from disk "
               f"{s['read_per_call']:.2f}")
-    for key, label in (("ls_stream", "layerstream max_ram=0"),
+    for key, label in (("ls_stream", "layerstream max_ram=0 (in place)"),
+                       ("ls_stream_split", "layerstream max_ram=0, split store"),
                        ("ls_half_nocounts", "layerstream max_ram=half, no router counts"),
                        ("ls_half", "layerstream max_ram=half, router counts of the runs above (same prompt)"),
                        ("ls_full", "layerstream all resident"),
@@ -167,7 +174,8 @@ def main(argv=None) -> int:
             continue
         extra = ""
         if "bytes_per_token" in r:
-            extra = f", {r['bytes_per_token'] / 1e6:.1f} MB read/token, {r['resident_experts']} experts resident"
+            extra = (f", {r['bytes_per_token'] / 1e6:.1f} MB read/token, {r['resident_experts']} experts resident, "
+                     f"store {'in place' if r['in_place'] else 'split'} {r['store_disk'] / 1e6:.1f} MB of disk")
         same = "" if ref is None else (", same tokens as transformers" if r["out"] == ref else ", TOKENS DIFFER")
         print(f"{label:40s} {r['seconds'] / r['new']:.3f} s/token{extra}{same} {r.get('note', '')}")
     out = HERE / "out"

@@ -176,8 +176,25 @@ class SafetensorsSource:
                         self.parts[name] = (keys, per_expert)
 
     def needs_conversion(self) -> bool:
-        """Whether some tensor is assembled or sliced (the store must be split, not served in place)."""
-        return bool(self.parts or self.fused or self.converted)
+        """Whether some tensor is made by more than joining checkpoint bytes (the store must be split, not
+        served in place)."""
+        return any(self.pieces(n) is None for n in (*self.converted, *self.parts, *self.fused))
+
+    def pieces(self, name: str) -> list[tuple[str, int | None]] | None:
+        """The checkpoint bytes a store tensor is, as [(checkpoint key, row of it or None for all of it)], laid
+        end to end: one tensor; one expert's row of a fused tensor; an expert's weights joined along their
+        first dimension (gate rows, then up rows). None when it takes a real conversion (or FP8 scaling)."""
+        if name in self.converted:
+            return None
+        if name in self.parts:
+            keys, ops = self.parts[name]
+            return [(k, None) for k in keys] if all(dim == 0 for _, dim in ops) else None
+        if name in self.fused:
+            key, j = self.fused[name]
+            if key in self.converted or self._slot(key)[1].dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                return None
+            return [(key, j)]
+        return [(self.key(name), None)]
 
     def _convert(self, name: str) -> torch.Tensor:
         """A tensor made by one of transformers' conversions from its group of checkpoint tensors (the group's
@@ -628,46 +645,62 @@ def index_in_place(src: SafetensorsSource, out, progress: bool = True) -> Path:
     the model once."""
     from tqdm import tqdm
 
-    from .store import DTYPE_NAMES, layout_xxh3, make_layout, read_layout
+    from .store import DTYPE_NAMES, in_place_slots, layout_xxh3, make_layout, read_layout
 
     out = Path(out)
     skeleton, lay, names = _units_of(src)
     if src.needs_conversion():
-        raise SourceError(f"{src.path}: its experts are stored in another layout than the model computes with "
-                          f"(one tensor per expert and weight); it cannot be served in place: split it")
-    by_key = {src.key(n): n for n in names}
-    dtype = _source_dtype(src, set(by_key))
+        raise SourceError(f"{src.path}: some weights are stored in another layout than the model computes with "
+                          f"(a conversion beyond joining an expert's weights); it cannot be served in place: "
+                          f"split it")
+    pieces = {n: src.pieces(n) for n in names}
+    keys = {k for ps in pieces.values() for k, _ in ps}
+    dtype = _source_dtype(src, keys)
     if dtype is None:
         raise SourceError(f"{src.path}: weights of mixed float dtypes cannot be served in place; split it")
-    where = {}
+    found = {}
     for f in src.files:
         for slot in read_header(f)[0]:
-            if slot.name in by_key:
+            if slot.name in keys:
                 if slot.begin % slot.dtype.itemsize:
                     raise SourceError(f"{f}: tensor {slot.name} is not aligned; split the model instead")
-                where[by_key[slot.name]] = (f, dataclasses.replace(slot, name=by_key[slot.name]))
+                found[slot.name] = (f, slot)
+
+    def locate(key: str, row: int | None) -> tuple[Path, int, int, tuple, torch.dtype]:
+        """(file, begin, end, shape, dtype) of a checkpoint tensor, or of one row of it."""
+        f, slot = found[key]
+        if row is None:
+            return f, slot.begin, slot.end, tuple(slot.shape), slot.dtype
+        size = (slot.end - slot.begin) // slot.shape[0]
+        return f, slot.begin + row * size, slot.begin + (row + 1) * size, tuple(slot.shape[1:]), slot.dtype
+
     units, total = [], 0
     for u in lay.units:
-        ranges, slots = [], {}
-        for n in sorted(u.params, key=lambda n: (str(where[n][0]), where[n][1].begin)):
-            f, slot = where[n]
-            if ranges and ranges[-1][0] == str(f) and ranges[-1][2] == slot.begin:
-                ranges[-1][2] = slot.end
+        where = {n: [locate(k, row) for k, row in pieces[n]] for n in u.params}
+        ranges, placed = [], {}
+        for f, b, e, *_ in sorted({p for ps in where.values() for p in ps}, key=lambda p: (str(p[0]), p[1])):
+            if ranges and ranges[-1][0] == str(f) and ranges[-1][2] >= b:
+                ranges[-1][2] = max(ranges[-1][2], e)
             else:
-                ranges.append([str(f), slot.begin, slot.end])
-            slots[n] = [DTYPE_NAMES[slot.dtype], list(slot.shape), len(ranges) - 1, 0, 0]
-        for n in u.params:   # offsets inside their range
-            f, slot = where[n]
-            r = ranges[slots[n][2]]
-            slots[n][3:] = [slot.begin - r[1], slot.end - r[1]]
+                ranges.append([str(f), b, e])
+            placed[(f, b)] = len(ranges) - 1
+        slots = {}
+        for n in u.params:
+            ps = [(placed[(f, b)], b - ranges[placed[(f, b)]][1], e - ranges[placed[(f, b)]][1])
+                  for f, b, e, *_ in where[n]]
+            shape, dt = list(where[n][0][3]), DTYPE_NAMES[where[n][0][4]]
+            if len(ps) == 1:
+                slots[n] = [dt, shape, *ps[0]]
+            else:   # joined along the first dimension
+                shape[0] = sum(p[3][0] for p in where[n])
+                slots[n] = [dt, shape, [list(p) for p in ps]]
         size = sum(e - b for _, b, e in ranges)
         units.append(UnitInfo(u.name, u.kind, "", size, "", "", sorted(u.params), ranges, slots))
         total += size
     log(f"indexing {src.path} in place -> {out} ({len(units)} units, {fmt_bytes(total)}, {dtype}; no copy)")
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="checksum", disable=not progress, file=sys.stderr)
     for u in units:
-        lt = make_layout([(Path(f), b, e) for f, b, e in u.ranges],
-                         [(TensorSlot(n, DTYPES[d], tuple(sh), b, e), ri) for n, (d, sh, ri, b, e) in u.slots.items()])
+        lt = make_layout([(Path(f), b, e) for f, b, e in u.ranges], in_place_slots(u.slots))
         buf = aligned_empty(lt.size)
         read_layout(lt, buf)
         u.xxh3 = layout_xxh3(lt, buf)

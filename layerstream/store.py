@@ -44,7 +44,9 @@ class UnitInfo:
     xxh3: str
     tensors: list[str] = field(default_factory=list)
     # in place: byte ranges [file, begin, end) of source shards, and each tensor's slot as
-    # [dtype, shape, range index, begin, end] (offsets inside its range)
+    # [dtype, shape, range index, begin, end] (offsets inside its range), or, for a tensor made of pieces
+    # laid end to end (an expert's gate and up weights, stored apart in the checkpoint), as
+    # [dtype, shape, [[range index, begin, end], ...]]
     ranges: list | None = None
     slots: dict | None = None
 
@@ -158,6 +160,9 @@ class UnitLayout:
     slots: list[TensorSlot]                     # begin/end are buffer offsets
     size: int                                   # buffer bytes needed
     file_offset: dict[str, tuple[Path, int]]    # tensor -> (file, offset of its first byte)
+    # tensors made of pieces: (buffer offset of the joined tensor, [(buffer offset of a piece, bytes)]),
+    # copied end to end after the reads
+    joins: list[tuple[int, list[tuple[int, int]]]] = field(default_factory=list)
 
 
 def aligned_empty(size: int, device="cpu", pin: bool = False) -> torch.Tensor:
@@ -169,19 +174,42 @@ def aligned_empty(size: int, device="cpu", pin: bool = False) -> torch.Tensor:
     return raw[off: off + size]
 
 
-def make_layout(ranges: list[tuple[Path, int, int]], slots: list[tuple[TensorSlot, int]]) -> UnitLayout:
+def make_layout(ranges: list[tuple[Path, int, int]], slots: list[tuple[TensorSlot, int | list]]) -> UnitLayout:
+    """slots: (slot, range index) with begin/end inside that range; or (slot, [(range index, begin, end)
+    ...]) for a tensor joined from pieces (its slot's begin/end are then unused)."""
     reads, data, off = [], [], 0
     for path, b, e in ranges:
         a0, a1 = b - b % ALIGN, -(-e // ALIGN) * ALIGN
         reads.append((path, a0, a1, off))
         data.append((off + b - a0, e - b))
         off += a1 - a0
-    out, where = [], {}
+    out, where, joins = [], {}, []
     for slot, ri in slots:
+        if isinstance(ri, list):   # joined after the reads, at the end of the buffer
+            pieces = [(data[r][0] + b, e - b) for r, b, e in ri]
+            size = sum(n for _, n in pieces)
+            joins.append((off, pieces))
+            out.append(TensorSlot(slot.name, slot.dtype, slot.shape, off, off + size))
+            where[slot.name] = (ranges[ri[0][0]][0], ranges[ri[0][0]][1] + ri[0][1])
+            off += -(-size // 64) * 64
+            continue
         base = data[ri][0]
         out.append(TensorSlot(slot.name, slot.dtype, slot.shape, base + slot.begin, base + slot.end))
         where[slot.name] = (ranges[ri][0], ranges[ri][1] + slot.begin)
-    return UnitLayout(reads, data, out, off, where)
+    return UnitLayout(reads, data, out, off, where, joins)
+
+
+def in_place_slots(slots: dict) -> list[tuple[TensorSlot, int | list]]:
+    """A manifest's in-place slot entries as make_layout takes them."""
+    out = []
+    for n, entry in slots.items():
+        dt, shape, *rest = entry
+        if len(rest) == 1:   # pieces
+            out.append((TensorSlot(n, DTYPES[dt], tuple(shape), 0, 0), [tuple(p) for p in rest[0]]))
+        else:
+            ri, b, e = rest
+            out.append((TensorSlot(n, DTYPES[dt], tuple(shape), b, e), ri))
+    return out
 
 
 def layout_xxh3(layout: UnitLayout, buf: torch.Tensor) -> str:
@@ -260,8 +288,7 @@ class Store:
             u = self.units[unit]
             ranges = self.ranges(unit)
             if u.ranges:
-                slots = [(TensorSlot(n, DTYPES[dt], tuple(shape), b, e), ri)
-                         for n, (dt, shape, ri, b, e) in u.slots.items()]
+                slots = in_place_slots(u.slots)
             else:
                 found, end = read_header(self.file(unit))
                 if end != u.bytes:
@@ -378,4 +405,8 @@ def read_layout(layout: UnitLayout, dest: torch.Tensor, direct: bool = False, po
         got = [one(j) for j in jobs]
     else:
         got = list(pool.map(one, jobs))
+    for off, pieces in layout.joins:   # tensors stored in pieces, laid end to end
+        for src, n in pieces:
+            dest[off: off + n].copy_(dest[src: src + n])
+            off += n
     return sum(got)

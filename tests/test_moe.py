@@ -128,8 +128,37 @@ def test_fused_checkpoint_and_quantized_experts(tmp_path):
         ref.generate(IDS, max_new_tokens=10, do_sample=False).tolist()
 
 
-def test_per_expert_checkpoint_is_split_not_served_in_place(tmp_path):
-    src = make_moe_dir(tmp_path / "src", "qwen2_moe")
+@pytest.mark.parametrize("family, fused", [("qwen2_moe", False), ("mixtral", False), ("mixtral", True)])
+def test_moe_checkpoint_served_in_place(tmp_path, family, fused):
+    """A hub MoE checkpoint is served from its own shards, no copy: an expert unit is its slices of the
+    checkpoint, and a weight that transformers fuses (gate and up, stored per expert and apart: Mixtral's
+    w1 and w3 have w2 between them) is joined from its pieces as it loads. Same logits and tokens as
+    transformers, only the routed experts read, and the same as a split store."""
+    src = make_moe_dir(tmp_path / "src", family, fused=fused)
+    ref = reference(src)
+    m = AutoModel.from_pretrained(src, max_ram=0, store_path=tmp_path / "store", progress=False, prefetch=False)
+    man = m.store.manifest
+    assert man.in_place and not list((tmp_path / "store" / "units").glob("*"))
+    joined = [n for u in man.units if u.kind == "expert" for n, e in u.slots.items() if len(e) == 3]
+    assert bool(joined) == (not fused)   # gate_up_proj of every expert, from its gate and up tensors
+    if not fused:
+        assert len(joined) == 8 * 3 and all(n.endswith("gate_up_proj") for n in joined)
+    want = assert_like_transformers(m, ref, IDS, 10)
+    assert all(read == len(routed) for _, routed, read in m.profiler.experts)
+    assert Store(tmp_path / "store").verify() == []
+    m.close()
+    s = AutoModel.from_pretrained(src, max_ram=0, in_place=False, store_path=tmp_path / "split", progress=False)
+    assert not s.store.manifest.in_place
+    torch.testing.assert_close(s(IDS).logits, want, rtol=1e-4, atol=1e-4)
+    s.close()
+
+
+def test_converted_checkpoint_is_split_not_served_in_place(tmp_path):
+    """Weights that transformers converts beyond joining (olmo_hybrid's q/k/v convolutions) cannot be read
+    in place: in_place=True says so, and by default the checkpoint is split."""
+    from families_tiny import make_family_dir
+
+    src = make_family_dir(tmp_path / "src", "olmo_hybrid")
     with pytest.raises(SourceError, match="cannot be served in place: split it"):
         AutoModel.from_pretrained(src, in_place=True, store_path=tmp_path / "a", progress=False)
     m = AutoModel.from_pretrained(src, store_path=tmp_path / "b", progress=False)
