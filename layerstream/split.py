@@ -689,11 +689,11 @@ def index_in_place(src: SafetensorsSource, out, progress: bool = True) -> Path:
             ps = [(placed[(f, b)], b - ranges[placed[(f, b)]][1], e - ranges[placed[(f, b)]][1])
                   for f, b, e, *_ in where[n]]
             shape, dt = list(where[n][0][3]), DTYPE_NAMES[where[n][0][4]]
-            if len(ps) == 1:
-                slots[n] = [dt, shape, *ps[0]]
-            else:   # joined along the first dimension
+            if len(ps) > 1:   # joined along the first dimension
                 shape[0] = sum(p[3][0] for p in where[n])
-                slots[n] = [dt, shape, [list(p) for p in ps]]
+                if all(q[0] == p[0] and q[1] == p[2] for p, q in zip(ps, ps[1:])):
+                    ps = [(ps[0][0], ps[0][1], ps[-1][2])]   # already end to end in the shard (gate, then up)
+            slots[n] = [dt, shape, *ps[0]] if len(ps) == 1 else [dt, shape, [list(p) for p in ps]]
         size = sum(e - b for _, b, e in ranges)
         units.append(UnitInfo(u.name, u.kind, "", size, "", "", sorted(u.params), ranges, slots))
         total += size

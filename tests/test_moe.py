@@ -131,8 +131,9 @@ def test_fused_checkpoint_and_quantized_experts(tmp_path):
 @pytest.mark.parametrize("family, fused", [("qwen2_moe", False), ("mixtral", False), ("mixtral", True)])
 def test_moe_checkpoint_served_in_place(tmp_path, family, fused):
     """A hub MoE checkpoint is served from its own shards, no copy: an expert unit is its slices of the
-    checkpoint, and a weight that transformers fuses (gate and up, stored per expert and apart: Mixtral's
-    w1 and w3 have w2 between them) is joined from its pieces as it loads. Same logits and tokens as
+    checkpoint. A weight that transformers fuses from two (gate and up, stored per expert) is one slot
+    where they lie end to end in the shard (Qwen's gate_proj, up_proj), and is joined from its pieces as
+    it loads where they do not (Mixtral's w1 and w3 have w2 between them). Same logits and tokens as
     transformers, only the routed experts read, and the same as a split store."""
     src = make_moe_dir(tmp_path / "src", family, fused=fused)
     ref = reference(src)
@@ -140,9 +141,10 @@ def test_moe_checkpoint_served_in_place(tmp_path, family, fused):
     man = m.store.manifest
     assert man.in_place and not list((tmp_path / "store" / "units").glob("*"))
     joined = [n for u in man.units if u.kind == "expert" for n, e in u.slots.items() if len(e) == 3]
-    assert bool(joined) == (not fused)   # gate_up_proj of every expert, from its gate and up tensors
-    if not fused:
+    if family == "mixtral" and not fused:   # gate_up_proj of every expert, from its w1 and w3 tensors
         assert len(joined) == 8 * 3 and all(n.endswith("gate_up_proj") for n in joined)
+    else:
+        assert joined == []
     want = assert_like_transformers(m, ref, IDS, 10)
     assert all(read == len(routed) for _, routed, read in m.profiler.experts)
     assert Store(tmp_path / "store").verify() == []
