@@ -671,7 +671,8 @@ def main(argv=None) -> int:
         eight = results[k]["bpw"] > 6
         for j in keys:
             rj = results[j]
-            if j.startswith(("b-ls", "b-original")) or rj.get("error") or not rj.get("bpw") or (rj["bpw"] > 6) != eight:
+            if BY_KEY[j][1] != "b" or j.startswith(("b-ls", "b-original")) or rj.get("error") or not rj.get("bpw") \
+                    or (rj["bpw"] > 6) != eight:   # peers of case (b) only: the same reference, the same positions
                 continue
             d = paired(results[k], rj)
             pairs.append({"layerstream": k, "peer": j, "top1": d["agree"], "kl": d["kl"]})
