@@ -21,7 +21,7 @@ from torch import nn
 from .adapters import Layout
 from .errors import InputError, StoreError
 from .plan import Plan, UnitPlan
-from .quantize import SUFFIXES, dequantize, int4_linear, stored_names
+from .quantize import SUFFIXES, dequantize, float_shape, int4_linear, stored_names
 from .store import Store, aligned_empty, read_layout, tensor_views
 from .utils import fmt_bytes
 
@@ -263,7 +263,8 @@ class Loader:
             qnames = {n for _, names in quant.values() for n in names.values()}
             for base, (kind, names) in quant.items():
                 q = next(sl for sl in self.store.slots(p) if sl.name == names[SUFFIXES[kind][0]])
-                total += q.shape[0] * q.shape[1] * (2 if kind == "int4" else 1) * self.dtype.itemsize
+                r, c = float_shape(kind, q.shape)
+                total += r * c * self.dtype.itemsize
             for sl in self.store.slots(p):
                 if sl.name not in qnames and sl.dtype.is_floating_point and sl.dtype != self.dtype:
                     total += (sl.end - sl.begin) // sl.dtype.itemsize * self.dtype.itemsize
@@ -277,8 +278,7 @@ class Loader:
         ctx = torch.cuda.stream(self.copy_stream) if self.cuda else contextlib.nullcontext()
         with ctx:
             for base, (kind, names) in stored_names(list(views)).items():
-                q = views[names[SUFFIXES[kind][0]]]
-                shape = (q.shape[0], q.shape[1] * (2 if kind == "int4" else 1))
+                shape = float_shape(kind, views[names[SUFFIXES[kind][0]]].shape)
                 n = shape[0] * shape[1] * self.dtype.itemsize
                 out = fbuf[foff:foff + n].view(self.dtype).view(shape)
                 dequantize(kind, {s: views.pop(name) for s, name in names.items()}, self.dtype, out=out)

@@ -364,6 +364,13 @@ class GGUFSource:
                 ts.sort(key=lambda t: ".ffn_up" in t.name)
         return self._map
 
+    def kept_types(self) -> set[str]:
+        """The block types of this file that a quantized store keeps as they are."""
+        from .quantize import GGML
+
+        return {t.tensor_type.name for t in self.reader.tensors
+                if t.tensor_type.name.lower() in GGML or t.tensor_type.name in ("Q4_1", "Q8_0")}
+
     def map_names(self, skeleton, lay) -> None:
         """Name each expert's slice of the GGUF's stacked expert tensors as the store names it."""
         m = self._mapping()
@@ -405,33 +412,45 @@ class GGUFSource:
         return total
 
     def get_quantized(self, name: str, kind: str) -> dict[str, torch.Tensor] | None:
-        """A GGUF Q4_1 / Q8_0 tensor kept exactly as int4 / int8 blocks (rows reordered as transformers
-        reorders the dequantized weight), or None when its type does not match `kind`. An expert's slice of
-        stacked expert tensors likewise (gate rows, then up rows)."""
+        """A GGUF tensor's blocks kept exactly (rows reordered as transformers reorders the dequantized weight;
+        an expert's slice of stacked expert tensors likewise, gate rows then up rows): Q4_1 as int4 and Q8_0
+        as int8 when that is the store's `kind`; Q4_0, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K as they are under
+        either kind (they are never re-rounded onto another grid). None otherwise: the float weight is then
+        quantized to `kind`."""
         import numpy as np
 
-        from .quantize import from_gguf
+        from .quantize import GGML, from_gguf
 
-        want = {"int4": "Q4_1", "int8": "Q8_0"}[kind]
+        same = {"int4": "Q4_1", "int8": "Q8_0"}[kind]
         if name in self.experts:
             ts, j = self.experts[name]
-            if any(t.tensor_type.name != want for t in ts):
+            raws = [(t, torch.from_numpy(np.array(t.data[j]))) for t in ts]
+        else:
+            ts = self._mapping()[name]
+            if len(ts) > 1:
                 return None
-            parts = [from_gguf(torch.from_numpy(np.array(t.data[j])), want, t.data.shape[1])[1] for t in ts]
-            return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        ts = self._mapping()[name]
-        if len(ts) > 1 or ts[0].tensor_type.name != want:
+            t = ts[0]
+            raw = torch.from_numpy(np.array(t.data))
+            rows = raw.shape[0]
+            if raw.dim() != 2:
+                return None
+            perm = self.processor.process(weights=np.arange(rows, dtype=np.float64).reshape(rows, 1), name=t.name,
+                                          tensor_key_mapping={}, parsed_parameters={}).weights
+            perm = np.asarray(perm).reshape(-1)
+            if perm.shape != (rows,) or not np.array_equal(np.sort(perm), np.arange(rows)):
+                return None   # the processor does more than reorder rows: go through the float weight
+            raws = [(t, raw[torch.from_numpy(perm.astype(np.int64))])]
+        types = {t.tensor_type.name for t, _ in raws}
+        if len(types) != 1:
             return None
-        t = ts[0]
-        raw = torch.from_numpy(np.array(t.data))
-        rows = raw.shape[0]
-        perm = self.processor.process(weights=np.arange(rows, dtype=np.float64).reshape(rows, 1), name=t.name,
-                                      tensor_key_mapping={}, parsed_parameters={}).weights
-        perm = np.asarray(perm).reshape(-1)
-        if perm.shape != (rows,) or not np.array_equal(np.sort(perm), np.arange(rows)):
-            return None   # the processor does more than reorder rows: go through the float weight
-        raw = raw[torch.from_numpy(perm.astype(np.int64))]
-        return from_gguf(raw, t.tensor_type.name, rows)[1]
+        (ggml,) = types
+        if ggml == same:
+            parts = [from_gguf(r, ggml, r.shape[0])[1] for _, r in raws]
+        elif ggml.lower() in GGML:
+            parts = [{"." + ggml.lower(): r.contiguous()} for _, r in raws]
+        else:
+            return None
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
     def save_extras(self, out: Path) -> None:
         from transformers import AutoTokenizer, GenerationConfig
@@ -593,6 +612,11 @@ def split(source, out=None, dtype: torch.dtype | None = None, progress: bool = T
     if need - have > free:
         raise DiskSpaceError(f"{out}: the store needs {fmt_bytes(need - have)} more but only {fmt_bytes(free)} is "
                              f"free; free space or choose another output directory (--out / store_path)")
+    kept = src.kept_types() if quant is None and hasattr(src, "kept_types") else set()
+    if kept:
+        opt = "int8" if kept == {"Q8_0"} else "int4"
+        log(f"note: {src.path.name} holds {', '.join(sorted(kept))} blocks; this store holds them as {store_dtype}. "
+            f"compression='{opt}' (--quantize {opt}) keeps them as they are, at about the file's size")
     log(f"splitting {src.path} -> {out} ({len(lay.units)} units, {fmt_bytes(need)}, {store_dtype}"
         + (f"; resuming, {len(done)} done" if done else "") + ")")
 

@@ -49,14 +49,7 @@ def make_moe_gguf(path: Path, qtype: str = "Q4_1", layers: int = 2, seed: int = 
     w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", cfg.rms_norm_eps)
     w.add_uint32(f"{arch}.expert_count", EXPERTS)
     w.add_uint32(f"{arch}.expert_used_count", TOP_K)
-    for key, field in tok.fields.items():   # the tokenizer, copied field by field
-        if not key.startswith("tokenizer."):
-            continue
-        vtype = field.types[0]
-        if vtype == gguf.GGUFValueType.ARRAY:
-            w.add_key_value(key, field.contents(), vtype, sub_type=field.types[-1])
-        else:
-            w.add_key_value(key, field.contents(), vtype)
+    _copy_tokenizer(w, tok)
 
     qt = getattr(gguf.GGMLQuantizationType, qtype)
 
@@ -88,3 +81,86 @@ def make_moe_gguf(path: Path, qtype: str = "Q4_1", layers: int = 2, seed: int = 
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+# sizes of the scale fields of each block type (byte offset of each fp16, and a magnitude that keeps the
+# weights near normal(0, 0.1)), for random blocks
+_FP16_FIELDS = {"Q4_0": ((0, 0.02),), "Q5_0": ((0, 0.01),), "Q5_1": ((0, 0.01), (2, 0.1)),
+                "Q4_K": ((0, 4e-4), (2, 4e-4)), "Q5_K": ((0, 2e-4), (2, 2e-4)), "Q6_K": ((208, 4e-5),)}
+
+# a Q4_K_M-like mix, and every other kept type once
+LLAMA_TYPES = {"token_embd": "Q4_K", "output": "Q6_K", "attn_q": "Q4_K", "attn_k": "Q5_K", "attn_v": "Q6_K",
+               "attn_output": "Q4_0", "ffn_gate": "Q5_0", "ffn_up": "Q5_1", "ffn_down": "Q6_K"}
+
+
+def random_blocks(rows: int, cols: int, qtype: str, rng) -> np.ndarray:
+    """Random blocks of a GGUF type (uint8 [rows, bytes per row]): random codes, scales of a sane size."""
+    import gguf
+
+    per, size = gguf.GGML_QUANT_SIZES[getattr(gguf.GGMLQuantizationType, qtype)]
+    raw = rng.integers(0, 256, size=(rows, cols // per, size), dtype=np.uint8)
+    for off, mag in _FP16_FIELDS[qtype]:
+        raw[..., off:off + 2] = rng.uniform(-mag, mag, size=(rows, cols // per)).astype(np.float16) \
+            .view(np.uint8).reshape(rows, cols // per, 2)
+    return raw.reshape(rows, -1)
+
+
+def make_llama_gguf(path: Path, types: dict = LLAMA_TYPES, layers: int = 2, seed: int = 0) -> Path:
+    """A tiny random Llama GGUF (hidden 256, the K-quants' block) whose weights are random blocks of the
+    given GGUF types; norms F32; the embedded SmolLM2 GGUF's tokenizer."""
+    import gguf
+
+    from layerstream.split import embedded_model
+
+    rng = np.random.default_rng(seed)
+    tok = gguf.GGUFReader(embedded_model())
+    vocab = len(tok.fields["tokenizer.ggml.tokens"].data)
+    hidden, ff, heads, kv, hd = 256, 512, 4, 2, 64
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, val in (("context_length", 256), ("embedding_length", hidden), ("block_count", layers),
+                     ("feed_forward_length", ff), ("attention.head_count", heads), ("attention.head_count_kv", kv),
+                     ("rope.dimension_count", hd)):
+        w.add_uint32(f"llama.{key}", val)
+    w.add_float32("llama.rope.freq_base", 10000.0)
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    _copy_tokenizer(w, tok)
+
+    def put(name: str, rows: int, cols: int, role: str):
+        qtype = types.get(role, "F32")
+        if qtype == "F32":
+            w.add_tensor(name, rng.uniform(0.5, 1.5, size=(cols,)).astype(np.float32) if rows == 0
+                         else rng.normal(0, 0.1, size=(rows, cols)).astype(np.float32))
+        else:
+            w.add_tensor(name, random_blocks(rows, cols, qtype, rng), raw_dtype=getattr(gguf.GGMLQuantizationType, qtype))
+
+    put("token_embd.weight", vocab, hidden, "token_embd")
+    put("output_norm.weight", 0, hidden, "norm")
+    put("output.weight", vocab, hidden, "output")
+    for i in range(layers):
+        put(f"blk.{i}.attn_q.weight", heads * hd, hidden, "attn_q")
+        put(f"blk.{i}.attn_k.weight", kv * hd, hidden, "attn_k")
+        put(f"blk.{i}.attn_v.weight", kv * hd, hidden, "attn_v")
+        put(f"blk.{i}.attn_output.weight", hidden, heads * hd, "attn_output")
+        put(f"blk.{i}.ffn_gate.weight", ff, hidden, "ffn_gate")
+        put(f"blk.{i}.ffn_up.weight", ff, hidden, "ffn_up")
+        put(f"blk.{i}.ffn_down.weight", hidden, ff, "ffn_down")
+        put(f"blk.{i}.attn_norm.weight", 0, hidden, "norm")
+        put(f"blk.{i}.ffn_norm.weight", 0, hidden, "norm")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _copy_tokenizer(w, tok) -> None:
+    import gguf
+
+    for key, field in tok.fields.items():   # the tokenizer, copied field by field
+        if not key.startswith("tokenizer."):
+            continue
+        vtype = field.types[0]
+        if vtype == gguf.GGUFValueType.ARRAY:
+            w.add_key_value(key, field.contents(), vtype, sub_type=field.types[-1])
+        else:
+            w.add_key_value(key, field.contents(), vtype)

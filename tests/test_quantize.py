@@ -120,3 +120,45 @@ def test_resident_int4_computes_on_packed_weights_in_bf16(tmp_path):
     err_packed = (m(ids).logits.float() - want).abs().max()
     assert err_packed <= 2 * err_dequant + 1e-3, (err_packed, err_dequant)
     assert (m(ids).logits.argmax(-1) == want.argmax(-1)).float().mean() >= 0.85
+
+
+@pytest.mark.parametrize("max_ram", [0, None])
+def test_gguf_k_quants_kept_exactly(tmp_path, max_ram):
+    """A GGUF in Q4_K_M's mix (Q4_K, Q6_K) and Q4_0, Q5_0, Q5_1, Q5_K tensors: with `int4` its blocks are kept
+    as they are (stored as `<name>.q4_k` ...: no re-rounding) and dequantized as gguf-py does, so the logits
+    and tokens are transformers' own from the same file; the store is about the GGUF's size, not float's."""
+    from gguf_tiny import make_llama_gguf
+
+    g = make_llama_gguf(tmp_path / "tiny-k.gguf")
+    ref = AutoModelForCausalLM.from_pretrained(g.parent, gguf_file=g.name, dtype=torch.float32).eval()
+    m = AutoModel.from_pretrained(g, compression="int4", max_ram=max_ram, store_path=tmp_path / "store",
+                                  progress=False)
+    names = {t for u in m.store.manifest.units for t in u.tensors}
+    for suffix in (".q4_k", ".q5_k", ".q6_k", ".q4_0", ".q5_0", ".q5_1"):
+        assert any(t.endswith(suffix) for t in names), suffix
+    layers = sum(u.bytes for u in m.store.manifest.units if u.kind == "layer")
+    floats = sum(p.numel() * 4 for n, p in ref.named_parameters() if ".layers." in n)
+    assert layers < 0.2 * floats   # 4.5-6.6 bits per weight against 32
+    ids = torch.tensor([[1, 7, 3, 99, 45, 12]])
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-4)
+    assert m.generate(ids, max_new_tokens=8, do_sample=False).tolist() == \
+        ref.generate(ids, max_new_tokens=8, do_sample=False).tolist()
+    m.close()
+
+
+@pytest.mark.parametrize("kind", ["q4_0", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"])
+def test_ggml_block_dequantization_is_gguf_pys(kind):
+    """layerstream's torch dequantizer of each kept GGUF block type gives gguf-py's values bit for bit."""
+    import gguf
+    import numpy as np
+
+    from gguf_tiny import random_blocks
+    from layerstream.quantize import dequantize_ggml
+
+    qtype = kind.upper()
+    per = gguf.GGML_QUANT_SIZES[getattr(gguf.GGMLQuantizationType, qtype)][0]
+    raw = random_blocks(5, 3 * per, qtype, np.random.default_rng(1))
+    want = gguf.quants.dequantize(raw, getattr(gguf.GGMLQuantizationType, qtype))
+    got = dequantize_ggml(kind, torch.from_numpy(raw.copy()))
+    assert got.shape == want.shape and torch.equal(got, torch.from_numpy(want))
