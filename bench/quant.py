@@ -31,7 +31,6 @@ SETTINGS = {
     "int4, dequantized once at load (fits as floats)": dict(quant="int4", max_ram=None, dtype=None),
     "int4, packed int4 kernel, bf16 compute (max_ram=300MB)": dict(quant="int4", max_ram="300MB", dtype="bfloat16"),
     "int4, streamed and dequantized per sweep (max_ram=0)": dict(quant="int4", max_ram=0, dtype=None),
-    "int8 (Q4_1 re-rounded), dequantized once at load": dict(quant="int8", max_ram=None, dtype=None),
 }
 
 

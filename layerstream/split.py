@@ -412,16 +412,15 @@ class GGUFSource:
         return total
 
     def get_quantized(self, name: str, kind: str) -> dict[str, torch.Tensor] | None:
-        """A GGUF tensor's blocks kept exactly (rows reordered as transformers reorders the dequantized weight;
-        an expert's slice of stacked expert tensors likewise, gate rows then up rows): Q4_1 as int4 and Q8_0
-        as int8 when that is the store's `kind`; Q4_0, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K as they are under
-        either kind (they are never re-rounded onto another grid). None otherwise: the float weight is then
-        quantized to `kind`."""
+        """A GGUF tensor's blocks kept exactly, whichever the store's `kind` (a GGUF's blocks are never
+        re-rounded onto another grid): Q4_1 as int4 blocks, Q8_0 as int8 blocks, Q4_0, Q5_0, Q5_1, Q4_K, Q5_K
+        and Q6_K as they are. Rows are reordered as transformers reorders the dequantized weight; an expert's
+        slice of stacked expert tensors likewise, gate rows then up rows. None for float tensors and other
+        block types: the float weight is then quantized to `kind`."""
         import numpy as np
 
         from .quantize import GGML, from_gguf
 
-        same = {"int4": "Q4_1", "int8": "Q8_0"}[kind]
         if name in self.experts:
             ts, j = self.experts[name]
             raws = [(t, torch.from_numpy(np.array(t.data[j]))) for t in ts]
@@ -444,7 +443,7 @@ class GGUFSource:
         if len(types) != 1:
             return None
         (ggml,) = types
-        if ggml == same:
+        if ggml in ("Q4_1", "Q8_0"):
             parts = [from_gguf(r, ggml, r.shape[0])[1] for _, r in raws]
         elif ggml.lower() in GGML:
             parts = [{"." + ggml.lower(): r.contiguous()} for _, r in raws]
@@ -614,9 +613,8 @@ def split(source, out=None, dtype: torch.dtype | None = None, progress: bool = T
                              f"free; free space or choose another output directory (--out / store_path)")
     kept = src.kept_types() if quant is None and hasattr(src, "kept_types") else set()
     if kept:
-        opt = "int8" if kept == {"Q8_0"} else "int4"
         log(f"note: {src.path.name} holds {', '.join(sorted(kept))} blocks; this store holds them as {store_dtype}. "
-            f"compression='{opt}' (--quantize {opt}) keeps them as they are, at about the file's size")
+            f"compression='int4' (--quantize int4) keeps them as they are (the embedding is kept as floats)")
     log(f"splitting {src.path} -> {out} ({len(lay.units)} units, {fmt_bytes(need)}, {store_dtype}"
         + (f"; resuming, {len(done)} done" if done else "") + ")")
 

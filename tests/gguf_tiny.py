@@ -85,12 +85,13 @@ def make_moe_gguf(path: Path, qtype: str = "Q4_1", layers: int = 2, seed: int = 
 
 # sizes of the scale fields of each block type (byte offset of each fp16, and a magnitude that keeps the
 # weights near normal(0, 0.1)), for random blocks
-_FP16_FIELDS = {"Q4_0": ((0, 0.02),), "Q5_0": ((0, 0.01),), "Q5_1": ((0, 0.01), (2, 0.1)),
+_FP16_FIELDS = {"Q8_0": ((0, 1e-3),), "Q4_1": ((0, 0.01), (2, 0.1)), "Q4_0": ((0, 0.02),), "Q5_0": ((0, 0.01),), "Q5_1": ((0, 0.01), (2, 0.1)),
                 "Q4_K": ((0, 4e-4), (2, 4e-4)), "Q5_K": ((0, 2e-4), (2, 2e-4)), "Q6_K": ((208, 4e-5),)}
 
-# a Q4_K_M-like mix, and every other kept type once
+# a Q4_K_M-like mix (llama.cpp's Q4_K_M also holds Q8_0 and Q5_0 tensors where K-quants do not fit),
+# and every other kept type once
 LLAMA_TYPES = {"token_embd": "Q4_K", "output": "Q6_K", "attn_q": "Q4_K", "attn_k": "Q5_K", "attn_v": "Q6_K",
-               "attn_output": "Q4_0", "ffn_gate": "Q5_0", "ffn_up": "Q5_1", "ffn_down": "Q6_K"}
+               "attn_output": "Q4_0", "ffn_gate": "Q5_0", "ffn_up": "Q5_1", "ffn_down": "Q8_0"}
 
 
 def random_blocks(rows: int, cols: int, qtype: str, rng) -> np.ndarray:

@@ -124,9 +124,10 @@ def test_resident_int4_computes_on_packed_weights_in_bf16(tmp_path):
 
 @pytest.mark.parametrize("max_ram", [0, None])
 def test_gguf_k_quants_kept_exactly(tmp_path, max_ram):
-    """A GGUF in Q4_K_M's mix (Q4_K, Q6_K) and Q4_0, Q5_0, Q5_1, Q5_K tensors: with `int4` its blocks are kept
-    as they are (stored as `<name>.q4_k` ...: no re-rounding) and dequantized as gguf-py does, so the logits
-    and tokens are transformers' own from the same file; the store is about the GGUF's size, not float's."""
+    """A GGUF in Q4_K_M's mix (Q4_K, Q6_K, and Q8_0 where llama.cpp falls back to it) and Q4_0, Q5_0, Q5_1,
+    Q5_K tensors: with `int4` its blocks are kept as they are (stored as `<name>.q4_k` ..., Q8_0 as int8
+    blocks: no re-rounding) and dequantized as gguf-py does, so the logits and tokens are transformers' own
+    from the same file; the store is about the GGUF's size, not float's."""
     from gguf_tiny import make_llama_gguf
 
     g = make_llama_gguf(tmp_path / "tiny-k.gguf")
@@ -134,7 +135,7 @@ def test_gguf_k_quants_kept_exactly(tmp_path, max_ram):
     m = AutoModel.from_pretrained(g, compression="int4", max_ram=max_ram, store_path=tmp_path / "store",
                                   progress=False)
     names = {t for u in m.store.manifest.units for t in u.tensors}
-    for suffix in (".q4_k", ".q5_k", ".q6_k", ".q4_0", ".q5_0", ".q5_1"):
+    for suffix in (".q4_k", ".q5_k", ".q6_k", ".q4_0", ".q5_0", ".q5_1", ".q8"):
         assert any(t.endswith(suffix) for t in names), suffix
     layers = sum(u.bytes for u in m.store.manifest.units if u.kind == "layer")
     floats = sum(p.numel() * 4 for n, p in ref.named_parameters() if ".layers." in n)

@@ -1,0 +1,150 @@
+"""A K-quant GGUF made by llama.cpp, run by layerstream with its blocks kept, against transformers and llama.cpp.
+
+llama.cpp's own quantizer (llama-cpp-python's `llama_model_quantize`, Q4_K_M, requantizing allowed) turns
+the embedded SmolLM2-135M-Instruct Q4_1 GGUF into a Q4_K_M file. SmolLM2's 576-wide rows are not a multiple
+of the K-quants' 256, so llama.cpp falls back to Q5_0 / Q8_0 for most tensors; the file holds Q4_K, Q6_K,
+Q5_0 and Q8_0 blocks. Then, each in its own subprocess:
+
+- transformers (float32, dequantized by gguf-py): the reference logits over a fixed text (teacher forcing)
+  and greedy tokens;
+- layerstream with `compression="int4"` (the file's blocks kept bit for bit), fully resident (dequantized
+  once at load) and streamed with `max_ram=0` (dequantized per sweep); and without compression (a float32
+  store): the largest |logit difference| from transformers over the text, whether the greedy tokens are
+  transformers', greedy tokens/s and the store's size;
+- llama.cpp on the same file (its own quantized matmuls, so its tokens may differ), greedy tokens/s.
+
+Greedy decoding: 32 new tokens after a chat prompt, one 2-token warm-up first.
+
+Run:  .venv/bin/pip install ../shared/wheels/llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl &&
+      .venv/bin/python bench/gguf_kquants.py
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+from cpuload import child_result  # noqa: E402
+
+WORK = pathlib.Path("/tmp/layerstream-bench/kquants")
+FILE = WORK / "SmolLM2-135M-Instruct.Q4_K_M.gguf"
+TEXT = ("The sea is vast and deep. Sailors have crossed it for thousands of years, guided by the stars and by "
+        "the wind. Today ships carry most of the goods we use, and scientists study the currents that shape "
+        "our climate. ") * 4
+NEW = 32
+SETTINGS = {
+    "transformers": None,
+    "layerstream int4 (blocks kept), resident": dict(compression="int4", max_ram=None),
+    "layerstream int4 (blocks kept), max_ram=0": dict(compression="int4", max_ram=0),
+    "layerstream float32 store, resident": dict(compression=None, max_ram=None),
+    "llama.cpp": None,
+}
+
+
+def make() -> dict:
+    import collections
+    import ctypes
+
+    import gguf
+    import llama_cpp
+
+    from layerstream.split import embedded_model
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    if not FILE.is_file():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+        params.allow_requantize = True
+        params.nthread = 2
+        tmp = FILE.with_suffix(".tmp")
+        rc = llama_cpp.llama_model_quantize(str(embedded_model()).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0:
+            raise RuntimeError(f"llama_model_quantize returned {rc}")
+        tmp.rename(FILE)
+    types = collections.Counter(t.tensor_type.name for t in gguf.GGUFReader(FILE).tensors)
+    return {"bytes": FILE.stat().st_size, "types": dict(types)}
+
+
+def prompt_ids(tok):
+    return tok.apply_chat_template([{"role": "user", "content": "Write a short poem about the sea."}],
+                                   add_generation_prompt=True, return_tensors="pt")["input_ids"]
+
+
+def child(name: str) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(WORK, gguf_file=FILE.name)
+    ids = prompt_ids(tok)
+    text = tok(TEXT, return_tensors="pt")["input_ids"]
+    if name == "llama.cpp":
+        from peers import run_llama_cpp
+
+        r = run_llama_cpp(FILE, ids, NEW)
+        note = "its own quantized matmuls; median of 5 timed runs" if r.get("tok_s") else r.get("note", "")
+        return {"tok_s": r.get("tok_s"), "tokens": r.get("tokens"), "note": note}
+    if name == "transformers":
+        m = AutoModelForCausalLM.from_pretrained(WORK, gguf_file=FILE.name, dtype=torch.float32).eval()
+        store_bytes = None
+    else:
+        from layerstream import AutoModel
+
+        s = SETTINGS[name]
+        store = WORK / f"store-{s['compression'] or 'float32'}"
+        m = AutoModel.from_pretrained(FILE, compression=s["compression"], max_ram=s["max_ram"], store_path=store,
+                                      progress=False)
+        store_bytes = sum(u.bytes for u in m.store.manifest.units)
+    with torch.inference_mode():
+        logits = m(text).logits.float()
+        m.generate(ids, max_new_tokens=2, do_sample=False)
+        t0 = time.perf_counter()
+        out = m.generate(ids, max_new_tokens=NEW, do_sample=False)
+        dt = time.perf_counter() - t0
+    if name == "transformers":
+        torch.save(logits, WORK / "ref-logits.pt")
+        diff = 0.0
+    else:
+        diff = float((logits - torch.load(WORK / "ref-logits.pt")).abs().max())
+    new = out[0, ids.shape[1]:].tolist()
+    return {"tok_s": len(new) / dt, "tokens": new, "max_logit_diff": diff, "store_bytes": store_bytes}
+
+
+def main() -> int:
+    if len(sys.argv) > 2 and sys.argv[1] == "--child":
+        print("RESULT " + json.dumps(child(sys.argv[2])), flush=True)
+        return 0
+    if len(sys.argv) > 1 and sys.argv[1] == "--make":
+        print("RESULT " + json.dumps(make()), flush=True)
+        return 0
+    info, tail = child_result([sys.executable, __file__, "--make"])
+    if info is None:
+        print(f"could not make the Q4_K_M file (needs llama-cpp-python): {tail}")
+        return 1
+    print(f"{FILE}: {info['bytes'] / 1e6:.1f} MB; tensor types {info['types']}")
+    results = {}
+    print(f"{'setting':44s} {'tok/s':>7s} {'store':>9s} {'max |logit diff|':>17s}  tokens")
+    for name in SETTINGS:
+        r, tail = child_result([sys.executable, __file__, "--child", name])
+        results[name] = r
+        if r is None:
+            print(f"{name:44s} failed: {tail}")
+            continue
+        ref = (results.get("transformers") or {}).get("tokens")
+        same = "the reference" if name == "transformers" else \
+            ("same as transformers" if r["tokens"] == ref else "differ from transformers")
+        store = f"{r['store_bytes'] / 1e6:7.1f}MB" if r.get("store_bytes") else f"{'-':>9s}"
+        diff = f"{r['max_logit_diff']:17.6f}" if "max_logit_diff" in r else f"{'-':>17s}"
+        tok_s = f"{r['tok_s']:7.2f}" if r.get("tok_s") else f"{'-':>7s}"
+        print(f"{name:44s} {tok_s} {store} {diff}  {same} {r.get('note', '')}", flush=True)
+    (HERE / "out").mkdir(exist_ok=True)
+    (HERE / "out" / "gguf_kquants.json").write_text(json.dumps({"file": info, "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
