@@ -364,6 +364,16 @@ class GGUFSource:
                 ts.sort(key=lambda t: ".ffn_up" in t.name)
         return self._map
 
+    def kept_bytes(self, name: str) -> int | None:
+        """Bytes a quantized store takes for this weight when its GGUF blocks are kept (None: not kept)."""
+        from .quantize import GGML
+
+        ts = self.experts[name][0] if name in self.experts else self._mapping().get(name)
+        if not ts or any(t.tensor_type.name.lower() not in GGML and t.tensor_type.name not in ("Q4_1", "Q8_0")
+                         for t in ts):
+            return None
+        return sum(int(t.n_bytes) for t in ts) // (ts[0].data.shape[0] if name in self.experts else 1)
+
     def kept_types(self) -> set[str]:
         """The block types of this file that a quantized store keeps as they are."""
         from .quantize import GGML
@@ -573,8 +583,12 @@ def split(source, out=None, dtype: torch.dtype | None = None, progress: bool = T
     embed_params = set(lay.units[0].params) if lay.units[0].kind == "embed" else set()
     per_weight = {"int4": 0.625, "int8": 1.07, None: None}[quant]   # bytes per quantized weight, scales included
 
-    def est(n: str) -> float:
+    kept_bytes = getattr(src, "kept_bytes", lambda n: None)   # a GGUF's blocks kept as they are
+
+    def est(n: str, quant=quant, per_weight=per_weight) -> float:
         k = src.numel(n)
+        if quant and n not in embed_params and kept_bytes(n) is not None:
+            return kept_bytes(n)
         if per_weight and n not in embed_params and (n.endswith(".weight") or ".experts." in n) and k > 4096:
             return k * per_weight
         return k * elem
@@ -608,10 +622,15 @@ def split(source, out=None, dtype: torch.dtype | None = None, progress: bool = T
                 done[rec["name"]] = rec
     have = sum(r["bytes"] for r in done.values())
     free = shutil.disk_usage(out).free
-    if need - have > free:
-        raise DiskSpaceError(f"{out}: the store needs {fmt_bytes(need - have)} more but only {fmt_bytes(free)} is "
-                             f"free; free space or choose another output directory (--out / store_path)")
     kept = src.kept_types() if quant is None and hasattr(src, "kept_types") else set()
+    if need - have > free:
+        hint = ""
+        if kept:
+            small = int(sum(est(n, "int4", 0.625) for n in names))
+            hint = (f"; or keep this GGUF's {', '.join(sorted(kept))} blocks as they are with compression='int4' "
+                    f"(--quantize int4): about {fmt_bytes(small)}")
+        raise DiskSpaceError(f"{out}: the store needs {fmt_bytes(need - have)} more but only {fmt_bytes(free)} is "
+                             f"free; free space or choose another output directory (--out / store_path){hint}")
     if kept:
         log(f"note: {src.path.name} holds {', '.join(sorted(kept))} blocks; this store holds them as {store_dtype}. "
             f"compression='int4' (--quantize int4) keeps them as they are (the embedding is kept as floats)")

@@ -163,3 +163,27 @@ def test_ggml_block_dequantization_is_gguf_pys(kind):
     want = gguf.quants.dequantize(raw, getattr(gguf.GGMLQuantizationType, qtype))
     got = dequantize_ggml(kind, torch.from_numpy(raw.copy()))
     assert got.shape == want.shape and torch.equal(got, torch.from_numpy(want))
+
+
+def test_gguf_too_big_as_floats_says_how_to_keep_its_blocks(tmp_path):
+    """On a disk with room for the GGUF's blocks but not for its float32 weights, the split refuses before
+    writing and names the option that keeps the blocks; with that option it fits (the estimate counts the
+    blocks' own bytes)."""
+    import subprocess
+
+    from gguf_tiny import make_llama_gguf
+    from test_store import _tmpfs
+
+    from layerstream.errors import DiskSpaceError
+    from layerstream.split import split
+
+    g = make_llama_gguf(tmp_path / "tiny-k.gguf")
+    disk = tmp_path / "disk"
+    _tmpfs(disk, "85m")
+    try:
+        with pytest.raises(DiskSpaceError, match=r"compression='int4' \(--quantize int4\): about"):
+            split(g, disk / "float", progress=False)
+        store = split(g, disk / "int4", progress=False, quantize="int4")
+        assert Store(store).verify() == []
+    finally:
+        subprocess.run(["umount", str(disk)])
