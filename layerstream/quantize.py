@@ -6,7 +6,8 @@ int8: asymmetric, blocks of 64 along the input dimension, fp16 scale and min per
 int4: asymmetric, blocks of 32, fp16 scale and min per block, two values per byte in GGUF Q4_1's order
       (byte j of a block holds element j in its low nibble and element j+16 in its high nibble;
       `<name>.q4` uint8 [out, in/2], `<name>.scale`, `<name>.min` fp16 [out, in/32]): 0.625 bytes per
-      weight, 0.3125x bf16. A GGUF's Q4_1 (and Q8_0) tensors are kept exactly, not re-rounded.
+      weight, 0.3125x bf16. A GGUF's Q4_1 (and Q8_0) tensors are kept exactly, not re-rounded, and so are
+      its Q4_0, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K tensors, in their own layout (`GGML` below).
 
 Both choose each block's scale and min by a search over candidate grids, each refitted by least squares
 (`_grids`, `_best_fit`), not plain min/max.
