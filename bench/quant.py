@@ -5,7 +5,8 @@ exactly). For each setting: greedy tokens/s (32 new tokens after a 2-token warm-
 over a fixed text (teacher forcing), top-1 next-token agreement and mean KL(float || setting) against the
 fp32 float model. Each setting in its own subprocess. Then the time `quantize` takes on one random
 4096x4096 float32 weight (the shape of a 7B model's attention projections; normal(0, 0.02)), int8 and
-int4, with one torch thread and with all of them, best of 3.
+int4, and the time `dequantize` takes to turn it back into bfloat16 (what the loader does per unit when
+a quantized store streams), with one torch thread and with all of them, best of 3.
 
 Run:  .venv/bin/python bench/quant.py
 """
@@ -69,18 +70,24 @@ def child(name: str) -> dict:
 def quantize_speed(threads: int) -> dict:
     import torch
 
-    from layerstream.quantize import quantize
+    from layerstream.quantize import dequantize, quantize
 
     torch.set_num_threads(threads)
     w = torch.randn(4096, 4096, generator=torch.Generator().manual_seed(0)) * 0.02
     out = {}
     for kind in ("int8", "int4"):
-        best = float("inf")
+        best = best_d = float("inf")
         for _ in range(3):
             t0 = time.perf_counter()
-            quantize(w, kind)
+            parts = quantize(w, kind)
             best = min(best, time.perf_counter() - t0)
+        dest = torch.empty(w.shape, dtype=torch.bfloat16)
+        for _ in range(3):
+            t0 = time.perf_counter()
+            dequantize("uint8" if kind == "int8" else kind, parts, torch.bfloat16, out=dest)
+            best_d = min(best_d, time.perf_counter() - t0)
         out[kind] = best
+        out[kind + " dequantize"] = best_d
     return out
 
 
@@ -107,8 +114,11 @@ def main() -> int:
         if r is None:
             print(f"quantize speed, {threads} threads: failed: {tail}")
             continue
-        print(f"quantize one 4096x4096 weight, {threads} thread{'s' if threads > 1 else ''}: "
-              + ", ".join(f"{k} {v:.2f} s ({4096 * 4096 / v / 1e6:.0f} M weights/s)" for k, v in r.items()))
+        print(f"one 4096x4096 weight, {threads} thread{'s' if threads > 1 else ''}: quantize "
+              + ", ".join(f"{k} {r[k]:.2f} s ({4096 * 4096 / r[k] / 1e6:.0f} M weights/s)" for k in ("int8", "int4"))
+              + "; dequantize to bf16 " + ", ".join(f"{k} {r[k + ' dequantize'] * 1e3:.1f} ms "
+                                                    f"({4096 * 4096 * 2 / r[k + ' dequantize'] / 1e9:.2f} GB/s out)"
+                                                    for k in ("int8", "int4")))
     return 0
 
 
