@@ -7,7 +7,6 @@ last. Killed at any point, it resumes without redoing finished units.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import hashlib
 import importlib.util
@@ -20,8 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import DiskSpaceError, SourceError, StoreError
-from .store import (DTYPES, MANIFEST, Manifest, Store, TensorSlot, UnitInfo, aligned_empty, atomic_write_bytes,
-                    fsync_dir, read_header)
+from .store import MANIFEST, Manifest, Store, UnitInfo, aligned_empty, atomic_write_bytes, fsync_dir, read_header
 from .utils import cache_dir, fmt_bytes
 
 PROGRESS = "split-progress.jsonl"
