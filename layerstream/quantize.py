@@ -259,6 +259,7 @@ def int4_linear(module, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> b
 GGML = {"q4_0": (32, 18), "q5_0": (32, 22), "q5_1": (32, 24), "q4_k": (256, 144), "q5_k": (256, 176),
         "q6_k": (256, 210)}
 SUFFIXES.update({k: ("." + k,) for k in GGML})
+KEPT_GGUF = {"Q4_1", "Q8_0", *(k.upper() for k in GGML)}   # every GGUF block type a quantized store keeps
 
 
 def _f16(b: torch.Tensor) -> torch.Tensor:

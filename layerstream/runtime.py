@@ -21,7 +21,7 @@ from torch import nn
 from .adapters import Layout
 from .errors import InputError, StoreError
 from .plan import Plan, UnitPlan
-from .quantize import SUFFIXES, dequantize, float_shape, int4_linear, stored_names
+from .quantize import SUFFIXES, dequantize, float_bytes, float_shape, int4_linear, stored_names
 from .store import Store, aligned_empty, read_layout, tensor_views
 from .utils import fmt_bytes
 
@@ -258,13 +258,9 @@ class Loader:
         """Bytes of float weights the loader makes for part `p`: dequantized weights, and weights converted
         to the compute dtype (off the compute thread's critical path)."""
         if p not in self._out:
-            total = 0
             quant = stored_names([sl.name for sl in self.store.slots(p)])
             qnames = {n for _, names in quant.values() for n in names.values()}
-            for base, (kind, names) in quant.items():
-                q = next(sl for sl in self.store.slots(p) if sl.name == names[SUFFIXES[kind][0]])
-                r, c = float_shape(kind, q.shape)
-                total += r * c * self.dtype.itemsize
+            total = float_bytes({sl.name: sl.shape for sl in self.store.slots(p)}, quant, self.dtype)
             for sl in self.store.slots(p):
                 if sl.name not in qnames and sl.dtype.is_floating_point and sl.dtype != self.dtype:
                     total += (sl.end - sl.begin) // sl.dtype.itemsize * self.dtype.itemsize

@@ -362,22 +362,28 @@ class GGUFSource:
                 ts.sort(key=lambda t: ".ffn_up" in t.name)
         return self._map
 
-    def kept_bytes(self, name: str) -> int | None:
-        """Bytes a quantized store takes for this weight when its GGUF blocks are kept (None: not kept)."""
-        from .quantize import GGML
+    def _kept(self, name: str) -> list | None:
+        """The GGUF tensors of a weight whose blocks a quantized store keeps as they are: all of one kept
+        type (None otherwise: the weight is then dequantized and quantized to the store's kind)."""
+        from .quantize import KEPT_GGUF
 
         ts = self.experts[name][0] if name in self.experts else self._mapping().get(name)
-        if not ts or any(t.tensor_type.name.lower() not in GGML and t.tensor_type.name not in ("Q4_1", "Q8_0")
-                         for t in ts):
+        if not ts or len({t.tensor_type.name for t in ts}) != 1 or ts[0].tensor_type.name not in KEPT_GGUF:
+            return None
+        return ts
+
+    def kept_bytes(self, name: str) -> int | None:
+        """Bytes a quantized store takes for this weight when its GGUF blocks are kept (None: not kept)."""
+        ts = self._kept(name)
+        if ts is None:
             return None
         return sum(int(t.n_bytes) for t in ts) // (ts[0].data.shape[0] if name in self.experts else 1)
 
     def kept_types(self) -> set[str]:
         """The block types of this file that a quantized store keeps as they are."""
-        from .quantize import GGML
+        from .quantize import KEPT_GGUF
 
-        return {t.tensor_type.name for t in self.reader.tensors
-                if t.tensor_type.name.lower() in GGML or t.tensor_type.name in ("Q4_1", "Q8_0")}
+        return {t.tensor_type.name for t in self.reader.tensors} & KEPT_GGUF
 
     def map_names(self, skeleton, lay) -> None:
         """Name each expert's slice of the GGUF's stacked expert tensors as the store names it."""
@@ -427,36 +433,32 @@ class GGUFSource:
         block types: the float weight is then quantized to `kind`."""
         import numpy as np
 
-        from .quantize import GGML, from_gguf
+        from .quantize import from_gguf
 
+        ts = self._kept(name)   # the type first: a float tensor is not read here, only by get()
+        if ts is None:
+            return None
+        ggml = ts[0].tensor_type.name
         if name in self.experts:
-            ts, j = self.experts[name]
-            raws = [(t, torch.from_numpy(np.array(t.data[j]))) for t in ts]
+            j = self.experts[name][1]
+            raws = [torch.from_numpy(np.array(t.data[j])) for t in ts]
         else:
-            ts = self._mapping()[name]
             if len(ts) > 1:
                 return None
-            t = ts[0]
-            raw = torch.from_numpy(np.array(t.data))
+            raw = torch.from_numpy(np.array(ts[0].data))
             rows = raw.shape[0]
             if raw.dim() != 2:
                 return None
-            perm = self.processor.process(weights=np.arange(rows, dtype=np.float64).reshape(rows, 1), name=t.name,
-                                          tensor_key_mapping={}, parsed_parameters={}).weights
+            perm = self.processor.process(weights=np.arange(rows, dtype=np.float64).reshape(rows, 1),
+                                          name=ts[0].name, tensor_key_mapping={}, parsed_parameters={}).weights
             perm = np.asarray(perm).reshape(-1)
             if perm.shape != (rows,) or not np.array_equal(np.sort(perm), np.arange(rows)):
                 return None   # the processor does more than reorder rows: go through the float weight
-            raws = [(t, raw[torch.from_numpy(perm.astype(np.int64))])]
-        types = {t.tensor_type.name for t, _ in raws}
-        if len(types) != 1:
-            return None
-        (ggml,) = types
+            raws = [raw[torch.from_numpy(perm.astype(np.int64))]]
         if ggml in ("Q4_1", "Q8_0"):
-            parts = [from_gguf(r, ggml, r.shape[0])[1] for _, r in raws]
-        elif ggml.lower() in GGML:
-            parts = [{"." + ggml.lower(): r.contiguous()} for _, r in raws]
+            parts = [from_gguf(r, ggml, r.shape[0])[1] for r in raws]
         else:
-            return None
+            parts = [{"." + ggml.lower(): r.contiguous()} for r in raws]
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
     def save_extras(self, out: Path) -> None:
