@@ -9,9 +9,9 @@ __version__ = "0.1.0"
 TESTED_TRANSFORMERS = ("5.24",)
 
 _EXPORTS = {
-    "AutoModel": "layerstream.model", "StreamedModel": "layerstream.model", "ChatSession": "layerstream.chat",
-    "split": "layerstream.split", "Store": "layerstream.store", "make_plan": "layerstream.plan",
-    "LayerstreamError": "layerstream.errors",
+    "AutoModel": "layerstream.engine", "StreamedModel": "layerstream.engine", "ChatSession": "layerstream.engine",
+    "Options": "layerstream.options", "split": "layerstream.store", "Store": "layerstream.store",
+    "make_plan": "layerstream.plan", "LayerstreamError": "layerstream.errors",
 }
 __all__ = list(_EXPORTS) + ["__version__"]
 _checked = False

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import sys
 from pathlib import Path
 
 from .errors import BudgetError
@@ -73,3 +75,17 @@ def peak_rss() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def log(msg: str) -> None:
+    """What layerstream is doing, on stderr (the library and the command line say it the same way)."""
+    print(f"[layerstream] {msg}", file=sys.stderr, flush=True)
+
+
+def file_identity(files: list[Path]) -> str:
+    """A short identity of a set of files (names, sizes, mtimes): a changed source gets a new default store."""
+    h = hashlib.sha256()
+    for f in sorted(files):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]

@@ -10,15 +10,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .errors import BudgetError
-from .store import Store
-from .utils import available_ram, fmt_bytes
+import json
+
+import torch
+
+from ..errors import BudgetError, InputError
+from ..quant import float_bytes, stored_names
+from ..store import Store
+from ..utils import available_ram, fmt_bytes
+from .heat import EXPERT_COUNTS, read_expert_counts
+from .probes import device_free
 
 RAM_MARGIN = 1_500_000_000      # left free for activations, KV cache, the OS
 GPU_MARGIN = 1_000_000_000
 # Kept out of a RAM budget that streams, for what is not weights: activations, KV cache, the tokenizer,
 # allocator slack (measured on a 31 GB model at max_ram=16GB: ~0.5 GB above weights + in-flight buffers).
 RUNTIME_RESERVE = 512_000_000
+# The KV cache of the sequences in flight (continuous batching) gets what the budget leaves beside the resident
+# units and the in-flight buffers; never less than this, which then comes on top of a budget too small for it
+# (as the in-flight buffers do for max_ram=0).
+MIN_KV = 256_000_000
 
 
 @dataclass
@@ -51,9 +62,15 @@ class Plan:
     # sweep's read-ahead); `expert_share` is the expected share of a layer's experts a token uses (top_k / n)
     expert_share: float = 0.0
     expert_topk: int = 0
+    kv_per_token: int = 0               # bytes of keys and values per token of one sequence, every layer
+    kv_budget: int | None = None        # bytes the KV cache of all sequences in flight may take
+    _by_name: dict | None = field(default=None, repr=False)
 
     def tier(self, name: str) -> str:
-        return next(u.tier for u in self.units if u.name == name)
+        """A unit's tier (by name, in O(1): called for every part of every load)."""
+        if self._by_name is None:
+            self._by_name = {u.name: u for u in self.units}
+        return self._by_name[name].tier
 
     def resident(self, tier: str) -> int:
         return sum(u.bytes for u in self.units if u.tier == tier)
@@ -112,6 +129,11 @@ class Plan:
         if self.bandwidth:
             lines.append(f"  measured read bandwidth {fmt_bytes(self.bandwidth)}/s -> at least "
                          f"{self.bytes_per_sweep / self.bandwidth:.2f} s per token from streaming alone")
+        if self.kv_per_token and self.kv_budget is not None:
+            tokens = self.kv_budget // self.kv_per_token
+            lines.append(f"  KV cache: {fmt_bytes(self.kv_per_token)} per token per sequence; budget "
+                         f"{fmt_bytes(self.kv_budget)} ({self.compute_tier}) = {tokens} tokens in flight, e.g. "
+                         f"{max(tokens // 1024, 0)} sequences of 1024 (requests wait while it is full)")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -217,6 +239,7 @@ def make_plan(store: Store, device: str = "cpu", max_ram=None, max_gpu_memory=No
     if device == "cpu":
         _assign(plan, units, "ram", resident_budget, plan.ram_budget - reserve)
         _cache_tier(plan)
+        _kv(plan, store)
         return plan
 
     # accelerator: device tier first, then pinned RAM
@@ -224,7 +247,7 @@ def make_plan(store: Store, device: str = "cpu", max_ram=None, max_gpu_memory=No
     experts = [u.bytes for u in units if u.kind == "expert"]
     need_inflight = largest * (lookahead + 1) + (2 * plan.expert_topk * max(experts) if experts else 0)
     if max_gpu_memory is None:
-        free = _device_free(device)
+        free = device_free(device)
         plan.gpu_budget = max(0, free - GPU_MARGIN)
         plan.notes.append(f"gpu budget by default: free device memory minus {fmt_bytes(GPU_MARGIN)}")
     else:
@@ -240,7 +263,27 @@ def make_plan(store: Store, device: str = "cpu", max_ram=None, max_gpu_memory=No
     for u in on_device:
         u.tier = "device"
     _assign(plan, [u for u in units if u.tier == "disk"], "ram", resident_budget, plan.ram_budget)
+    _kv(plan, store)
     return plan
+
+
+def kv_bytes_per_token(cfg: dict, itemsize: int) -> int:
+    """Keys and values of one token over every layer: 2 x layers x kv heads x head dim x element size."""
+    cfg = cfg.get("text_config") or cfg
+    heads = cfg.get("num_key_value_heads") or cfg.get("num_attention_heads") or 1
+    head_dim = cfg.get("head_dim") or cfg.get("hidden_size", 0) // max(cfg.get("num_attention_heads") or 1, 1)
+    return 2 * (cfg.get("num_hidden_layers") or 0) * heads * head_dim * itemsize
+
+
+def _kv(plan: Plan, store: Store) -> None:
+    """The KV budget: what the RAM (CPU) or GPU budget leaves beside resident units and in-flight buffers."""
+    cfg = json.loads((store.path / "config.json").read_text())
+    plan.kv_per_token = kv_bytes_per_token(cfg, torch.empty(0, dtype=getattr(torch, store.manifest.dtype)).element_size())
+    if plan.compute_tier == "ram":
+        left = plan.ram_budget - plan.resident("ram") - plan.inflight_bytes
+    else:
+        left = (plan.gpu_budget or 0) - plan.resident("device") - plan.inflight_bytes
+    plan.kv_budget = max(left, MIN_KV)
 
 
 def _cache_tier(plan: Plan) -> None:
@@ -278,10 +321,6 @@ def _assign(plan: Plan, cands: list[UnitPlan], tier: str, first: int, budget: in
 
 
 def _dequant_bytes(store: Store) -> dict[str, int]:
-    import torch
-
-    from .quantize import float_bytes, stored_names
-
     if not store.manifest.quantization:
         return {}
     dtype = getattr(torch, store.manifest.dtype)
@@ -293,40 +332,7 @@ def _dequant_bytes(store: Store) -> dict[str, int]:
     return out
 
 
-EXPERT_COUNTS = "expert-counts.json"
-
-
-def read_expert_counts(store: Store) -> dict[str, int]:
-    """{expert unit: times the router chose it}, recorded by earlier runs on this store (absent: {})."""
-    import json
-
-    try:
-        d = json.loads((store.path / EXPERT_COUNTS).read_text())
-        return {k: int(v) for k, v in d.items() if k in store.units}
-    except (OSError, ValueError, AttributeError, TypeError):
-        return {}
-
-
-def record_expert_counts(store: Store, new: dict[str, int]) -> None:
-    """Add this run's counts to the store's (written atomically; a read-only store keeps none)."""
-    import json
-
-    from .store import atomic_write_bytes
-
-    if not new:
-        return
-    total = read_expert_counts(store)
-    for k, v in new.items():
-        total[k] = total.get(k, 0) + v
-    try:
-        atomic_write_bytes(store.path / EXPERT_COUNTS, json.dumps(total, sort_keys=True).encode())
-    except OSError:
-        pass
-
-
 def _experts_per_token(store: Store) -> int:
-    import json
-
     cfg = json.loads((store.path / "config.json").read_text())
     cfg = cfg.get("text_config", cfg)
     for k in ("num_experts_per_tok", "moe_topk", "top_k", "num_experts_per_token"):
@@ -340,41 +346,21 @@ def _embed_prefix(store: Store) -> str:
     return emb.tensors[0].rsplit(".", 1)[0] if emb and emb.tensors else "\0"
 
 
-def _device_free(device: str) -> int:
-    import torch
+def choose_io(io: str, plan: Plan) -> tuple[bool, list[str]]:
+    """(O_DIRECT?, the streamed units read through the page cache) for an `io` mode.
 
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(dev)
-        return free
-    mod = getattr(torch, dev.type, None)
-    if mod is not None and hasattr(mod, "mem_get_info"):
-        try:
-            return mod.mem_get_info()[0]
-        except Exception:  # backends without the query
-            pass
-    return available_ram()
-
-
-def measure_read_bandwidth(store: Store, direct: bool = True, readers: int = 4, seconds: float = 2.0) -> float:
-    """Bytes/s reading this store's units the way the loader does (largest units first), for about `seconds`.
-    With O_DIRECT the page cache cannot flatter the figure."""
-    import time
-    from concurrent.futures import ThreadPoolExecutor
-
-    from .store import aligned_empty, read_layout
-
-    units = sorted(store.manifest.units, key=lambda u: -u.bytes)
-    pool = ThreadPoolExecutor(readers) if readers > 1 else None
-    done, t0 = 0, time.perf_counter()
-    try:
-        for u in units:
-            lt = store.layout(u.name)
-            buf = aligned_empty(lt.size)
-            done += read_layout(lt, buf, direct=direct, pool=pool)
-            if time.perf_counter() - t0 > seconds:
-                break
-    finally:
-        if pool:
-            pool.shutdown()
-    return done / max(time.perf_counter() - t0, 1e-9)
+    O_DIRECT when what is streamed each sweep cannot stay in the page cache anyway (the model is larger
+    than RAM): reads skip the copy through the cache and evict nothing; the plan's fixed page-cache set
+    (`plan.cached`) is then still read buffered. Buffered while it fits: a page-cache hit is faster than
+    any disk. "fadvise": buffered reads dropped after use, the page-cache set kept as planned."""
+    if io not in ("auto", "buffered", "direct", "fadvise"):
+        raise InputError(f"io must be 'auto', 'buffered', 'direct' or 'fadvise', got {io!r}")
+    if io == "fadvise":
+        return False, list(plan.cached)
+    if io != "auto":
+        return io == "direct", []   # an explicit choice applies to every streamed unit
+    streamed = plan.bytes_per_sweep
+    room = available_ram() - plan.inflight_bytes - plan.resident("ram")   # host RAM on any device
+    if not (streamed > 0 and streamed > 0.8 * max(0, room)):
+        return False, []
+    return True, list(plan.cached)

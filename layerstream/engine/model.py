@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import atexit
 import sys
 import time
 import weakref
+from contextlib import contextmanager
 
 import torch
 
-from .adapters import build_skeleton, layout
-from .errors import InputError, LayerstreamError
-from .plan import make_plan, record_expert_counts
-from .runtime import Profiler, Streamer
-from .split import log, resolve
-from .store import Store
-from .utils import parse_size
+from ..arch import build_skeleton, layout
+from ..errors import InputError, LayerstreamError
+from ..options import Options
+from ..plan import choose_io, make_plan, record_expert_counts
+from ..runtime import Profiler, Streamer
+from ..store import Store, resolve
+from ..utils import log
 
 DTYPE_ALIASES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
                  "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "auto": None}
@@ -38,58 +38,34 @@ def parse_device(device) -> torch.device:
     return dev
 
 
-_TORCH_THREADS = torch.get_num_threads()   # torch's own default, before layerstream changes it
+_TORCH_THREADS = torch.get_num_threads()   # torch's own default, before any model changes it
 
 
-def set_threads(threads, streaming: bool, direct: bool = False) -> int:
-    """torch's compute threads. While streaming through the page cache, one core is left to the loader
-    thread, whose reads are memory copies: on a 2-core machine, 1 compute + 1 I/O thread measured faster
-    than 2 compute threads competing with the loader (README, "Threads"). O_DIRECT reads cost the CPU
-    little (the disk writes into our buffers), so compute keeps every core. An explicit `threads` wins."""
+def compute_threads(threads, streaming: bool, direct: bool = False) -> int:
+    """torch's compute threads for a model. While streaming through the page cache, one core is left to the
+    loader thread, whose reads are memory copies: on a 2-core machine, 1 compute + 1 I/O thread measured
+    faster than 2 compute threads competing with the loader (docs/design.md, "Threads"). O_DIRECT reads cost the
+    CPU little (the disk writes into our buffers), so compute keeps every core. An explicit `threads` wins.
+    Each model applies its own count around its own calls (`StreamedModel.running`)."""
     if threads:
-        torch.set_num_threads(int(threads))
-    elif streaming and not direct:
-        torch.set_num_threads(max(1, _TORCH_THREADS - 1))
-    else:
-        torch.set_num_threads(_TORCH_THREADS)
-    return torch.get_num_threads()
-
-
-def choose_direct_io(io: str, plan) -> bool:
-    """O_DIRECT when what is streamed each sweep cannot stay in the page cache anyway (the model is larger
-    than RAM): reads skip the copy through the cache and evict nothing. Buffered while it fits: a page-cache
-    hit is faster than any disk."""
-    if io not in ("auto", "buffered", "direct", "fadvise"):
-        raise InputError(f"io must be 'auto', 'buffered', 'direct' or 'fadvise', got {io!r}")
-    if io == "fadvise":
-        return False       # buffered reads dropped after use; the page-cache tier stays as planned
-    if io != "auto":
-        plan.cached = []   # an explicit choice applies to every streamed unit
-        return io == "direct"
-    from .utils import available_ram
-
-    streamed = plan.bytes_per_sweep
-    room = available_ram() - plan.inflight_bytes - plan.resident("ram")   # host RAM on any device
-    if not (streamed > 0 and streamed > 0.8 * max(0, room)):
-        plan.cached = []
-        return False
-    return True
+        return int(threads)
+    if streaming and not direct:
+        return max(1, _TORCH_THREADS - 1)
+    return _TORCH_THREADS
 
 
 class StreamedModel:
     """A transformers causal LM whose weights stream from a layerstream store as the forward pass
     reaches them. `generate` and `__call__` are transformers' own (KV cache, sampling, streamers)."""
 
-    def __init__(self, store_path, device="cpu", dtype=None, max_ram=None, max_gpu_memory=None, prefetch=True,
-                 lookahead=2, profiling=False, verify="first", threads=None, progress=True, io="auto",
-                 readers=None):
+    def __init__(self, store_path, options: Options | None = None, **kwargs):
         from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
+        opts = self.options = options if options is not None else Options.from_kwargs(kwargs)
         self.store = Store(store_path)
         self.store.check_files()
-        self.device = parse_device(device)
-        store_dtype = getattr(torch, self.store.manifest.dtype)
-        self.dtype = parse_dtype(dtype) or store_dtype
+        self.device = parse_device(opts.device)
+        self.dtype = parse_dtype(opts.dtype) or getattr(torch, self.store.manifest.dtype)
         self.config = AutoConfig.from_pretrained(self.store.path)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.store.path)
@@ -102,27 +78,42 @@ class StreamedModel:
         except OSError:
             pass
         self.layout = layout(self.model)
-        self.plan = make_plan(self.store, self.device.type, parse_size(max_ram, "max_ram"),
-                              parse_size(max_gpu_memory, "max_gpu_memory"), lookahead)
-        self.profiler = Profiler(profiling)
+        self.plan = make_plan(self.store, self.device.type, opts.ram_bytes, opts.gpu_bytes, opts.lookahead)
+        self.profiler = Profiler(opts.profiling)
         resident = sum(u.bytes for u in self.plan.units if u.tier != "disk")
         bar = None
-        if progress and resident:
+        if opts.progress and resident:
             from tqdm import tqdm
             bar = tqdm(total=resident, unit="B", unit_scale=True, desc="loading resident units", file=sys.stderr,
                        leave=False)
-        self.direct = choose_direct_io(io, self.plan)
-        self.fadvise = io == "fadvise"
-        readers = readers or (4 if self.direct or self.fadvise else 1)
-        self.streamer = Streamer(self.model, self.layout, self.store, self.plan, self.device, self.dtype, prefetch,
-                                 self.profiler, verify, progress=bar.update if bar else None, direct=self.direct,
-                                 readers=readers, fadvise=self.fadvise)
+        self.direct, self.plan.cached = choose_io(opts.io, self.plan)
+        self.fadvise = opts.io == "fadvise"
+        readers = opts.readers or (4 if self.direct or self.fadvise else 1)
+        self.streamer = Streamer(self.model, self.layout, self.store, self.plan, self.device, self.dtype,
+                                 opts.prefetch, self.profiler, opts.verify, progress=bar.update if bar else None,
+                                 direct=self.direct, readers=readers, fadvise=self.fadvise)
         if bar:
             bar.close()
         # after the resident load: units computed on packed weights need no streaming
-        self.threads = set_threads(threads, streaming=bool(self.plan.streamed) and prefetch, direct=self.direct)
+        self.threads = compute_threads(opts.threads, streaming=bool(self.plan.streamed) and opts.prefetch,
+                                       direct=self.direct)
         self.last_stats: dict = {}
-        _LIVE.add(self)
+        # loader threads stop before the interpreter tears torch down under them (at exit, or when collected)
+        self._finalizer = weakref.finalize(self, _close, self.streamer, self.store)
+
+    @contextmanager
+    def running(self):
+        """This model's compute threads and inference mode around a call (torch's thread count is process-wide:
+        each model applies its own while it runs)."""
+        before = torch.get_num_threads()
+        if before != self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            with torch.inference_mode():
+                yield
+        finally:
+            if before != self.threads:
+                torch.set_num_threads(before)
 
     # transformers-like surface
     @property
@@ -130,7 +121,7 @@ class StreamedModel:
         return self.model.generation_config
 
     def __call__(self, *args, **kwargs):
-        with torch.inference_mode():
+        with self.running():
             return self.model(*args, **kwargs)
 
     def _check_inputs(self, input_ids, kwargs):
@@ -166,7 +157,7 @@ class StreamedModel:
             kwargs["pad_token_id"] = self.tokenizer.pad_token_id or self.tokenizer.eos_token_id
         self.profiler.reset()
         t0 = time.perf_counter()
-        with torch.inference_mode():
+        with self.running():
             out = self.model.generate(input_ids, **kwargs)
         dt = time.perf_counter() - t0
         self._record_experts()
@@ -180,55 +171,41 @@ class StreamedModel:
         return out
 
     def close(self):
-        self._record_experts()
-        self.streamer.close()
+        """Stop the loader threads and record the routing seen (idempotent)."""
+        self._finalizer()
 
     def _record_experts(self):
-        """Add the routing seen so far to the store's expert counts: later plans keep the experts the
-        router chooses most often resident."""
-        counts = self.streamer.expert_counts
-        if counts:
-            record_expert_counts(self.store, dict(counts))
-            counts.clear()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
+        _record_routing(self.streamer, self.store)
 
 
-_LIVE: "weakref.WeakSet[StreamedModel]" = weakref.WeakSet()
+def _record_routing(streamer, store):
+    """Add the routing seen so far to the store's expert counts: later plans keep the experts the router
+    chooses most often resident."""
+    counts = streamer.expert_counts
+    if counts:
+        record_expert_counts(store, dict(counts))
+        counts.clear()
 
 
-@atexit.register
-def _close_all():
-    """Stop loader threads before the interpreter tears torch down under them."""
-    for m in list(_LIVE):
-        m.close()
+def _close(streamer, store):
+    _record_routing(streamer, store)
+    streamer.close()
 
 
 class AutoModel:
     """Drop-in for AirLLM's `AutoModel`: `AutoModel.from_pretrained(source, ...)`."""
 
     @staticmethod
-    def from_pretrained(source=None, device="cpu", dtype=None, max_ram=None, max_gpu_memory=None, prefetch=True,
-                        store_path=None, profiling=False, lookahead=2, verify="first", threads=None,
-                        progress=True, io="auto", readers=None, in_place=None, compression=None,
-                        **ignored) -> StreamedModel:
+    def from_pretrained(source=None, options: Options | None = None, **kwargs) -> StreamedModel:
         """Open `source` (None: the embedded default model; a transformers directory; a .gguf file; a hub id;
         a layerstream store), splitting it into a store once, and return a streaming model.
 
-        max_ram / max_gpu_memory: bytes or strings like "2GB" bounding the weights kept resident between
-        sweeps and the buffers in flight (0: nothing resident); default: what is free, with a margin.
-        compression: "int8" / "int4" (AirLLM's "8bit" / "4bit"): a block-wise quantized store."""
-        for k in ignored:
-            if k not in ("layer_shards_saving_path", "hf_token", "delete_original"):
-                raise TypeError(f"from_pretrained() got an unexpected keyword argument {k!r}")
-        parse_size(max_ram, "max_ram")
-        parse_size(max_gpu_memory, "max_gpu_memory")
-        path = resolve(source, store_path=store_path or ignored.get("layer_shards_saving_path"),
-                       dtype=parse_dtype(dtype), progress=progress, in_place=in_place, quantize=compression)
-        return StreamedModel(path, device=device, dtype=dtype, max_ram=max_ram, max_gpu_memory=max_gpu_memory,
-                             prefetch=prefetch, lookahead=lookahead, profiling=profiling, verify=verify,
-                             threads=threads, progress=progress, io=io, readers=readers)
+        Keywords are `Options` fields (or pass `options=`): device, dtype, max_ram / max_gpu_memory (bytes or
+        strings like "2GB" bounding the weights kept resident between sweeps and the buffers in flight; 0:
+        nothing resident; default: what is free, with a margin), compression ("int8" / "int4", AirLLM's
+        "8bit" / "4bit": a block-wise quantized store), store_path, in_place, prefetch, lookahead, io,
+        readers, threads, verify, profiling, progress."""
+        opts = options if options is not None else Options.from_kwargs(kwargs)
+        path = resolve(source, store_path=opts.store_path, dtype=parse_dtype(opts.dtype), progress=opts.progress,
+                       in_place=opts.in_place, quantize=opts.compression)
+        return StreamedModel(path, opts)

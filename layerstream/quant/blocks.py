@@ -20,11 +20,15 @@ from __future__ import annotations
 
 import torch
 
+from .gguf import GGML, dequantize_ggml
+
+
 KINDS = {"int8": "int8", "8bit": "int8", "int4": "int4", "4bit": "int4"}
 BLOCK = {"int8": 64, "int4": 32}
 # "int8" is stored asymmetric (uint8 codes, scale and min: `uint8` below); GGUF Q8_0 blocks are kept as
 # they are, symmetric (`int8`: int8 codes and a scale)
 SUFFIXES = {"int8": (".q8", ".scale"), "uint8": (".q8u", ".scale", ".min"), "int4": (".q4", ".scale", ".min")}
+SUFFIXES.update({k: ("." + k,) for k in GGML})   # GGUF blocks kept as they are
 LEVELS = {"int8": 255, "int4": 15}
 
 
@@ -32,7 +36,7 @@ def normalize(kind) -> str | None:
     if kind is None:
         return None
     if str(kind).lower() not in KINDS:
-        from .errors import InputError
+        from ..errors import InputError
 
         raise InputError(f"quantization {kind!r} is not one of int8, int4 (or AirLLM's 8bit, 4bit)")
     return KINDS[str(kind).lower()]
@@ -213,109 +217,3 @@ def float_bytes(shapes: dict[str, tuple], quant: dict, dtype: torch.dtype) -> in
         r, c = float_shape(kind, shapes[names[SUFFIXES[kind][0]]])
         total += r * c * dtype.itemsize
     return total
-
-
-def int4_linear(module, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> bool:
-    """Make an nn.Linear compute on its int4 blocks with torch's CPU int4 matmul kernel
-    (`_weight_int4pack_mm_for_cpu`), never materializing the float weight. Returns False where the
-    kernel is missing or the shapes do not fit it (the caller then dequantizes instead)."""
-    import types
-
-    from torch import nn
-
-    ops = torch.ops.aten
-    # measured here: 72 GB/s bf16-equivalent with bf16 activations, 2.3 with float32 ones (slower than
-    # dequantizing): used for bfloat16 compute only
-    if dtype != torch.bfloat16:
-        return False
-    if not (isinstance(module, nn.Linear) and hasattr(ops, "_weight_int4pack_mm_for_cpu")
-            and hasattr(ops, "_convert_weight_to_int4pack_for_cpu")):
-        return False
-    q, d, m = parts[".q4"], parts[".scale"].float(), parts[".min"].float()
-    n, k = q.shape[0], q.shape[1] * 2
-    if k // d.shape[1] != 32:
-        return False
-    q = q.reshape(n, k // 32, 16)
-    vals = torch.cat([q & 0xF, q >> 4], dim=-1).reshape(n, k).to(torch.int32)
-    module._ls_packed = ops._convert_weight_to_int4pack_for_cpu(vals, 2)
-    # the kernel computes (q - 8) * scale + zero; Q4_1 is d * q + m, so zero = m + 8 d
-    module._ls_sz = torch.stack([d, m + 8 * d], dim=-1).transpose(0, 1).contiguous().to(dtype)
-    module._ls_shape = (n, k)
-
-    def forward(self, x):
-        y = ops._weight_int4pack_mm_for_cpu(x.reshape(-1, k).contiguous(), self._ls_packed, 32, self._ls_sz)
-        y = y.reshape(*x.shape[:-1], n)
-        return y + self.bias if self.bias is not None else y
-
-    module.forward = types.MethodType(forward, module)
-    return True
-
-
-# ---------------------------------------------------------------------------- GGUF blocks kept as they are
-
-# GGUF block types kept bit for bit in a quantized store (besides Q4_1 and Q8_0, which map onto int4 and
-# int8 above): (values per block, bytes per block). Stored as `<name>.<type>` (uint8 [rows, bytes per row])
-# and dequantized with torch, as gguf-py (and so transformers) computes them, in float32.
-GGML = {"q4_0": (32, 18), "q5_0": (32, 22), "q5_1": (32, 24), "q4_k": (256, 144), "q5_k": (256, 176),
-        "q6_k": (256, 210)}
-SUFFIXES.update({k: ("." + k,) for k in GGML})
-KEPT_GGUF = {"Q4_1", "Q8_0", *(k.upper() for k in GGML)}   # every GGUF block type a quantized store keeps
-
-
-def _f16(b: torch.Tensor) -> torch.Tensor:
-    """fp16 values from their bytes [..., 2] -> float32 [..., 1]."""
-    return b.contiguous().view(torch.float16).float()
-
-
-def _nibbles(qs: torch.Tensor, width: int) -> torch.Tensor:
-    """[..., n * width/2] bytes -> [..., n, 2, width/2]: low nibbles of each group, then high nibbles."""
-    qs = qs.reshape(*qs.shape[:-1], -1, 1, width // 2)
-    return torch.cat([qs & 0x0F, qs >> 4], dim=-2)
-
-
-def _bits(qh: torch.Tensor, count: int) -> torch.Tensor:
-    """The `count` bits of each uint32 (little-endian bytes [..., 4]) as [..., count] in 0/1."""
-    v = qh.contiguous().view(torch.int32)
-    return (v >> torch.arange(count, dtype=torch.int32)) & 1
-
-
-def _k_scales(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q4_K / Q5_K: the 8 six-bit scales and mins packed in 12 bytes."""
-    d, m, md = scales.reshape(-1, 3, 4).unbind(1)
-    sc = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=-1)
-    mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=-1)
-    return sc.float(), mn.float()
-
-
-def dequantize_ggml(kind: str, raw: torch.Tensor) -> torch.Tensor:
-    """float32 [rows, cols] from a GGUF tensor's blocks (uint8 [rows, bytes per row])."""
-    per, size = GGML[kind]
-    rows = raw.shape[0]
-    b = raw.reshape(-1, size)
-    if kind == "q4_0":
-        q = _nibbles(b[:, 2:], 32).reshape(-1, 32).float() - 8
-        w = _f16(b[:, :2]) * q
-    elif kind in ("q5_0", "q5_1"):
-        off = 2 if kind == "q5_0" else 4
-        low = _nibbles(b[:, off + 4:], 32).reshape(-1, 32)
-        q = (low | (_bits(b[:, off:off + 4], 32).to(torch.uint8) << 4)).float()
-        w = _f16(b[:, :2]) * (q - 16) if kind == "q5_0" else _f16(b[:, :2]) * q + _f16(b[:, 2:4])
-    elif kind in ("q4_k", "q5_k"):
-        d, dmin = _f16(b[:, :2]), _f16(b[:, 2:4])
-        sc, mn = _k_scales(b[:, 4:16])
-        qs = b[:, -128:]
-        q = _nibbles(qs, 64).reshape(-1, 8, 32)
-        if kind == "q5_k":
-            qh = b[:, 16:48].reshape(-1, 1, 32)
-            hi = (qh >> torch.arange(8, dtype=torch.uint8).reshape(1, 8, 1)) & 1
-            q = q | (hi << 4)
-        w = (d * sc).unsqueeze(-1) * q.float() - (dmin * mn).unsqueeze(-1)
-    elif kind == "q6_k":
-        ql, qh, scales, d = b[:, :128], b[:, 128:192], b[:, 192:208], _f16(b[:, 208:210])
-        low = _nibbles(ql, 128).reshape(-1, 8, 32)
-        hi = (qh.reshape(-1, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).reshape(1, 1, 4, 1)) & 3
-        q = (low | (hi.reshape(-1, 8, 32) << 4)).to(torch.int16) - 32
-        w = (d * scales.contiguous().view(torch.int8).float()).reshape(-1, 16, 1) * q.reshape(-1, 16, 16).float()
-    else:
-        raise ValueError(kind)
-    return w.reshape(rows, -1)

@@ -8,28 +8,21 @@ always, xxh3 of the content on first read, sha256 or xxh3 on `verify`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import xxhash
 
-from .errors import StoreError
+from ..errors import StoreError
+from .io import (TensorSlot, UnitLayout, file_digests, in_place_slots, layout_xxh3, make_layout,
+                 read_header)
 
 FORMAT = "layerstream-store"
 VERSION = 1
 MANIFEST = "manifest.json"
-
-DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 @dataclass
@@ -77,157 +70,6 @@ class Manifest:
     @property
     def total_bytes(self) -> int:
         return sum(u.bytes for u in self.units)
-
-
-# ---------------------------------------------------------------------------- safe writing
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def file_digests(path: Path, chunk: int = 16 << 20) -> tuple[str, str]:
-    """(sha256, xxh3_64) of a file, read once."""
-    sha, xx = hashlib.sha256(), xxhash.xxh3_64()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            sha.update(block)
-            xx.update(block)
-    return sha.hexdigest(), xx.hexdigest()
-
-
-# ---------------------------------------------------------------------------- reading units
-
-@dataclass
-class TensorSlot:
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    begin: int   # offset from the start of the file
-    end: int
-
-
-def read_header(path: Path) -> tuple[list[TensorSlot], int]:
-    """Parse a safetensors header: tensor slots (file offsets) and the file size it implies."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) != 8:
-                raise ValueError("shorter than a safetensors header")
-            (n,) = struct.unpack("<Q", raw)
-            if n > 100 << 20:
-                raise ValueError("header length is implausible")
-            header = json.loads(f.read(n))
-    except (OSError, ValueError) as e:
-        raise StoreError(f"{path}: not a readable safetensors unit file ({e}); "
-                         f"run `layerstream verify` on the store or split it again") from None
-    base = 8 + n
-    slots, end = [], base
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        b, e = info["data_offsets"]
-        if info["dtype"] not in DTYPES:
-            raise StoreError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        slots.append(TensorSlot(name, DTYPES[info["dtype"]], tuple(info["shape"]), base + b, base + e))
-        end = max(end, base + e)
-    return slots, end
-
-
-ALIGN = 4096
-
-
-@dataclass
-class UnitLayout:
-    """Where a unit's bytes come from and where they land in a load buffer. Each range is read from
-    its 4096-aligned start (O_DIRECT-ready) into a 4096-aligned place in the buffer."""
-
-    reads: list[tuple[Path, int, int, int]]     # (file, aligned begin, aligned end, buffer offset)
-    data: list[tuple[int, int]]                 # per range: (buffer offset of its first byte, length)
-    slots: list[TensorSlot]                     # begin/end are buffer offsets
-    size: int                                   # buffer bytes needed
-    file_offset: dict[str, tuple[Path, int]]    # tensor -> (file, offset of its first byte)
-    # tensors made of pieces: (buffer offset of the joined tensor, [(buffer offset of a piece, bytes)]),
-    # copied end to end after the reads
-    joins: list[tuple[int, list[tuple[int, int]]]] = field(default_factory=list)
-
-
-def aligned_empty(size: int, device="cpu", pin: bool = False) -> torch.Tensor:
-    """A flat uint8 buffer whose first byte is 4096-aligned (what O_DIRECT needs) on the host."""
-    if torch.device(device).type != "cpu":
-        return torch.empty(size, dtype=torch.uint8, device=device)
-    raw = torch.empty(size + ALIGN, dtype=torch.uint8, pin_memory=pin)
-    off = (-raw.data_ptr()) % ALIGN
-    return raw[off: off + size]
-
-
-def make_layout(ranges: list[tuple[Path, int, int]], slots: list[tuple[TensorSlot, int | list]]) -> UnitLayout:
-    """slots: (slot, range index) with begin/end inside that range; or (slot, [(range index, begin, end)
-    ...]) for a tensor joined from pieces (its slot's begin/end are then unused)."""
-    reads, data, off = [], [], 0
-    for path, b, e in ranges:
-        a0, a1 = b - b % ALIGN, -(-e // ALIGN) * ALIGN
-        reads.append((path, a0, a1, off))
-        data.append((off + b - a0, e - b))
-        off += a1 - a0
-    out, where, joins = [], {}, []
-    for slot, ri in slots:
-        if isinstance(ri, list):   # joined after the reads, at the end of the buffer
-            pieces = [(data[r][0] + b, e - b) for r, b, e in ri]
-            size = sum(n for _, n in pieces)
-            joins.append((off, pieces))
-            out.append(TensorSlot(slot.name, slot.dtype, slot.shape, off, off + size))
-            where[slot.name] = (ranges[ri[0][0]][0], ranges[ri[0][0]][1] + ri[0][1])
-            off += -(-size // 64) * 64
-            continue
-        base = data[ri][0]
-        out.append(TensorSlot(slot.name, slot.dtype, slot.shape, base + slot.begin, base + slot.end))
-        where[slot.name] = (ranges[ri][0], ranges[ri][1] + slot.begin)
-    return UnitLayout(reads, data, out, off, where, joins)
-
-
-def in_place_slots(slots: dict) -> list[tuple[TensorSlot, int | list]]:
-    """A manifest's in-place slot entries as make_layout takes them."""
-    out = []
-    for n, entry in slots.items():
-        dt, shape, *rest = entry
-        if len(rest) == 1:   # pieces
-            out.append((TensorSlot(n, DTYPES[dt], tuple(shape), 0, 0), [tuple(p) for p in rest[0]]))
-        else:
-            ri, b, e = rest
-            out.append((TensorSlot(n, DTYPES[dt], tuple(shape), b, e), ri))
-    return out
-
-
-def layout_xxh3(layout: UnitLayout, buf: torch.Tensor) -> str:
-    """xxh3 of a unit's bytes as they lie in a filled load buffer (for a split unit: of its whole file)."""
-    xx = xxhash.xxh3_64()
-    mv = memoryview(buf.numpy()).cast("B")
-    for off, n in layout.data:
-        xx.update(mv[off:off + n])
-    return xx.hexdigest()
-
-
-def tensor_views(buf: torch.Tensor, slots: list[TensorSlot], offset: int = 0) -> dict[str, torch.Tensor]:
-    """Views into a flat uint8 buffer holding a unit file at `offset`: no copies."""
-    out = {}
-    for s in slots:
-        t = buf[offset + s.begin: offset + s.end]
-        out[s.name] = t.view(s.dtype).view(s.shape) if s.shape else t.view(s.dtype)[0]
-    return out
 
 
 class Store:
@@ -366,47 +208,3 @@ class Store:
             if progress:
                 progress(u.bytes)
         return problems
-
-
-def read_layout(layout: UnitLayout, dest: torch.Tensor, direct: bool = False, pool=None, chunk: int = 16 << 20,
-                drop: bool = False):
-    """Read a unit's ranges into `dest` (a buffer of at least layout.size bytes, 4096-aligned for O_DIRECT).
-    With `pool` (a ThreadPoolExecutor), ranges are read as parallel chunks: several requests in flight.
-    drop: buffered reads followed by posix_fadvise(DONTNEED), so the pages read leave the page cache."""
-    mv = memoryview(dest.numpy()).cast("B")
-    jobs = []
-    for path, a0, a1, off in layout.reads:
-        for c0 in range(a0, a1, chunk):
-            jobs.append((path, c0, min(a1, c0 + chunk), off + c0 - a0))
-
-    def one(job):
-        path, b, e, off = job
-        flags = os.O_RDONLY | (getattr(os, "O_DIRECT", 0) if direct else 0)
-        try:
-            fd = os.open(path, flags)
-        except OSError:
-            if not direct:
-                raise
-            fd = os.open(path, os.O_RDONLY)   # a file system without O_DIRECT (tmpfs): buffered
-        try:
-            got = 0
-            while b + got < e:
-                n = os.preadv(fd, [mv[off + got: off + e - b]], b + got)
-                if n <= 0:
-                    break   # end of file: the aligned tail past it is padding
-                got += n
-            if drop and not direct:
-                os.posix_fadvise(fd, b, e - b, os.POSIX_FADV_DONTNEED)
-            return got
-        finally:
-            os.close(fd)
-
-    if pool is None or len(jobs) == 1:
-        got = [one(j) for j in jobs]
-    else:
-        got = list(pool.map(one, jobs))
-    for off, pieces in layout.joins:   # tensors stored in pieces, laid end to end
-        for src, n in pieces:
-            dest[off: off + n].copy_(dest[src: src + n])
-            off += n
-    return sum(got)

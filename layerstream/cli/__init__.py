@@ -1,0 +1,70 @@
+"""`layerstream` command line: a thin layer over the library API, one module per group of subcommands.
+
+Errors a user can act on print as one line (no traceback) and exit with status 1; bad usage exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .common import gen_args, model_args
+from .generate import cmd_chat, cmd_run
+from .plan import cmd_plan
+from .store import cmd_info, cmd_split, cmd_verify
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="layerstream", description="Run language models larger than memory.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="generate from a prompt, streaming tokens")
+    r.add_argument("prompt", nargs="?", default=None)
+    r.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
+    model_args(r)
+    gen_args(r)
+    c = sub.add_parser("chat", help="interactive chat that keeps the KV cache between turns")
+    c.add_argument("--system", default=None, help="system prompt")
+    model_args(c)
+    gen_args(c)
+    s = sub.add_parser("split", help="split a model into a layer store")
+    s.add_argument("source")
+    s.add_argument("out")
+    s.add_argument("--dtype", default=None)
+    s.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="block-wise quantized linear weights (int4: GGUF Q4_1 blocks kept exactly)")
+    s.add_argument("--in-place", action="store_true",
+                   help="no copy: index a safetensors checkpoint's own shards (the store holds the manifest only)")
+    i = sub.add_parser("info", help="describe a store")
+    i.add_argument("store")
+    v = sub.add_parser("verify", help="check every unit file of a store against its sha256")
+    v.add_argument("store")
+    pl = sub.add_parser("plan", help="print the residency plan for budgets")
+    pl.add_argument("source", nargs="?", default=None)
+    pl.add_argument("--store", default=None)
+    pl.add_argument("--device", default="cpu")
+    pl.add_argument("--max-ram", default=None)
+    pl.add_argument("--max-gpu-memory", default=None)
+    pl.add_argument("--lookahead", type=int, default=2)
+    pl.add_argument("--no-measure", action="store_true", help="skip the read-bandwidth measurement")
+    return p
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from ..errors import LayerstreamError
+
+    try:
+        return {"run": cmd_run, "chat": cmd_chat, "split": cmd_split, "info": cmd_info, "verify": cmd_verify,
+                "plan": cmd_plan}[a.cmd](a)
+    except LayerstreamError as e:
+        print(f"layerstream: error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print("layerstream: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""What the commands that run a model share: model and generation arguments, loading, the stats line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from ..utils import log
+
+
+def model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None,
+                   help="transformers directory, .gguf file, hub id or store (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--store", default=None, help="where to put the store made from --model (default: the cache)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
+    p.add_argument("--dtype", default=None, help="compute dtype: float32, bfloat16, float16 (default: the store's)")
+    p.add_argument("--max-ram", default=None, help="host RAM for resident weights, e.g. 2GB; 0 = stream everything")
+    p.add_argument("--max-gpu-memory", default=None, help="GPU memory for resident weights, e.g. 4GB")
+    p.add_argument("--lookahead", type=int, default=2, help="units read ahead of the compute (default 2)")
+    p.add_argument("--no-prefetch", action="store_true", help="read each unit when it is needed")
+    p.add_argument("--threads", type=int, default=None, help="torch compute threads (default: chosen by layerstream)")
+    p.add_argument("--profile", action="store_true", help="print per-unit I/O, copy and compute times")
+    p.add_argument("--io", default="auto", choices=["auto", "buffered", "direct", "fadvise"],
+                   help="direct = O_DIRECT reads (models larger than RAM); auto picks (default)")
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="use a block-wise quantized store (made once from --model)")
+    p.add_argument("--copy", action="store_true",
+                   help="split a safetensors model into a store of its own instead of serving it in place")
+    p.add_argument("--verbose", "-v", action="store_true", help="print the residency plan")
+
+
+def gen_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", "-n", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def gen_kwargs(a) -> dict:
+    kw = {"max_new_tokens": a.max_new_tokens}
+    if a.temperature and a.temperature > 0:
+        kw.update(do_sample=True, temperature=a.temperature)
+        if a.top_p is not None:
+            kw["top_p"] = a.top_p
+    else:
+        kw["do_sample"] = False
+    if a.seed is not None:
+        import torch
+
+        torch.manual_seed(a.seed)
+    return kw
+
+
+def load_model(a):
+    log("importing torch and transformers …")
+    t0 = time.perf_counter()
+    from ..engine import AutoModel
+    log(f"imported in {time.perf_counter() - t0:.1f} s; opening {a.model or 'the embedded SmolLM2-135M-Instruct'}")
+    m = AutoModel.from_pretrained(a.model, options_of(a))
+    if a.verbose:
+        if m.plan.bytes_per_sweep:
+            from ..plan import measure_read_bandwidth
+
+            log("measuring the store's read bandwidth (O_DIRECT, 4 readers, ~2 s) for the plan …")
+            m.plan.bandwidth = measure_read_bandwidth(m.store)
+        print(m.plan.describe(), file=sys.stderr, flush=True)
+    log(f"ready: {len(m.plan.streamed)} units streamed per sweep, "
+        f"{sum(1 for u in m.plan.units if u.tier != 'disk')} resident; first sweep …")
+    return m
+
+
+def stats_line(m) -> str:
+    from ..utils import fmt_bytes, peak_rss
+
+    s = m.last_stats
+    return (f"{s['new_tokens']} tokens in {s['seconds']:.2f} s, {s['tokens_per_s']:.2f} tok/s, "
+            f"{fmt_bytes(s['bytes_per_token'])} read per token, peak RSS {fmt_bytes(peak_rss())}")
+
+
+def tokenizer_of(m):
+    from ..errors import InputError
+
+    tok = m.tokenizer
+    if tok is None or not len(tok("x")["input_ids"]):
+        raise InputError(f"{m.store.path} has no usable tokenizer, so text cannot become token ids: copy the "
+                         f"model's tokenizer files into the store, or call generate() with token ids")
+    return tok
+
+
+
+
+def options_of(a):
+    """The `Options` a command's model arguments describe (built once, as the API builds them)."""
+    from ..options import Options
+
+    return Options(device=a.device, dtype=a.dtype, max_ram=a.max_ram, max_gpu_memory=a.max_gpu_memory,
+                   prefetch=not a.no_prefetch, store_path=a.store, profiling=a.profile, lookahead=a.lookahead,
+                   threads=a.threads, io=a.io, in_place=False if a.copy else None, compression=a.quantize)

@@ -1,0 +1,67 @@
+"""`layerstream run` and `layerstream chat`."""
+
+from __future__ import annotations
+
+import sys
+
+from ..utils import log
+from .common import gen_kwargs, load_model, stats_line, tokenizer_of
+
+
+def cmd_run(a) -> int:
+    from ..errors import InputError
+
+    prompt = a.prompt if a.prompt is not None else "Write a short poem about the sea."
+    if not prompt.strip():
+        raise InputError("the prompt is empty")
+    if a.max_new_tokens <= 0:
+        raise InputError(f"--max-new-tokens must be positive, got {a.max_new_tokens}")
+    m = load_model(a)
+    from transformers import TextStreamer
+
+    tok = tokenizer_of(m)
+    if not a.raw and getattr(tok, "chat_template", None):
+        enc = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      return_tensors="pt")
+    else:
+        enc = tok(prompt, return_tensors="pt")
+    m.generate(enc, streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True), **gen_kwargs(a))
+    print(flush=True)
+    log(stats_line(m))
+    return 0
+
+
+def cmd_chat(a) -> int:
+    from transformers import TextStreamer
+
+    from ..engine import ChatSession
+    from ..errors import InputError
+
+    m = load_model(a)
+    tokenizer_of(m)
+    chat = ChatSession(m, system=a.system)
+    interactive = sys.stdin.isatty()
+    log("chat: type a message; /reset clears the history, /exit or Ctrl-D quits")
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.strip()
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            chat.reset()
+            continue
+        if not line:
+            continue
+        try:
+            chat.send(line, streamer=TextStreamer(m.tokenizer, skip_prompt=True, skip_special_tokens=True),
+                      **gen_kwargs(a))
+        except InputError as e:
+            log(f"error: {e}")
+            continue
+        print(flush=True)
+        log(stats_line(m) + f"; prefilled {chat.last_prefill} new tokens")
+    return 0

@@ -1,0 +1,26 @@
+"""`layerstream plan`: the residency plan for budgets, and the least time per token streaming allows."""
+
+from __future__ import annotations
+
+from ..utils import log
+
+
+def cmd_plan(a) -> int:
+    log("importing torch and transformers …")
+    from ..plan import choose_io, make_plan, measure_read_bandwidth
+    from ..store import Store, resolve
+    from ..utils import parse_size
+
+    store = Store(resolve(a.source, store_path=a.store))
+    plan = make_plan(store, a.device.split(":")[0], parse_size(a.max_ram, "--max-ram"),
+                     parse_size(a.max_gpu_memory, "--max-gpu-memory"), a.lookahead)
+    direct, plan.cached = choose_io("auto", plan)
+    if not direct:
+        plan.notes.append("streamed units fit in the page cache: read through it (io auto)")
+    else:
+        plan.notes.append("streamed units do not fit in the page cache: O_DIRECT reads (io auto)")
+    if plan.bytes_per_sweep and not a.no_measure:
+        log("measuring the read bandwidth of the store (O_DIRECT, 4 readers, ~2 s) …")
+        plan.bandwidth = measure_read_bandwidth(store)
+    print(plan.describe())
+    return 0

@@ -1,0 +1,385 @@
+"""Continuous batching: one sweep per step serves every active sequence.
+
+Streamed weights make a sweep cost about the same for 1 token or 64 (the link, not the math, sets its
+time), so the engine keeps as many sequences in flight as memory allows. Each step, requests that
+joined prefill and running ones decode in the same forward pass; a finished sequence leaves and a
+waiting one joins at the next step. Nothing is dropped: a request waits while the KV cache it would
+need does not fit the plan's KV budget.
+
+The batch is one transformers `DynamicCache` whose rows are aligned on the right: a step's new tokens
+[batch, T] are the prompt of a joining row and one token (left-padded to T, masked) of a decoding row;
+positions come from each row's own count of real tokens, and the 2-D attention mask hides the padding.
+Columns no row uses any more are dropped from the cache (compaction). Families whose cache is not plain
+attention (sliding windows, recurrent states) run one sequence at a time, through the same API.
+
+API: `Engine(model, max_batch)`; `submit(prompt_ids, SamplingParams) -> Handle` (thread-safe);
+`Handle.stream()` yields `Delta`s as tokens come, `Handle.result()` the `Completion`; `step()` runs one
+sweep; `generate(requests)` runs a list to the end (jobs); `start()` runs steps on a thread (servers).
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import InputError
+from ..plan.planner import kv_bytes_per_token
+from .step import eos_ids, forward, new_cache, sample
+
+
+@dataclass
+class SamplingParams:
+    """Per request: token limit, greedy (temperature 0) or sampled (temperature, top_p, seed), stop strings."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens <= 0:
+            raise InputError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            raise InputError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise InputError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
+
+
+@dataclass
+class Delta:
+    """What one step added to a request: new token ids and the text they complete (stop strings held back)."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None   # "stop" (end of sequence or a stop string), "length", "cancelled"
+
+
+@dataclass
+class Completion:
+    request_id: str
+    prompt_tokens: int
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    seconds: float = 0.0
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class Handle:
+    """A submitted request: its deltas as they come, and its completion."""
+
+    def __init__(self, request_id: str):
+        self.request_id = request_id
+        self._q: queue.Queue = queue.Queue()
+        self._done = threading.Event()
+        self.completion: Completion | None = None
+        self.error: BaseException | None = None
+
+    def stream(self, timeout: float | None = None):
+        """Deltas until the request finishes (the last one has a finish_reason)."""
+        while True:
+            item = self._q.get(timeout=timeout)
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.finish_reason is not None:
+                return
+
+    def result(self, timeout: float | None = None) -> Completion:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.request_id} not finished after {timeout} s")
+        if self.error is not None:
+            raise self.error
+        return self.completion
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+
+class _Seq:
+    def __init__(self, rid, prompt, params, handle, tokenizer):
+        self.id, self.prompt, self.params, self.handle = rid, prompt, params, handle
+        self.tokens: list[int] = []
+        self.real = 0                 # real (unmasked) tokens of this row in the cache: its next position
+        self.gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        self.tok = tokenizer
+        self.sent = 0                 # characters of text already handed out
+        self.t0 = time.perf_counter()
+        self.cancelled = False
+
+    def text(self) -> str:
+        return self.tok.decode(self.tokens, skip_special_tokens=True) if self.tok is not None else ""
+
+
+class Engine:
+    """A continuous-batching scheduler over a `StreamedModel` (see the module's docstring)."""
+
+    def __init__(self, model, max_batch: int = 8, kv_budget: int | None = None):
+        if max_batch < 1:
+            raise InputError(f"max_batch must be at least 1, got {max_batch}")
+        self.model, self.max_batch = model, max_batch
+        self.tokenizer = getattr(model, "tokenizer", None)
+        self.eos = eos_ids(model)
+        self.kv_per_token = kv_bytes_per_token(model.config.get_text_config().to_dict(), model.dtype.itemsize)
+        self.kv_budget = kv_budget if kv_budget is not None else model.plan.kv_budget
+        self.context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        self.batched = batchable(model)
+        self.waiting: list[_Seq] = []
+        self.active: list[_Seq] = []
+        self.cache = None
+        self.mask: torch.Tensor | None = None     # [rows, cache length], 1 = a real token
+        self.lock = threading.Condition()
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.stats = {"steps": 0, "tokens": 0, "prefill_tokens": 0, "max_batch_seen": 0, "seconds": 0.0}
+
+    # -- submitting
+    def submit(self, prompt_ids, params: SamplingParams | None = None, request_id: str | None = None) -> Handle:
+        params = params or SamplingParams()
+        prompt = [int(t) for t in (prompt_ids.tolist() if torch.is_tensor(prompt_ids) else prompt_ids)]
+        if not prompt:
+            raise InputError("the prompt is empty")
+        if self.context and len(prompt) + params.max_tokens > self.context:
+            raise InputError(f"prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
+                             f"model's context of {self.context} tokens")
+        need = (len(prompt) + params.max_tokens) * self.kv_per_token
+        if self.kv_budget is not None and need > self.kv_budget:
+            raise InputError(f"this request's KV cache ({need} bytes for {len(prompt) + params.max_tokens} tokens) "
+                             f"exceeds the plan's KV budget ({self.kv_budget} bytes): lower max_tokens or raise "
+                             f"max_ram / max_gpu_memory")
+        rid = request_id or f"req-{next(self._ids)}"
+        h = Handle(rid)
+        with self.lock:
+            self.waiting.append(_Seq(rid, prompt, params, h, self.tokenizer))
+            self.lock.notify_all()
+        return h
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request at the next step (a client that went away): its slot is freed."""
+        with self.lock:
+            for s in self.waiting + self.active:
+                if s.id == request_id:
+                    s.cancelled = True
+
+    def pending(self) -> int:
+        with self.lock:
+            return len(self.waiting) + len(self.active)
+
+    # -- running
+    def generate(self, prompts, params=None, progress=None) -> list[Completion]:
+        """Run every prompt to its end and return the completions in order. `params`: one SamplingParams
+        for all, or a list (one per prompt). `progress(completion)` is called as each finishes."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        handles = [self.submit(p, sp) for p, sp in zip(prompts, plist)]
+        left = set(range(len(handles)))
+        while left:
+            self.step()
+            for i in [i for i in left if handles[i].done]:
+                left.discard(i)
+                if progress:
+                    progress(handles[i].result())
+        return [h.result() for h in handles]
+
+    def start(self) -> None:
+        """Run steps on a background thread while there is work (for servers)."""
+        if self._thread is None:
+            self._stop = False
+            self._thread = threading.Thread(target=self._loop, name="layerstream-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop = True
+        with self.lock:
+            self.lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def _loop(self):
+        while not self._stop:
+            with self.lock:
+                while not self._stop and not self.waiting and not self.active:
+                    self.lock.wait()
+            if self._stop:
+                return
+            try:
+                self.step()
+            except BaseException as e:   # handed to every request in flight; the engine goes on
+                self._fail_all(e)
+
+    def _fail_all(self, err: BaseException):
+        with self.lock:
+            seqs, self.active, self.waiting = self.active + self.waiting, [], []
+        self.cache, self.mask = None, None
+        for s in seqs:
+            s.handle.error = err
+            s.handle._q.put(err)
+            s.handle._done.set()
+
+    def step(self) -> list[Delta]:
+        """One sweep over every active sequence (joining ones prefill in it). Returns the deltas it made."""
+        t0 = time.perf_counter()
+        with self.lock:
+            for s in [s for s in self.waiting if s.cancelled]:
+                self.waiting.remove(s)
+                self._finish(s, "cancelled")
+            joining = self._admit()
+        deltas = [self._finish(s, "cancelled") for s in self.active if s.cancelled]
+        self._drop([s for s in self.active if s.cancelled])
+        if not self.active and not joining:
+            return deltas
+        rows = self.active + joining
+        logits = self._sweep(joining)
+        self.stats["steps"] += 1
+        self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(rows))
+        done = []
+        for i, s in enumerate(rows):
+            tok = int(sample(logits[i:i + 1], s.params.temperature, s.params.top_p, s.gen)[0])
+            s.tokens.append(tok)
+            self.stats["tokens"] += 1
+            d = self._delta(s, tok)
+            deltas.append(d)
+            if d.finish_reason:
+                done.append(s)
+            else:
+                s.handle._q.put(d)
+        self._drop(done)
+        self.stats["seconds"] += time.perf_counter() - t0
+        return deltas
+
+    # -- internals
+    def _admit(self) -> list[_Seq]:
+        """Waiting requests that join this step: while a slot is free and their KV cache fits (FIFO: a request
+        that does not fit waits, and so do the ones behind it, so no request starves)."""
+        joining = []
+        if not self.batched and (self.active or not self.waiting):
+            return joining
+        while self.waiting and len(self.active) + len(joining) < (self.max_batch if self.batched else 1):
+            s = self.waiting[0]
+            if self.kv_budget is not None and self._kv_after(joining + [s]) > self.kv_budget and \
+                    (self.active or joining):
+                break
+            joining.append(self.waiting.pop(0))
+        return joining
+
+    def _kv_after(self, joining) -> int:
+        """Bytes the cache would reach if `joining` joined now and every row ran to its token limit: rows x the
+        longest row's end (the cache is rectangular), plus the padding columns already there."""
+        rows = self.active + joining
+        length = self.mask.shape[1] if self.mask is not None else 0
+        t = max([len(s.prompt) for s in joining] + [1])
+        longest = max(s.params.max_tokens - len(s.tokens) for s in rows)
+        return len(rows) * (length + t + longest) * self.kv_per_token
+
+    def _sweep(self, joining: list[_Seq]) -> torch.Tensor:
+        rows = self.active + joining
+        news = [[s.tokens[-1]] for s in self.active] + [s.prompt for s in joining]
+        t = max(len(n) for n in news)
+        ids = torch.zeros((len(rows), t), dtype=torch.long)
+        new_mask = torch.zeros((len(rows), t), dtype=torch.long)
+        pos = torch.zeros((len(rows), t), dtype=torch.long)
+        for i, (s, n) in enumerate(zip(rows, news)):
+            ids[i, t - len(n):] = torch.tensor(n)
+            new_mask[i, t - len(n):] = 1
+            pos[i, t - len(n):] = torch.arange(s.real, s.real + len(n))
+            s.real += len(n)
+        self.stats["prefill_tokens"] += sum(len(s.prompt) for s in joining)
+        if self.cache is None:
+            self.cache, self.mask = new_cache(self.model), torch.zeros((0, 0), dtype=torch.long)
+        if joining:
+            self._grow(len(joining))
+        self.mask = torch.cat([self.mask, new_mask], dim=1)
+        self.active = rows
+        return forward(self.model, ids, self.cache, attention_mask=self.mask, position_ids=pos)
+
+    def _grow(self, n: int) -> None:
+        """Add `n` empty rows to the cache (their past is all padding, masked)."""
+        length = self.mask.shape[1]
+        self.mask = torch.cat([self.mask, torch.zeros((n, length), dtype=torch.long)])
+        for layer in self.cache.layers:
+            if getattr(layer, "keys", None) is None or not layer.is_initialized or layer.keys.numel() == 0:
+                continue
+            for attr in ("keys", "values"):
+                t = getattr(layer, attr)
+                setattr(layer, attr, torch.cat([t, t.new_zeros((n,) + t.shape[1:])]))
+
+    def _drop(self, done: list[_Seq]) -> None:
+        """Remove finished rows; then drop cache columns that no remaining row uses."""
+        if not done:
+            return
+        keep = [i for i, s in enumerate(self.active) if s not in done]
+        self.active = [self.active[i] for i in keep]
+        if not self.active:
+            self.cache, self.mask = None, None
+            return
+        idx = torch.tensor(keep)
+        self.mask = self.mask[idx]
+        self.cache.batch_select_indices(idx.to(self.model.device))
+        used = self.mask.any(0)
+        if int(used.sum()) < 0.75 * used.numel():
+            cols = used.nonzero().squeeze(1)
+            self.mask = self.mask[:, cols]
+            dcols = cols.to(self.model.device)
+            for layer in self.cache.layers:
+                if getattr(layer, "keys", None) is not None and layer.is_initialized and layer.keys.numel():
+                    layer.keys = layer.keys.index_select(-2, dcols)
+                    layer.values = layer.values.index_select(-2, dcols)
+
+    def _delta(self, s: _Seq, tok: int) -> Delta:
+        """The text a new token completes, with stop strings applied; a finish reason when the request ends."""
+        reason = None
+        if tok in self.eos:
+            reason = "stop"
+        elif len(s.tokens) >= s.params.max_tokens:
+            reason = "length"
+        text = s.text()
+        if s.params.stop:
+            hits = [i for i in (text.find(x, max(0, s.sent - len(x))) for x in s.params.stop) if i >= 0]
+            if hits:
+                text, reason = text[:min(hits)], "stop"
+        if reason is None:
+            # hold back what could be the start of a stop string, and an incomplete character
+            hold = max((len(x) - 1 for x in s.params.stop), default=0)
+            end = len(text) - hold
+            while end > s.sent and text[end - 1] == "\ufffd":
+                end -= 1
+            piece, s.sent = text[s.sent:max(end, s.sent)], max(end, s.sent)
+            return Delta(s.id, [tok], piece)
+        return self._finish(s, reason, text, tok)
+
+    def _finish(self, s: _Seq, reason: str, text: str | None = None, tok: int | None = None) -> Delta:
+        text = s.text() if text is None else text
+        d = Delta(s.id, [tok] if tok is not None else [], text[s.sent:], reason)
+        s.handle.completion = Completion(s.id, len(s.prompt), list(s.tokens), text, reason,
+                                         time.perf_counter() - s.t0)
+        s.handle._q.put(d)
+        s.handle._done.set()
+        return d
+
+
+def batchable(model) -> bool:
+    """Whether rows of different lengths can share one cache here: every layer is plain full attention."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    try:
+        cache = DynamicCache(config=model.config)
+    except Exception:   # families whose cache needs more than the config (recurrent states ...)
+        return False
+    return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)

@@ -1,0 +1,71 @@
+"""`Options`: how a model is opened and run, built once by the API, the command line and the server."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .errors import InputError
+from .utils import parse_size
+
+IO_MODES = ("auto", "buffered", "direct", "fadvise")
+VERIFY_MODES = ("first", "always", "never")
+# AirLLM's keywords, accepted and ignored (or mapped) so that its scripts run unchanged
+AIRLLM_KEYWORDS = ("layer_shards_saving_path", "hf_token", "delete_original")
+
+
+@dataclass
+class Options:
+    """Every knob of `AutoModel.from_pretrained` in one place.
+
+    Store choice: `store_path` (where the store made from a source goes; default: the cache), `in_place`
+    (serve a safetensors checkpoint from its own shards; None: whenever it needs no conversion),
+    `compression` ("int8" / "int4", AirLLM's "8bit" / "4bit"). Memory: `max_ram` / `max_gpu_memory` (bytes
+    or "2GB"; None: what is free, with a margin; 0: nothing resident). Runtime: `device`, `dtype` (compute
+    dtype; default the store's), `prefetch` and `lookahead` (units read ahead of the compute), `io`
+    ("auto", "buffered", "direct" = O_DIRECT, "fadvise"), `readers` (parallel reads per unit), `threads`
+    (torch compute threads; default chosen by layerstream), `verify` ("first", "always", "never": when a
+    unit's xxh3 is checked), `profiling`, `progress` (bars on long work)."""
+
+    device: str = "cpu"
+    dtype: object = None
+    max_ram: int | str | None = None
+    max_gpu_memory: int | str | None = None
+    prefetch: bool = True
+    lookahead: int = 2
+    io: str = "auto"
+    readers: int | None = None
+    threads: int | None = None
+    verify: str = "first"
+    profiling: bool = False
+    progress: bool = True
+    store_path: str | None = None
+    in_place: bool | None = None
+    compression: str | None = None
+
+    def __post_init__(self):
+        self.ram_bytes = parse_size(self.max_ram, "max_ram")
+        self.gpu_bytes = parse_size(self.max_gpu_memory, "max_gpu_memory")
+        if self.io not in IO_MODES:
+            raise InputError(f"io must be one of {', '.join(IO_MODES)}, got {self.io!r}")
+        if self.verify not in VERIFY_MODES:
+            raise InputError(f"verify must be one of {', '.join(VERIFY_MODES)}, got {self.verify!r}")
+        if not isinstance(self.lookahead, int) or self.lookahead < 1:
+            raise InputError(f"lookahead must be a positive integer, got {self.lookahead!r}")
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict) -> "Options":
+        """Options from keyword arguments, AirLLM's included; an unknown keyword is a TypeError as in Python."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        known = {k: v for k, v in kwargs.items() if k in names}
+        for k, v in kwargs.items():
+            if k in names:
+                continue
+            if k not in AIRLLM_KEYWORDS:
+                raise TypeError(f"from_pretrained() got an unexpected keyword argument {k!r}")
+            if k == "layer_shards_saving_path" and known.get("store_path") is None:
+                known["store_path"] = v
+        return cls(**known)
+
+    def replace(self, **changes) -> "Options":
+        return dataclasses.replace(self, **changes)

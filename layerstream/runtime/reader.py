@@ -1,0 +1,116 @@
+"""Reading units into caller-owned buffers, checked against the manifest; reusable buffers."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from ..errors import StoreError
+from ..store import Store, aligned_empty, read_layout
+from .profiler import Profiler
+
+
+class FileReader:
+    """Reads units into caller-owned buffers, checking them against the manifest: file sizes (and, in
+    place, mtimes) on every read, the xxh3 of the content on the first read and whenever a file changed.
+
+    io: "buffered" (page cache; best when the model fits in RAM), "direct" (O_DIRECT into aligned
+    buffers: no copy through the page cache, and streamed units do not evict anything), "fadvise"
+    (buffered, then posix_fadvise DONTNEED), or "auto"."""
+
+    def __init__(self, store: Store, verify: str, profiler: Profiler, direct: bool = False, readers: int = 1,
+                 fadvise: bool = False):
+        if verify not in ("first", "always", "never"):
+            raise ValueError("verify must be 'first', 'always' or 'never'")
+        self.store, self.verify, self.prof, self.direct = store, verify, profiler, direct
+        self.fadvise = fadvise             # buffered reads dropped from the page cache after (io="fadvise")
+        self.cached: set[str] = set()     # read through the page cache and kept (the plan's cache tier)
+        self.seen: dict[str, tuple] = {}
+        self.lock = threading.Lock()
+        self.pool = ThreadPoolExecutor(readers, thread_name_prefix="layerstream-read") if readers > 1 else None
+
+    def _stat(self, unit: str) -> tuple:
+        m = self.store.manifest
+        key = []
+        for path in dict.fromkeys(r[0] for r in self.store.layout(unit).reads):
+            try:
+                st = os.stat(path)
+            except OSError as e:
+                raise StoreError(f"{path}: cannot read unit {unit} ({e.strerror}); the store or its source is "
+                                 f"missing or moved: run `layerstream verify {self.store.path}`") from None
+            want = m.source_files.get(str(path), [None])[0] if m.in_place else self.store.units[unit].bytes
+            if st.st_size != want:
+                raise StoreError(f"{path}: {st.st_size} bytes, the manifest says {want} (truncated or replaced); "
+                                 f"unit {unit} cannot be used: re-split the model")
+            key.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        return tuple(key)
+
+    def read(self, unit: str, dest: torch.Tensor) -> None:
+        layout = self.store.layout(unit)
+        t0 = time.perf_counter()
+        key = self._stat(unit)
+        try:
+            streamed = unit not in self.cached
+            read_layout(layout, dest, direct=self.direct and streamed, pool=self.pool,
+                        drop=self.fadvise and streamed)
+        except OSError as e:
+            raise StoreError(f"{self.store.where(unit)}: read error ({e.strerror})") from None
+        if self.verify == "always" or (self.verify == "first" and self.seen.get(unit) != key):
+            self.store.check_content(unit, dest)
+            self.seen[unit] = key
+        with self.lock:   # routed experts are read on several threads at once
+            self.prof.bytes_read += sum(n for _, n in layout.data)
+            self.prof.read_seconds += time.perf_counter() - t0
+
+    def read_rows(self, unit: str, tensor: str, slot, rows: list[int]) -> torch.Tensor:
+        """Rows `rows` of a 2-D tensor of a unit, each read with its own pread (an embedding lookup)."""
+        path, first = self.store.layout(unit).file_offset[tensor]
+        hidden = slot.shape[1]
+        row_bytes = hidden * slot.dtype.itemsize
+        out = torch.empty((len(rows), hidden), dtype=slot.dtype)
+        mv = memoryview(out.view(torch.uint8).numpy()).cast("B")
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                for i, r in enumerate(rows):
+                    n = os.preadv(fd, [mv[i * row_bytes:(i + 1) * row_bytes]], first + r * row_bytes)
+                    if n != row_bytes:
+                        raise StoreError(f"{path}: short read of row {r} of {tensor} (unit {unit}); "
+                                         f"re-split the model")
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise StoreError(f"{path}: cannot read unit {unit} ({e.strerror}); the store or its source is "
+                             f"missing or moved: run `layerstream verify {self.store.path}`") from None
+        with self.lock:
+            self.prof.bytes_read += len(rows) * row_bytes
+        return out
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.shutdown(wait=False)
+
+
+class BufferPool:
+    """Reusable flat byte buffers, by exact size: no allocation per token once warm."""
+
+    def __init__(self, device: torch.device, pin: bool, profiler: Profiler):
+        self.device, self.pin, self.prof = device, pin, profiler
+        self.free: dict[int, list] = defaultdict(list)
+        self.lock = threading.Lock()    # the loader acquires, the compute thread releases
+
+    def acquire(self, size: int):
+        with self.lock:
+            if self.free[size]:
+                return self.free[size].pop()
+            self.prof.allocations += 1
+        return [aligned_empty(size, self.device, self.pin), None]
+
+    def release(self, entry) -> None:
+        with self.lock:
+            self.free[entry[0].numel()].append(entry)

@@ -1,0 +1,181 @@
+"""A .gguf file, read tensor by tensor (memory-mapped); quantized blocks can be kept as they are."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from ..errors import SourceError
+from ..utils import file_identity, log
+
+
+class GGUFSource:
+    """A .gguf file, read tensor by tensor (memory-mapped) and dequantized to float per tensor. A MoE layer's
+    `ffn_{gate,up,down}_exps` tensors hold every expert ([experts, rows, cols]); each expert's slice is read
+    on its own, so each expert is its own unit as from a safetensors checkpoint."""
+
+    kind = "gguf"
+    # sizes transformers' GGUF config reader does not take from the file (it keeps the config class's
+    # defaults, so e.g. a Qwen3-MoE GGUF whose experts are not 768 wide does not load): metadata key -> field
+    SIZES = {"expert_feed_forward_length": "moe_intermediate_size",
+             "expert_shared_feed_forward_length": "shared_expert_intermediate_size"}
+
+    def __init__(self, path: Path):
+        from transformers import AutoConfig
+
+        if importlib.util.find_spec("gguf") is None:
+            raise SourceError("reading .gguf files needs the `gguf` package: pip install gguf")
+        from gguf import GGUFReader
+
+        self.path = path
+        try:
+            self.reader = GGUFReader(path)
+            self.config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        except (ValueError, KeyError, OSError) as e:
+            raise SourceError(f"{path}: not a readable GGUF model ({e})") from None
+        arch = self._field("general.architecture")
+        for key, attr in self.SIZES.items():
+            value = self._field(f"{arch}.{key}")
+            if value is not None and hasattr(self.config, attr) and getattr(self.config, attr) != value:
+                setattr(self.config, attr, int(value))
+        self.identity = file_identity([path])
+        self.name = path.stem
+        self._map = None
+        self.experts: dict[str, tuple[list, int]] = {}   # store name of expert j's weight -> (GGUF tensors, j)
+
+    def _field(self, key: str):
+        f = self.reader.fields.get(key)
+        return None if f is None else f.contents()
+
+    def _mapping(self):
+        """{transformers name: [GGUF tensors]}: one tensor, or several stacked along dim 1 (a MoE layer's
+        gate and up experts, which transformers holds as one gate_up tensor: gate rows first)."""
+        if self._map is None:
+            from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
+                                                                  get_gguf_hf_weights_map, load_gguf_checkpoint)
+
+            from ..arch import build_skeleton
+
+            parsed = load_gguf_checkpoint(str(self.path), return_tensors=False)
+            arch = self._field("general.architecture")
+            self.processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed["config"])
+            skeleton = build_skeleton(self.config, torch.float32, device="meta")
+            g2h = get_gguf_hf_weights_map(skeleton, self.processor)
+            self._map = {}
+            for t in self.reader.tensors:
+                # stacked experts map without the `.weight` (transformers' fused parameters have none)
+                hf = g2h.get(t.name) or g2h.get(t.name.removesuffix(".weight"))
+                if hf is not None:
+                    self._map.setdefault(hf, []).append(t)
+            for ts in self._map.values():
+                ts.sort(key=lambda t: ".ffn_up" in t.name)
+        return self._map
+
+    def _kept(self, name: str) -> list | None:
+        """The GGUF tensors of a weight whose blocks a quantized store keeps as they are: all of one kept
+        type (None otherwise: the weight is then dequantized and quantized to the store's kind)."""
+        from ..quant import KEPT_GGUF
+
+        ts = self.experts[name][0] if name in self.experts else self._mapping().get(name)
+        if not ts or len({t.tensor_type.name for t in ts}) != 1 or ts[0].tensor_type.name not in KEPT_GGUF:
+            return None
+        return ts
+
+    def kept_bytes(self, name: str) -> int | None:
+        """Bytes a quantized store takes for this weight when its GGUF blocks are kept (None: not kept)."""
+        ts = self._kept(name)
+        if ts is None:
+            return None
+        return sum(int(t.n_bytes) for t in ts) // (ts[0].data.shape[0] if name in self.experts else 1)
+
+    def kept_types(self) -> set[str]:
+        """The block types of this file that a quantized store keeps as they are."""
+        from ..quant import KEPT_GGUF
+
+        return {t.tensor_type.name for t in self.reader.tensors} & KEPT_GGUF
+
+    def map_names(self, skeleton, lay) -> None:
+        """Name each expert's slice of the GGUF's stacked expert tensors as the store names it."""
+        m = self._mapping()
+        for ex in lay.experts.values():
+            for p in ex.params:
+                ts = m.get(f"{ex.module}.{p}")
+                if ts is None or any(len(t.data.shape) < 3 or t.data.shape[0] != ex.num_experts for t in ts):
+                    continue
+                for j in range(ex.num_experts):
+                    self.experts[ex.tensor(j, p)] = (ts, j)
+
+    def has(self, name: str) -> bool:
+        return name in self.experts or name in self._mapping()
+
+    def get(self, name: str) -> torch.Tensor:
+        import numpy as np
+        from gguf import dequantize
+
+        if name in self.experts:
+            ts, j = self.experts[name]
+            return torch.from_numpy(np.concatenate([dequantize(t.data[j], t.tensor_type) for t in ts], axis=0))
+        ts = self._mapping()[name]
+        if len(ts) > 1:
+            return torch.from_numpy(np.concatenate([dequantize(t.data, t.tensor_type) for t in ts], axis=1))
+        t = ts[0]
+        w = dequantize(t.data, t.tensor_type)
+        w = self.processor.process(weights=w, name=t.name, tensor_key_mapping={}, parsed_parameters={}).weights
+        return torch.from_numpy(np.array(w, order="C"))  # a copy: the reader's arrays are read-only maps
+
+    def numel(self, name: str) -> int:
+        ts, per = (self.experts[name][0], self.experts[name][0][0].data.shape[0]) if name in self.experts \
+            else (self._mapping()[name], 1)
+        total = 0
+        for t in ts:
+            n = 1
+            for d in t.shape:
+                n *= int(d)
+            total += n // per
+        return total
+
+    def get_quantized(self, name: str, kind: str) -> dict[str, torch.Tensor] | None:
+        """A GGUF tensor's blocks kept exactly, whichever the store's `kind` (a GGUF's blocks are never
+        re-rounded onto another grid): Q4_1 as int4 blocks, Q8_0 as int8 blocks, Q4_0, Q5_0, Q5_1, Q4_K, Q5_K
+        and Q6_K as they are. Rows are reordered as transformers reorders the dequantized weight; an expert's
+        slice of stacked expert tensors likewise, gate rows then up rows. None for float tensors and other
+        block types: the float weight is then quantized to `kind`."""
+        import numpy as np
+
+        from ..quant import from_gguf
+
+        ts = self._kept(name)   # the type first: a float tensor is not read here, only by get()
+        if ts is None:
+            return None
+        ggml = ts[0].tensor_type.name
+        if name in self.experts:
+            j = self.experts[name][1]
+            raws = [torch.from_numpy(np.array(t.data[j])) for t in ts]
+        else:
+            if len(ts) > 1:
+                return None
+            raw = torch.from_numpy(np.array(ts[0].data))
+            rows = raw.shape[0]
+            if raw.dim() != 2:
+                return None
+            perm = self.processor.process(weights=np.arange(rows, dtype=np.float64).reshape(rows, 1),
+                                          name=ts[0].name, tensor_key_mapping={}, parsed_parameters={}).weights
+            perm = np.asarray(perm).reshape(-1)
+            if perm.shape != (rows,) or not np.array_equal(np.sort(perm), np.arange(rows)):
+                return None   # the processor does more than reorder rows: go through the float weight
+            raws = [raw[torch.from_numpy(perm.astype(np.int64))]]
+        if ggml in ("Q4_1", "Q8_0"):
+            parts = [from_gguf(r, ggml, r.shape[0])[1] for r in raws]
+        else:
+            parts = [{"." + ggml.lower(): r.contiguous()} for r in raws]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def save_extras(self, out: Path) -> None:
+        from transformers import AutoTokenizer, GenerationConfig
+
+        log("reading the tokenizer from the GGUF file")
+        tok = AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
+        tok.save_pretrained(out)
+        GenerationConfig.from_model_config(self.config).save_pretrained(out)

@@ -1,0 +1,51 @@
+"""From any source (None, a path, a .gguf, a hub id, a store) to a store path, made once and reused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import SourceError, StoreError
+from ..sources import download_hub, embedded_model, looks_like_hub_id, open_source
+from ..utils import log
+from .format import Store
+from .writer import _source_dtype, _units_of, default_store_path, index_in_place, split
+
+
+def resolve(source=None, store_path=None, dtype=None, progress=True, in_place=None, quantize=None) -> Path:
+    """A store path for any source: an existing store, or one made now (or reused from the cache).
+
+    in_place: serve a safetensors source from its own shards (None: whenever it needs no dtype conversion);
+    otherwise the source is split into a store of its own."""
+    if source is None:
+        source = embedded_model()
+    if Store.is_store(source):
+        return Path(source)
+    path = Path(str(source)).expanduser()
+    if not path.exists() and looks_like_hub_id(str(source)):
+        path = download_hub(str(source))
+    src = open_source(path)
+    from ..quant import normalize
+
+    quant = normalize(quantize)
+    out = Path(store_path) if store_path is not None else default_store_path(src, quant, dtype)
+    if Store.is_store(out):
+        m = Store(out).manifest
+        if m.quantization != quant and quantize is not None:
+            raise StoreError(f"{out}: the store there is {m.quantization or 'not quantized'}, not {quant}; choose "
+                             f"another store_path")
+        if dtype is not None and m.dtype != str(dtype).replace("torch.", "") and not m.quantization:
+            log(f"the store at {out} holds {m.dtype} weights; they are converted to {dtype} as they load")
+        log(f"using store {out}")
+        return out
+    if quant:
+        return split(src, out, dtype=dtype, progress=progress, quantize=quant)
+    if in_place is None and src.kind == "safetensors":
+        names = {n for n in src.weight_map}
+        _units_of(src)
+        in_place = not src.fp8_block and not src.needs_conversion() and \
+            (dtype is None or _source_dtype(src, names) == dtype)
+    if in_place:
+        if src.kind != "safetensors":
+            raise SourceError(f"{src.path}: only safetensors checkpoints can be served in place; split it")
+        return index_in_place(src, out, progress=progress)
+    return split(src, out, dtype=dtype, progress=progress)

@@ -1,0 +1,285 @@
+"""The resumable split into a store, and the in-place index of a safetensors checkpoint.
+
+A split reads its source tensor by tensor (memory-mapped), writes one unit at a time (temporary
+name, fsync, rename), records each finished unit in `split-progress.jsonl`, and writes the manifest
+last. Killed at any point, it resumes without redoing finished units.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from ..errors import DiskSpaceError, SourceError, StoreError
+from ..sources import SafetensorsSource, open_source
+from ..utils import cache_dir, fmt_bytes, log
+from .format import MANIFEST, Manifest, Store, UnitInfo
+from .io import aligned_empty, atomic_write_bytes, fsync_dir, read_header
+
+PROGRESS = "split-progress.jsonl"
+
+
+def default_store_path(src, quant: str | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Where a source's store goes by default: one per source, quantization and requested dtype."""
+    return cache_dir() / "stores" / (f"{src.name}-{src.identity}" + (f"-{quant}" if quant else "")
+                                     + (f"-{str(dtype).replace('torch.', '')}" if dtype is not None else ""))
+
+
+def _write_unit(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[int, str, str]:
+    import xxhash
+    from safetensors.torch import save
+
+    data = save(tensors)
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as e:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.unlink(missing_ok=True)
+        if e.errno == errno.ENOSPC:
+            raise DiskSpaceError(f"disk full while writing {path}; free space and run the same split again "
+                                 f"(finished units are kept)") from None
+        raise
+    return len(data), hashlib.sha256(data).hexdigest(), xxhash.xxh3_64_hexdigest(data)
+
+
+def _unit_tensors(src, u, dtype: torch.dtype, quant: str | None) -> dict[str, torch.Tensor]:
+    """The tensors a unit's file holds: floats in the store dtype; with `quant`, the linear weights of the
+    decoder layers and an untied head as int8/int4 blocks (a GGUF's own Q4_1/Q8_0 blocks kept exactly)."""
+    from ..quant import quantizable, quantize
+
+    tensors = {}
+    quantized = quant is not None and u.kind != "embed"
+    for n in u.params:
+        parts = src.get_quantized(n, quant) if quantized else None
+        if parts is None:
+            t = src.get(n)
+            if quantized and t.is_floating_point() and quantizable(n, t.shape, quant):
+                parts = quantize(t, quant)
+        if parts is not None:
+            tensors.update({n + suffix: v.contiguous() for suffix, v in parts.items()})
+        else:
+            tensors[n] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
+    return tensors
+
+
+def _units_of(src):
+    """The skeleton of the source's architecture, its units, and the weight names they need (all present)."""
+    from ..arch import build_skeleton, layout
+
+    skeleton = build_skeleton(src.config, torch.float32, device="meta")
+    lay = layout(skeleton)
+    if hasattr(src, "map_names"):
+        src.map_names(skeleton, lay)
+    for u in lay.units:   # persistent buffers (a router's bias ...) come from the checkpoint when it has them
+        u.params = [n for n in u.params if n not in lay.buffers or src.has(n)]
+    names = [n for u in lay.units for n in u.params]
+    missing = [n for n in names if not src.has(n)]
+    if missing:
+        raise SourceError(f"{src.path}: the checkpoint lacks {len(missing)} weights the model needs "
+                          f"(e.g. {missing[0]}); is it complete and of this architecture?")
+    return skeleton, lay, names
+
+
+def split(source, out=None, dtype: torch.dtype | None = None, progress: bool = True, quantize=None) -> Path:
+    """Split `source` (a path or a source object) into a store at `out`; resumes an interrupted split.
+    quantize: "int8" / "int4" (or "8bit" / "4bit") for block-wise quantized linear weights."""
+    from ..quant import normalize
+
+    quant = normalize(quantize)
+    from tqdm import tqdm
+
+    src = source if hasattr(source, "get") else open_source(source)
+    out = Path(out) if out is not None else default_store_path(src, quant, dtype)
+    if Store.is_store(out):
+        return out
+    skeleton, lay, names = _units_of(src)
+    store_dtype = dtype
+    if store_dtype is None:
+        first = src.get(lay.units[0].params[0])
+        store_dtype = first.dtype if first.is_floating_point() else torch.float32
+    elem = torch.empty(0, dtype=store_dtype).element_size()
+    embed_params = set(lay.units[0].params) if lay.units[0].kind == "embed" else set()
+    per_weight = {"int4": 0.625, "int8": 1.07, None: None}[quant]   # bytes per quantized weight, scales included
+
+    kept_bytes = getattr(src, "kept_bytes", lambda n: None)   # a GGUF's blocks kept as they are
+
+    def est(n: str, quant=quant, per_weight=per_weight) -> float:
+        k = src.numel(n)
+        if quant and n not in embed_params and kept_bytes(n) is not None:
+            return kept_bytes(n)
+        if per_weight and n not in embed_params and (n.endswith(".weight") or ".experts." in n) and k > 4096:
+            return k * per_weight
+        return k * elem
+
+    need = int(sum(est(n) for n in names))
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "units").mkdir(exist_ok=True)
+    ident = {"kind": src.kind, "path": str(src.path), "identity": src.identity, "dtype": str(store_dtype),
+             "quantization": quant}
+    state = out / "split-source.json"
+    if state.is_file():
+        if json.loads(state.read_text()) != ident:
+            raise StoreError(f"{out}: holds a partial split of another source or dtype; choose another output "
+                             f"directory or delete it")
+    else:
+        atomic_write_bytes(state, json.dumps(ident).encode())
+
+    for stale in (out / "units").glob(".*.tmp"):   # a unit cut by a kill: redone below
+        stale.unlink()
+    done: dict[str, dict] = {}
+    prog = out / PROGRESS
+    if prog.is_file():
+        for line in prog.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a record cut by a kill: its unit is redone
+            f = out / rec["file"]
+            if f.is_file() and f.stat().st_size == rec["bytes"]:
+                done[rec["name"]] = rec
+    have = sum(r["bytes"] for r in done.values())
+    free = shutil.disk_usage(out).free
+    kept = src.kept_types() if quant is None and hasattr(src, "kept_types") else set()
+    if need - have > free:
+        hint = ""
+        if kept:
+            small = int(sum(est(n, "int4", 0.625) for n in names))
+            hint = (f"; or keep this GGUF's {', '.join(sorted(kept))} blocks as they are with compression='int4' "
+                    f"(--quantize int4): about {fmt_bytes(small)}")
+        raise DiskSpaceError(f"{out}: the store needs {fmt_bytes(need - have)} more but only {fmt_bytes(free)} is "
+                             f"free; free space or choose another output directory (--out / store_path){hint}")
+    if kept:
+        log(f"note: {src.path.name} holds {', '.join(sorted(kept))} blocks; this store holds them as {store_dtype}. "
+            f"compression='int4' (--quantize int4) keeps them as they are (the embedding is kept as floats)")
+    log(f"splitting {src.path} -> {out} ({len(lay.units)} units, {fmt_bytes(need)}, {store_dtype}"
+        + (f"; resuming, {len(done)} done" if done else "") + ")")
+
+    bar = tqdm(total=need, unit="B", unit_scale=True, desc="split", disable=not progress, file=sys.stderr)
+    bar.update(have)
+    with open(prog, "a") as progf:
+        for u in lay.units:
+            if u.name in done:
+                continue
+            tensors = _unit_tensors(src, u, store_dtype, quant)
+            rel = f"units/{u.name}.safetensors"
+            size, sha, xx = _write_unit(out / rel, tensors)
+            rec = {"name": u.name, "kind": u.kind, "file": rel, "bytes": size, "sha256": sha, "xxh3": xx,
+                   "tensors": sorted(tensors)}
+            progf.write(json.dumps(rec) + "\n")
+            progf.flush()
+            os.fsync(progf.fileno())
+            done[u.name] = rec
+            bar.update(size)
+    bar.close()
+
+    src.config.save_pretrained(out)
+    src.save_extras(out)
+    arch = (getattr(src.config, "architectures", None) or [type(skeleton).__name__])[0]
+    manifest = Manifest(architecture=arch, model_type=src.config.model_type, dtype=str(store_dtype).replace("torch.", ""),
+                        source={"kind": src.kind, "path": str(src.path), "identity": src.identity},
+                        units=[UnitInfo(**done[u.name]) for u in lay.units], tied=lay.tied, quantization=quant)
+    for f in os.listdir(out):
+        if f != MANIFEST and not f.startswith("."):
+            p = out / f
+            if p.is_file():
+                with open(p, "rb") as fh:
+                    os.fsync(fh.fileno())
+    fsync_dir(out)
+    atomic_write_bytes(out / MANIFEST, manifest.to_json().encode())
+    return out
+
+
+def _source_dtype(src, names) -> torch.dtype | None:
+    dtypes = set()
+    for f in src.files:
+        slots, _ = read_header(f)
+        dtypes |= {s.dtype for s in slots if s.name in names and s.dtype.is_floating_point}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def index_in_place(src: SafetensorsSource, out, progress: bool = True) -> Path:
+    """A store that points into the source's own shards: no second copy of the model on disk. Each unit is
+    a list of byte ranges of the shards (contiguous tensors merged); its xxh3 is computed now, by reading
+    the model once."""
+    from tqdm import tqdm
+
+    from .io import DTYPE_NAMES, in_place_slots, layout_xxh3, make_layout, read_layout
+
+    out = Path(out)
+    skeleton, lay, names = _units_of(src)
+    if src.needs_conversion():
+        raise SourceError(f"{src.path}: some weights are stored in another layout than the model computes with "
+                          f"(a conversion beyond joining an expert's weights); it cannot be served in place: "
+                          f"split it")
+    pieces = {n: src.pieces(n) for n in names}
+    keys = {k for ps in pieces.values() for k, _ in ps}
+    dtype = _source_dtype(src, keys)
+    if dtype is None:
+        raise SourceError(f"{src.path}: weights of mixed float dtypes cannot be served in place; split it")
+    found = {}
+    for f in src.files:
+        for slot in read_header(f)[0]:
+            if slot.name in keys:
+                if slot.begin % slot.dtype.itemsize:
+                    raise SourceError(f"{f}: tensor {slot.name} is not aligned; split the model instead")
+                found[slot.name] = (f, slot)
+
+    def locate(key: str, row: int | None) -> tuple[Path, int, int, tuple, torch.dtype]:
+        """(file, begin, end, shape, dtype) of a checkpoint tensor, or of one row of it."""
+        f, slot = found[key]
+        if row is None:
+            return f, slot.begin, slot.end, tuple(slot.shape), slot.dtype
+        size = (slot.end - slot.begin) // slot.shape[0]
+        return f, slot.begin + row * size, slot.begin + (row + 1) * size, tuple(slot.shape[1:]), slot.dtype
+
+    units, total = [], 0
+    for u in lay.units:
+        where = {n: [locate(k, row) for k, row in pieces[n]] for n in u.params}
+        ranges, placed = [], {}
+        for f, b, e, *_ in sorted({p for ps in where.values() for p in ps}, key=lambda p: (str(p[0]), p[1])):
+            if ranges and ranges[-1][0] == str(f) and ranges[-1][2] >= b:
+                ranges[-1][2] = max(ranges[-1][2], e)
+            else:
+                ranges.append([str(f), b, e])
+            placed[(f, b)] = len(ranges) - 1
+        slots = {}
+        for n in u.params:
+            ps = [(placed[(f, b)], b - ranges[placed[(f, b)]][1], e - ranges[placed[(f, b)]][1])
+                  for f, b, e, *_ in where[n]]
+            shape, dt = list(where[n][0][3]), DTYPE_NAMES[where[n][0][4]]
+            if len(ps) > 1:   # joined along the first dimension
+                shape[0] = sum(p[3][0] for p in where[n])
+                if all(q[0] == p[0] and q[1] == p[2] for p, q in zip(ps, ps[1:])):
+                    ps = [(ps[0][0], ps[0][1], ps[-1][2])]   # already end to end in the shard (gate, then up)
+            slots[n] = [dt, shape, *ps[0]] if len(ps) == 1 else [dt, shape, [list(p) for p in ps]]
+        size = sum(e - b for _, b, e in ranges)
+        units.append(UnitInfo(u.name, u.kind, "", size, "", "", sorted(u.params), ranges, slots))
+        total += size
+    log(f"indexing {src.path} in place -> {out} ({len(units)} units, {fmt_bytes(total)}, {dtype}; no copy)")
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="checksum", disable=not progress, file=sys.stderr)
+    for u in units:
+        lt = make_layout([(Path(f), b, e) for f, b, e in u.ranges], in_place_slots(u.slots))
+        buf = aligned_empty(lt.size)
+        read_layout(lt, buf)
+        u.xxh3 = layout_xxh3(lt, buf)
+        bar.update(u.bytes)
+    bar.close()
+    out.mkdir(parents=True, exist_ok=True)
+    src.config.save_pretrained(out)
+    src.save_extras(out)
+    files = {str(f): [f.stat().st_size, f.stat().st_mtime_ns] for f in src.files}
+    arch = (getattr(src.config, "architectures", None) or [type(skeleton).__name__])[0]
+    manifest = Manifest(architecture=arch, model_type=src.config.model_type, dtype=str(dtype).replace("torch.", ""),
+                        source={"kind": src.kind, "path": str(src.path), "identity": src.identity}, units=units,
+                        tied=lay.tied, in_place=True, source_files=files)
+    fsync_dir(out)
+    atomic_write_bytes(out / MANIFEST, manifest.to_json().encode())
+    return out
