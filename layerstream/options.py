@@ -25,7 +25,8 @@ class Options:
     dtype; default the store's), `prefetch` and `lookahead` (units read ahead of the compute), `io`
     ("auto", "buffered", "direct" = O_DIRECT, "fadvise"), `readers` (parallel reads per unit), `threads`
     (torch compute threads; default chosen by layerstream), `verify` ("first", "always", "never": when a
-    unit's xxh3 is checked), `profiling`, `progress` (bars on long work)."""
+    unit's xxh3 is checked), `profiling`, `progress` (bars on long work). Speculative decoding: `draft`
+    ("int4": a resident int4 copy of the same model drafts tokens; or a path to another model)."""
 
     device: str = "cpu"
     dtype: object = None
@@ -42,6 +43,7 @@ class Options:
     store_path: str | None = None
     in_place: bool | None = None
     compression: str | None = None
+    draft: str | None = None
 
     def __post_init__(self):
         self.ram_bytes = parse_size(self.max_ram, "max_ram")

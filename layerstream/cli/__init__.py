@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 
+from .batch import batch_args, cmd_batch
 from .common import gen_args, model_args
 from .generate import cmd_chat, cmd_run
 from .plan import cmd_plan
@@ -27,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--system", default=None, help="system prompt")
     model_args(c)
     gen_args(c)
+    b = sub.add_parser("batch", help="run a JSONL file of requests (OpenAI batch format); resumable")
+    batch_args(b)
+    model_args(b)
     s = sub.add_parser("split", help="split a model into a layer store")
     s.add_argument("source")
     s.add_argument("out")
@@ -57,7 +61,7 @@ def main(argv=None) -> int:
 
     try:
         return {"run": cmd_run, "chat": cmd_chat, "split": cmd_split, "info": cmd_info, "verify": cmd_verify,
-                "plan": cmd_plan}[a.cmd](a)
+                "plan": cmd_plan, "batch": cmd_batch}[a.cmd](a)
     except LayerstreamError as e:
         print(f"layerstream: error: {e}", file=sys.stderr, flush=True)
         return 1

@@ -27,6 +27,8 @@ def model_args(p: argparse.ArgumentParser) -> None:
                    help="use a block-wise quantized store (made once from --model)")
     p.add_argument("--copy", action="store_true",
                    help="split a safetensors model into a store of its own instead of serving it in place")
+    p.add_argument("--draft", default=None, metavar="int4|PATH",
+                   help="speculative decoding: a resident int4 copy of the model (or another model) drafts tokens")
     p.add_argument("--verbose", "-v", action="store_true", help="print the residency plan")
 
 
@@ -35,6 +37,8 @@ def gen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--prompt-lookup", type=int, default=None, metavar="N",
+                   help="speculative decoding from the prompt itself: up to N tokens copied from it per sweep")
 
 
 def gen_kwargs(a) -> dict:
@@ -45,6 +49,8 @@ def gen_kwargs(a) -> dict:
             kw["top_p"] = a.top_p
     else:
         kw["do_sample"] = False
+    if getattr(a, "prompt_lookup", None):
+        kw["prompt_lookup_num_tokens"] = a.prompt_lookup
     if a.seed is not None:
         import torch
 
@@ -75,7 +81,9 @@ def stats_line(m) -> str:
 
     s = m.last_stats
     return (f"{s['new_tokens']} tokens in {s['seconds']:.2f} s, {s['tokens_per_s']:.2f} tok/s, "
-            f"{fmt_bytes(s['bytes_per_token'])} read per token, peak RSS {fmt_bytes(peak_rss())}")
+            f"{fmt_bytes(s['bytes_per_token'])} read per sweep, peak RSS {fmt_bytes(peak_rss())}"
+            + (f"; speculative: {s['sweeps']} sweeps, {s['tokens_per_sweep']:.2f} tokens per sweep, "
+               f"{s['accepted']}/{s['drafted']} drafted tokens accepted" if "drafted" in s else ""))
 
 
 def tokenizer_of(m):
@@ -96,4 +104,5 @@ def options_of(a):
 
     return Options(device=a.device, dtype=a.dtype, max_ram=a.max_ram, max_gpu_memory=a.max_gpu_memory,
                    prefetch=not a.no_prefetch, store_path=a.store, profiling=a.profile, lookahead=a.lookahead,
-                   threads=a.threads, io=a.io, in_place=False if a.copy else None, compression=a.quantize)
+                   threads=a.threads, io=a.io, in_place=False if a.copy else None, compression=a.quantize,
+                   draft=getattr(a, "draft", None))

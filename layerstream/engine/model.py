@@ -78,7 +78,8 @@ class StreamedModel:
         except OSError:
             pass
         self.layout = layout(self.model)
-        self.plan = make_plan(self.store, self.device.type, opts.ram_bytes, opts.gpu_bytes, opts.lookahead)
+        packed = self.device.type == "cpu" and self.dtype == torch.bfloat16   # int4 units computed on their blocks
+        self.plan = make_plan(self.store, self.device.type, opts.ram_bytes, opts.gpu_bytes, opts.lookahead, packed)
         self.profiler = Profiler(opts.profiling)
         resident = sum(u.bytes for u in self.plan.units if u.tier != "disk")
         bar = None
@@ -98,6 +99,7 @@ class StreamedModel:
         self.threads = compute_threads(opts.threads, streaming=bool(self.plan.streamed) and opts.prefetch,
                                        direct=self.direct)
         self.last_stats: dict = {}
+        self.draft = None   # a resident model that drafts tokens for this one (speculative decoding)
         # loader threads stop before the interpreter tears torch down under them (at exit, or when collected)
         self._finalizer = weakref.finalize(self, _close, self.streamer, self.store)
 
@@ -155,6 +157,12 @@ class StreamedModel:
             kwargs["attention_mask"] = kwargs["attention_mask"].to(self.device)
         if self.tokenizer is not None and "pad_token_id" not in kwargs and self.generation_config.pad_token_id is None:
             kwargs["pad_token_id"] = self.tokenizer.pad_token_id or self.tokenizer.eos_token_id
+        if self.draft is not None and input_ids.shape[0] == 1 and "assistant_model" not in kwargs \
+                and "prompt_lookup_num_tokens" not in kwargs:
+            kwargs["assistant_model"] = self.draft.model
+        if isinstance(kwargs.get("assistant_model"), StreamedModel):
+            kwargs["assistant_model"] = kwargs["assistant_model"].model
+        speculative = "assistant_model" in kwargs or "prompt_lookup_num_tokens" in kwargs
         self.profiler.reset()
         t0 = time.perf_counter()
         with self.running():
@@ -166,13 +174,19 @@ class StreamedModel:
         self.last_stats = {"new_tokens": int(new), "seconds": dt, "tokens_per_s": new / dt if dt else 0.0,
                            "sweeps": self.profiler.sweeps, "bytes_read": self.profiler.bytes_read,
                            "bytes_per_token": self.profiler.bytes_read / max(self.profiler.sweeps, 1)}
+        if speculative:
+            from .speculative import speculative_stats
+
+            self.last_stats.update(speculative_stats(self.profiler, int(new), input_ids.shape[-1]))
         if self.profiler.enabled:
             print(self.profiler.report(), file=sys.stderr, flush=True)
         return out
 
     def close(self):
-        """Stop the loader threads and record the routing seen (idempotent)."""
+        """Stop the loader threads and record the routing seen (idempotent); the draft's too."""
         self._finalizer()
+        if self.draft is not None:
+            self.draft.close()
 
     def _record_experts(self):
         _record_routing(self.streamer, self.store)
@@ -208,4 +222,18 @@ class AutoModel:
         opts = options if options is not None else Options.from_kwargs(kwargs)
         path = resolve(source, store_path=opts.store_path, dtype=parse_dtype(opts.dtype), progress=opts.progress,
                        in_place=opts.in_place, quantize=opts.compression)
-        return StreamedModel(path, opts)
+        if not opts.draft:
+            return StreamedModel(path, opts)
+        from .speculative import draft_bytes, open_draft
+
+        draft = open_draft(source, opts.draft, opts)
+        size = draft_bytes(draft)
+        target = opts
+        if opts.ram_bytes is not None and opts.device == "cpu":   # the draft comes out of the same budget
+            target = opts.replace(max_ram=max(0, opts.ram_bytes - size))
+        elif opts.gpu_bytes is not None and opts.device != "cpu":
+            target = opts.replace(max_gpu_memory=max(0, opts.gpu_bytes - size))
+        m = StreamedModel(path, target)
+        m.draft = draft
+        m.plan.notes.append(f"draft model ({opts.draft}) resident: {size} bytes of the budget")
+        return m

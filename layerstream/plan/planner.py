@@ -196,7 +196,11 @@ def _choose(cands: list[UnitPlan], budget: int) -> list[UnitPlan]:
     return chosen
 
 
-def make_plan(store: Store, device: str = "cpu", max_ram=None, max_gpu_memory=None, lookahead: int = 2) -> Plan:
+def make_plan(store: Store, device: str = "cpu", max_ram=None, max_gpu_memory=None, lookahead: int = 2,
+              packed: bool = False) -> Plan:
+    """Each unit's tier for these budgets. packed: int4 units can compute on their blocks (bfloat16 compute on a
+    CPU, torch's int4 kernel): they stay packed even where they would fit as floats (smaller, and faster than
+    bfloat16 matmuls on a CPU: docs/quantization.md)."""
     m = store.manifest
     unit_bytes = {u.name: u.bytes for u in m.units}
     tied_embed = any(owner.startswith(_embed_prefix(store)) for owner in m.tied.values())
@@ -229,8 +233,9 @@ def make_plan(store: Store, device: str = "cpu", max_ram=None, max_gpu_memory=No
     if plan.dequant_bytes and device == "cpu":
         dense = sum(plan.dequant_bytes.get(n, b) for n, b in unit_bytes.items())
         if dense <= plan.ram_budget:   # fits dequantized: dequantize once at load, run at full speed
-            plan.dequant_bytes = {}
-            plan.notes.append("quantized store dequantized once at load: it fits the budget as floats")
+            plan.dequant_bytes = {n: b for n, b in plan.dequant_bytes.items() if packed and n in _int4_units(store)}
+            plan.notes.append("int4 units computed on their packed blocks (bfloat16, torch's int4 kernel)" if
+                              plan.dequant_bytes else "quantized store dequantized once at load: it fits the budget as floats")
         inflight = plan.inflight_bytes
     if sum(unit_bytes.values()) > plan.ram_budget or plan.dequant_bytes:
         resident_budget = max(0, plan.ram_budget - inflight - reserve)
@@ -329,6 +334,16 @@ def _dequant_bytes(store: Store) -> dict[str, int]:
         quant = stored_names(u.tensors)
         if quant:
             out[u.name] = float_bytes({s.name: s.shape for s in store.slots(u.name)}, quant, dtype)
+    return out
+
+
+def _int4_units(store: Store) -> set[str]:
+    """Units whose quantized weights are all int4 blocks (the kind torch's int4 kernel computes on)."""
+    out = set()
+    for u in store.manifest.units:
+        kinds = {kind for kind, _ in stored_names(u.tensors).values()}
+        if kinds == {"int4"} and u.kind != "expert":
+            out.add(u.name)
     return out
 
 

@@ -20,6 +20,7 @@ class Profiler:
         self.bytes_read = 0
         self.read_seconds = 0.0
         self.sweeps = 0
+        self.sweep_tokens: list[int] = []   # new tokens per row in each sweep (a verification: 1 + drafted)
         self.allocations = 0
         # mixture of experts: one entry per experts call, (layer unit, experts routed, of which read from disk)
         self.experts: list[tuple[str, tuple[int, ...], int]] = []

@@ -133,7 +133,7 @@ class Streamer(ExpertRouting, EmbeddingRows):
         streamed = {u.name for u in self.plan.streamed}
         emb = next((u for u in self.plan.units if u.kind == "embed"), None)
         emb_mod = mods[self.lay.embed_module]
-        self.handles.append(emb_mod.register_forward_pre_hook(self._sweep_start))
+        self.handles.append(emb_mod.register_forward_pre_hook(self._sweep_start, with_kwargs=True))
         if emb is not None and emb.tier != self.plan.compute_tier:
             self._embed_setup(emb, emb_mod)
         for u in self.lay.units:
@@ -156,8 +156,10 @@ class Streamer(ExpertRouting, EmbeddingRows):
         self.expert_pool = ThreadPoolExecutor(4, thread_name_prefix="layerstream-experts") \
             if any(u.tier != self.plan.compute_tier for u in self.expert_units.values()) else None
 
-    def _sweep_start(self, module, args):
+    def _sweep_start(self, module, args, kwargs):
         self.prof.sweeps += 1
+        ids = args[0] if args else next(iter(kwargs.values()), None)
+        self.prof.sweep_tokens.append(int(ids.shape[-1]) if torch.is_tensor(ids) and ids.dim() else 1)
 
     def _pre(self, name, once=False):
         def hook(module, args):

@@ -1,0 +1,27 @@
+"""`layerstream batch IN.jsonl OUT.jsonl`: an offline job in the OpenAI batch format (layerstream.engine.batch)."""
+
+from __future__ import annotations
+
+from ..utils import log
+from .common import load_model
+
+
+def batch_args(p) -> None:
+    p.add_argument("input", help="requests, one JSON object a line (OpenAI batch format)")
+    p.add_argument("output", help="responses, one a line in input order; OUTPUT.partial journals a running job")
+    p.add_argument("--batch-size", type=int, default=8, help="most sequences per sweep (default 8)")
+
+
+def cmd_batch(a) -> int:
+    from ..engine.batch import check_paths, run_batch
+    from ..errors import InputError
+
+    if a.batch_size < 1:
+        raise InputError(f"--batch-size must be positive, got {a.batch_size}")
+    check_paths(a.input, a.output)   # before the model loads
+    m = load_model(a)
+    s = run_batch(m, a.input, a.output, batch_size=a.batch_size)
+    log(f"batch: {s['requests']} requests, {s['succeeded']} succeeded ({s['resumed']} resumed from an earlier run, "
+        f"{s['ran']} run now), {s['failed']} failed; {s['completion_tokens']} tokens in {s['seconds']:.1f} s, "
+        f"{s['tokens_per_s']:.2f} tok/s; wrote {s['output']}")
+    return 0

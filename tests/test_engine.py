@@ -1,0 +1,181 @@
+"""The step API, the continuous-batching engine and speculative decoding, against transformers' `generate`."""
+
+import threading
+
+import pytest
+import torch
+
+from layerstream import AutoModel
+from layerstream.engine.scheduler import Engine, SamplingParams
+from layerstream.engine.step import eos_ids, generate_step
+from layerstream.errors import InputError
+
+from conftest import make_model_dir
+
+PROMPTS = [[1, 5, 9, 13], [1, 7, 3, 99, 45, 12, 8, 64, 33, 2], [1, 20], [1, 77, 78, 79, 80, 81],
+           [1, 30, 31, 32, 33, 34, 35, 36, 37], [1, 100, 101]]
+LIMITS = [3, 12, 7, 12, 2, 9]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny Llama, every layer streamed (max_ram=0), and its greedy tokens from transformers' generate."""
+    d = tmp_path_factory.mktemp("tiny")
+    src = make_model_dir(d / "src", "llama", layers=4)
+    m = AutoModel.from_pretrained(src, max_ram=0, store_path=d / "store", progress=False)
+    want = [m.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False)[0, len(p):].tolist()
+            for p, n in zip(PROMPTS, LIMITS)]
+    return src, m, want
+
+
+def test_generate_step_gives_generate_tokens(tiny):
+    src, m, want = tiny
+    for p, n, w in zip(PROMPTS, LIMITS, want):
+        m.profiler.reset()
+        assert list(generate_step(m, p, n, eos_token_ids=eos_ids(m))) == w
+        assert m.profiler.sweeps == len(w)   # the prompt's sweep makes the first token, one sweep per token after
+
+
+def test_requests_join_and_leave_sharing_sweeps(tiny):
+    """Six requests, three slots: a finished request leaves and a waiting one joins at the next step; every
+    request gets exactly generate's greedy tokens, and each step is one sweep for all the rows in it."""
+    src, m, want = tiny
+    eng = Engine(m, max_batch=3)
+    m.profiler.reset()
+    out = eng.generate(PROMPTS, [SamplingParams(max_tokens=n) for n in LIMITS])
+    assert [c.token_ids for c in out] == want
+    assert [c.finish_reason for c in out] == ["length" if len(w) == n else "stop" for w, n in zip(want, LIMITS)]
+    assert [c.prompt_tokens for c in out] == [len(p) for p in PROMPTS]
+    assert eng.stats["max_batch_seen"] == 3
+    assert m.profiler.sweeps == eng.stats["steps"]
+    # static batches of 3 would take 12 + 12 sweeps; joining as slots free up takes fewer
+    assert eng.stats["steps"] < sum(max(len(w) for w in want[i:i + 3]) for i in (0, 3))
+    assert max(m.profiler.sweep_tokens) > 1 and min(m.profiler.sweep_tokens) == 1   # joins prefill in a sweep
+    assert eng.cache is None and not eng.active and not eng.waiting
+
+
+def test_requests_wait_while_the_kv_budget_is_full(tiny):
+    """A KV budget for one request at a time: the others wait (never dropped) and all finish, correct."""
+    src, m, want = tiny
+    one = (max(len(p) for p in PROMPTS) + 1 + max(LIMITS)) * Engine(m).kv_per_token
+    eng = Engine(m, max_batch=4, kv_budget=one)
+    out = eng.generate(PROMPTS, [SamplingParams(max_tokens=n) for n in LIMITS])
+    assert [c.token_ids for c in out] == want
+    assert eng.stats["max_batch_seen"] == 1
+    with pytest.raises(InputError, match="KV budget"):
+        eng.submit(list(range(1, 100)), SamplingParams(max_tokens=100))
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(tiny):
+    src, m, want = tiny
+    sp = SamplingParams(max_tokens=8, temperature=0.9, top_p=0.95, seed=7)
+    alone = Engine(m, max_batch=1).generate([PROMPTS[1]], [sp])[0].token_ids
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[1]]
+    batch = Engine(m, max_batch=4).generate(prompts, [SamplingParams(max_tokens=5, temperature=1.0, seed=1),
+                                                      sp, SamplingParams(max_tokens=3), sp])
+    assert batch[1].token_ids == alone and batch[3].token_ids == alone
+    other = Engine(m, max_batch=1).generate([PROMPTS[1]], [SamplingParams(max_tokens=8, temperature=0.9, seed=8)])
+    assert other[0].token_ids != alone
+
+
+def test_bad_requests_are_refused(tiny):
+    src, m, want = tiny
+    eng = Engine(m)
+    for bad in (dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(stop=[""])):
+        with pytest.raises(InputError):
+            SamplingParams(**bad)
+    with pytest.raises(InputError, match="empty"):
+        eng.submit([])
+    with pytest.raises(InputError, match="context of 256"):
+        eng.submit([1] * 250, SamplingParams(max_tokens=10))
+
+
+def test_engine_thread_streams_and_cancels(tiny):
+    """On its own thread (as a server runs it): concurrent submitters, deltas as they come, a cancelled request
+    frees its slot and ends with finish_reason 'cancelled'."""
+    src, m, want = tiny
+    eng = Engine(m, max_batch=4)
+    eng.start()
+    try:
+        results = {}
+
+        def client(i):
+            h = eng.submit(PROMPTS[i], SamplingParams(max_tokens=LIMITS[i]))
+            toks = [t for d in h.stream(timeout=60) for t in d.token_ids]
+            results[i] = (toks, h.result(timeout=60))
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        long = eng.submit([1, 2, 3], SamplingParams(max_tokens=200))
+        next(long.stream(timeout=60))
+        eng.cancel(long.request_id)
+        assert long.result(timeout=60).finish_reason == "cancelled"
+        for t in threads:
+            t.join(60)
+        for i in range(4):
+            toks, c = results[i]
+            assert toks == c.token_ids == want[i]
+    finally:
+        eng.stop()
+
+
+def test_families_without_a_plain_cache_run_one_at_a_time(tmp_path):
+    """Gemma 2's sliding-window layers cannot share a padded cache: the engine serves one request at a time,
+    still with generate's tokens."""
+    src = make_model_dir(tmp_path / "src", "gemma2", layers=2)
+    m = AutoModel.from_pretrained(src, max_ram=0, store_path=tmp_path / "store", progress=False)
+    want = [m.generate(torch.tensor([p]), max_new_tokens=5, do_sample=False)[0, len(p):].tolist() for p in PROMPTS[:3]]
+    eng = Engine(m, max_batch=4)
+    assert not eng.batched
+    out = eng.generate(PROMPTS[:3], SamplingParams(max_tokens=5))
+    assert [c.token_ids for c in out] == want and eng.stats["max_batch_seen"] == 1
+
+
+def test_stop_strings_and_streamed_text(embedded_store):
+    """A stop string ends the request where it first appears (not included); the streamed text pieces add up
+    to the completion's text."""
+    m = AutoModel.from_pretrained(embedded_store, progress=False)
+    tok = m.tokenizer
+    ids = tok.apply_chat_template([{"role": "user", "content": "Write a short poem about the sea."}],
+                                  add_generation_prompt=True, return_tensors="pt")["input_ids"][0]
+    eng = Engine(m)
+    full = eng.generate([ids], SamplingParams(max_tokens=24))[0]
+    assert full.text == tok.decode(full.token_ids, skip_special_tokens=True) and len(full.text) > 20
+    stop = full.text[10:14]
+    cut = full.text[:full.text.find(stop)]
+    eng.start()
+    try:
+        h = eng.submit(ids, SamplingParams(max_tokens=24, stop=[stop, "zzzz"]))
+        pieces = [d.text for d in h.stream(timeout=120)]
+        c = h.result()
+    finally:
+        eng.stop()
+    assert c.text == cut and "".join(pieces) == cut and c.finish_reason == "stop"
+
+
+def test_int4_draft_gives_plain_greedy_tokens_in_fewer_sweeps(tmp_path):
+    """draft="int4": a resident int4 copy drafts, one streamed sweep verifies several tokens; greedy output is
+    plain decoding's, and last_stats counts sweeps, drafted and accepted tokens."""
+    src = make_model_dir(tmp_path / "src", "llama", layers=4, tie=True)
+    plain = AutoModel.from_pretrained(src, max_ram=0, store_path=tmp_path / "store", progress=False)
+    m = AutoModel.from_pretrained(src, max_ram=0, store_path=tmp_path / "store", progress=False, draft="int4")
+    assert m.draft is not None and not m.draft.plan.streamed and m.draft.store.manifest.quantization == "int4"
+    ids = torch.tensor([PROMPTS[1]])
+    want = plain.generate(ids, max_new_tokens=24, do_sample=False)
+    assert plain.last_stats["sweeps"] == want.shape[1] - ids.shape[1]
+    got = m.generate(ids, max_new_tokens=24, do_sample=False)
+    s = m.last_stats
+    assert got.tolist() == want.tolist()
+    assert s["drafted"] > 0 and s["sweeps"] < s["new_tokens"] and s["tokens_per_sweep"] > 1
+    assert s["accepted"] == s["new_tokens"] - s["sweeps"] and s["accepted"] <= s["drafted"]
+    assert max(m.profiler.sweep_tokens[1:]) > 1   # a sweep verified several drafted tokens at once
+
+
+def test_prompt_lookup_verifies_copied_tokens_in_one_sweep(tiny):
+    src, m, want = tiny
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21, 5, 9, 13, 17, 21, 5, 9, 13]])
+    plain = m.generate(ids, max_new_tokens=16, do_sample=False)
+    got = m.generate(ids, max_new_tokens=16, do_sample=False, prompt_lookup_num_tokens=5)
+    assert got.tolist() == plain.tolist()
+    assert m.last_stats["drafted"] > 0 and m.last_stats["sweeps"] <= m.last_stats["new_tokens"]
