@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..utils import log
 from .common import load_model
 
@@ -13,13 +15,18 @@ def batch_args(p) -> None:
 
 
 def cmd_batch(a) -> int:
-    from ..engine.batch import check_paths, run_batch
     from ..errors import InputError
 
     if a.batch_size < 1:
         raise InputError(f"--batch-size must be positive, got {a.batch_size}")
-    check_paths(a.input, a.output)   # before the model loads
+    # before torch loads (run_batch checks these and more again)
+    if not Path(a.input).is_file():
+        raise InputError(f"{a.input}: no such input file")
+    if not Path(a.output).resolve().parent.is_dir():
+        raise InputError(f"{Path(a.output).parent}: no such directory for the output")
     m = load_model(a)
+    from ..engine.batch import run_batch
+
     s = run_batch(m, a.input, a.output, batch_size=a.batch_size)
     log(f"batch: {s['requests']} requests, {s['succeeded']} succeeded ({s['resumed']} resumed from an earlier run, "
         f"{s['ran']} run now), {s['failed']} failed; {s['completion_tokens']} tokens in {s['seconds']:.1f} s, "

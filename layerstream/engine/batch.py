@@ -82,6 +82,7 @@ def run_batch(model, in_path, out_path, batch_size: int = 8, progress: bool = Tr
     created = int(src.stat().st_mtime)
     t0 = time.perf_counter()
     journal = Journal(journal_path(out), fingerprint(model, name))
+    bar = None
     try:
         # first pass: count the requests and find the finished ones the journal holds for these very lines
         total, resumable = 0, {}
@@ -94,7 +95,6 @@ def run_batch(model, in_path, out_path, batch_size: int = 8, progress: bool = Tr
             log(f"resuming: {len(resumable)} of {total} requests already done (from {journal.path}), "
                 f"{total - len(resumable)} to run")
         job = _Job(model, tok, name, created, journal, resumable, batch_size)
-        bar = None
         if progress:
             from tqdm import tqdm
 
@@ -103,9 +103,12 @@ def run_batch(model, in_path, out_path, batch_size: int = 8, progress: bool = Tr
         job.run(_lines(src), bar)
         if bar is not None:
             bar.close()
+            bar = None
         n_out = _write_output(out, journal, job.final, created)
         journal.remove()
     except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
         log(f"interrupted: {journal.path} keeps the finished requests; run the same command again to resume")
         raise
     finally:
@@ -402,6 +405,7 @@ class Journal:
             os.close(self.fd)
             raise InputError(f"another `layerstream batch` is writing {path} (the journal of this output); wait for "
                              f"it or choose another output") from None
+        self.dirty = True
         self.entries: dict[int, tuple[str, int, bool]] = {}   # index -> (line hash, offset, succeeded)
         head = {JOURNAL: JOURNAL_VERSION, **header}
         try:
@@ -453,10 +457,15 @@ class Journal:
         data = (_dumps({"i": i, "h": h, "r": record}) + "\n").encode()
         self._write(data)
         self.size += len(data)
+        self.dirty = True
         return off
 
     def sync(self) -> None:
-        os.fsync(self.fd)
+        """fsync what was appended since the last sync (a kill loses nothing written; a power cut loses at
+        most the records of one step)."""
+        if self.dirty:
+            os.fsync(self.fd)
+            self.dirty = False
 
     def read(self, f, off: int) -> dict:
         f.seek(off)
