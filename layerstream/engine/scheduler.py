@@ -6,11 +6,14 @@ joined prefill and running ones decode in the same forward pass; a finished sequ
 waiting one joins at the next step. Nothing is dropped: a request waits while the KV cache it would
 need does not fit the plan's KV budget.
 
-The batch is one transformers `DynamicCache` whose rows are aligned on the right: a step's new tokens
-[batch, T] are the prompt of a joining row and one token (left-padded to T, masked) of a decoding row;
-positions come from each row's own count of real tokens, and the 2-D attention mask hides the padding.
-Columns no row uses any more are dropped from the cache (compaction). Families whose cache is not plain
-attention (sliding windows, recurrent states) run one sequence at a time, through the same API.
+Sequences are packed, not padded: a step's new tokens of every row (a joining row's prompt, one token of
+each decoding row) are laid end to end in one row [1, T], and the cache is one transformers `DynamicCache`
+row whose columns belong to the sequences (`owner`, and each column's position in its sequence). A 4-D
+attention mask lets each token see only its own sequence's earlier columns, positions are each sequence's
+own, and the head computes only each row's last token. So the linear layers compute exactly the real
+tokens (no padding), whatever the mix of prompts and decodes. Columns of finished sequences are masked
+and dropped from the cache once they are a quarter of it (compaction). Families whose cache is not plain
+full attention (sliding windows, recurrent states) run one sequence at a time, through the same API.
 
 API: `Engine(model, max_batch)`; `submit(prompt_ids, SamplingParams) -> Handle` (thread-safe);
 `Handle.stream()` yields `Delta`s as tokens come, `Handle.result()` the `Completion`; `step()` runs one
@@ -112,8 +115,8 @@ class Handle:
 
 
 class _Seq:
-    def __init__(self, rid, prompt, params, handle, tokenizer):
-        self.id, self.prompt, self.params, self.handle = rid, prompt, params, handle
+    def __init__(self, rid, slot, prompt, params, handle, tokenizer):
+        self.id, self.slot, self.prompt, self.params, self.handle = rid, slot, prompt, params, handle
         self.tokens: list[int] = []
         self.real = 0                 # real (unmasked) tokens of this row in the cache: its next position
         self.gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
@@ -142,12 +145,16 @@ class Engine:
         self.waiting: list[_Seq] = []
         self.active: list[_Seq] = []
         self.cache = None
-        self.mask: torch.Tensor | None = None     # [rows, cache length], 1 = a real token
+        self.owner: torch.Tensor | None = None    # [cache length]: the slot of the sequence a column belongs to (-1: dead)
+        self.pos: torch.Tensor | None = None      # [cache length]: that column's position in its sequence
+        self.eager = model.config._attn_implementation not in (None, "sdpa")   # additive float masks
         self.lock = threading.Condition()
         self._ids = itertools.count()
+        self._slots = itertools.count()
         self._thread: threading.Thread | None = None
         self._stop = False
-        self.stats = {"steps": 0, "tokens": 0, "prefill_tokens": 0, "max_batch_seen": 0, "seconds": 0.0}
+        self.stats = {"steps": 0, "tokens": 0, "prefill_tokens": 0, "max_batch_seen": 0, "seconds": 0.0,
+                      "kv_peak_tokens": 0}
 
     # -- submitting
     def submit(self, prompt_ids, params: SamplingParams | None = None, request_id: str | None = None) -> Handle:
@@ -166,7 +173,7 @@ class Engine:
         rid = request_id or f"req-{next(self._ids)}"
         h = Handle(rid)
         with self.lock:
-            self.waiting.append(_Seq(rid, prompt, params, h, self.tokenizer))
+            self.waiting.append(_Seq(rid, next(self._slots), prompt, params, h, self.tokenizer))
             self.lock.notify_all()
         return h
 
@@ -226,7 +233,7 @@ class Engine:
     def _fail_all(self, err: BaseException):
         with self.lock:
             seqs, self.active, self.waiting = self.active + self.waiting, [], []
-        self.cache, self.mask = None, None
+        self.cache = self.owner = self.pos = None
         for s in seqs:
             s.handle.error = err
             s.handle._q.put(err)
@@ -279,62 +286,52 @@ class Engine:
         return joining
 
     def _kv_after(self, joining) -> int:
-        """Bytes the cache would reach if `joining` joined now and every row ran to its token limit: rows x the
-        longest row's end (the cache is rectangular), plus the padding columns already there."""
+        """Bytes the cache would reach if `joining` joined now and every row ran to its token limit (the columns
+        of finished sequences not yet dropped included)."""
+        dead = int((self.owner < 0).sum()) if self.owner is not None else 0
         rows = self.active + joining
-        length = self.mask.shape[1] if self.mask is not None else 0
-        t = max([len(s.prompt) for s in joining] + [1])
-        longest = max(s.params.max_tokens - len(s.tokens) for s in rows)
-        return len(rows) * (length + t + longest) * self.kv_per_token
+        return (dead + sum(len(s.prompt) + s.params.max_tokens for s in rows)) * self.kv_per_token
 
     def _sweep(self, joining: list[_Seq]) -> torch.Tensor:
+        """One forward over the packed new tokens of every row; the logits of each row's last token [rows, vocab]."""
         rows = self.active + joining
         news = [[s.tokens[-1]] for s in self.active] + [s.prompt for s in joining]
-        t = max(len(n) for n in news)
-        ids = torch.zeros((len(rows), t), dtype=torch.long)
-        new_mask = torch.zeros((len(rows), t), dtype=torch.long)
-        pos = torch.zeros((len(rows), t), dtype=torch.long)
-        for i, (s, n) in enumerate(zip(rows, news)):
-            ids[i, t - len(n):] = torch.tensor(n)
-            new_mask[i, t - len(n):] = 1
-            pos[i, t - len(n):] = torch.arange(s.real, s.real + len(n))
+        ids = torch.tensor([t for n in news for t in n]).unsqueeze(0)
+        qowner = torch.cat([torch.full((len(n),), s.slot) for s, n in zip(rows, news)])
+        qpos = torch.cat([torch.arange(s.real, s.real + len(n)) for s, n in zip(rows, news)])
+        for s, n in zip(rows, news):
             s.real += len(n)
+        last = torch.tensor([len(n) for n in news]).cumsum(0) - 1
         self.stats["prefill_tokens"] += sum(len(s.prompt) for s in joining)
         if self.cache is None:
-            self.cache, self.mask = new_cache(self.model), torch.zeros((0, 0), dtype=torch.long)
-        if joining:
-            self._grow(len(joining))
-        self.mask = torch.cat([self.mask, new_mask], dim=1)
+            self.cache = new_cache(self.model)
+            self.owner = self.pos = torch.zeros(0, dtype=torch.long)
+        self.owner, self.pos = torch.cat([self.owner, qowner]), torch.cat([self.pos, qpos])
+        see = (self.owner[None, :] == qowner[:, None]) & (self.pos[None, :] <= qpos[:, None])   # [new, columns]
+        if self.eager:
+            mask = torch.zeros(see.shape, dtype=self.model.dtype).masked_fill(~see, torch.finfo(self.model.dtype).min)
+        else:
+            mask = see
         self.active = rows
-        return forward(self.model, ids, self.cache, attention_mask=self.mask, position_ids=pos)
-
-    def _grow(self, n: int) -> None:
-        """Add `n` empty rows to the cache (their past is all padding, masked)."""
-        length = self.mask.shape[1]
-        self.mask = torch.cat([self.mask, torch.zeros((n, length), dtype=torch.long)])
-        for layer in self.cache.layers:
-            if getattr(layer, "keys", None) is None or not layer.is_initialized or layer.keys.numel() == 0:
-                continue
-            for attr in ("keys", "values"):
-                t = getattr(layer, attr)
-                setattr(layer, attr, torch.cat([t, t.new_zeros((n,) + t.shape[1:])]))
+        self.stats["kv_peak_tokens"] = max(self.stats["kv_peak_tokens"], int(self.owner.numel()))
+        logits = forward(self.model, ids, self.cache, attention_mask=mask[None, None], position_ids=qpos[None],
+                         keep=last)
+        return logits[0]
 
     def _drop(self, done: list[_Seq]) -> None:
-        """Remove finished rows; then drop cache columns that no remaining row uses."""
+        """Remove finished rows: their cache columns are masked, and dropped once they are a quarter of it."""
         if not done:
             return
-        keep = [i for i, s in enumerate(self.active) if s not in done]
-        self.active = [self.active[i] for i in keep]
+        self.active = [s for s in self.active if s not in done]
         if not self.active:
-            self.cache, self.mask = None, None
+            self.cache = self.owner = self.pos = None
             return
-        idx = torch.tensor(keep)
-        self.mask = self.mask[idx]
-        self.cache.batch_select_indices(idx.to(self.model.device))
-        used = self.mask.any(0)
-        if int(used.sum()) < 0.75 * used.numel():
-            cols = used.nonzero().squeeze(1)
-            self.mask = self.mask[:, cols]
+        gone = torch.tensor([s.slot for s in done])
+        self.owner = torch.where(torch.isin(self.owner, gone), -1, self.owner)
+        live = self.owner >= 0
+        if int(live.sum()) < 0.75 * live.numel():
+            cols = live.nonzero().squeeze(1)
+            self.owner, self.pos = self.owner[cols], self.pos[cols]
             dcols = cols.to(self.model.device)
             for layer in self.cache.layers:
                 if getattr(layer, "keys", None) is not None and layer.is_initialized and layer.keys.numel():

@@ -22,10 +22,12 @@ def new_cache(model):
 
 
 def forward(model, input_ids: torch.Tensor, cache, attention_mask: torch.Tensor | None = None,
-            position_ids: torch.Tensor | None = None, last_only: bool = True) -> torch.Tensor:
+            position_ids: torch.Tensor | None = None, last_only: bool = True,
+            keep: torch.Tensor | None = None) -> torch.Tensor:
     """One sweep: run `input_ids` [batch, new tokens] after what `cache` holds, append their keys and values
     to it, and return float32 logits, of the last position only [batch, vocab] (the head computes one row per
-    sequence) or of every new position [batch, new tokens, vocab] with `last_only=False`."""
+    sequence), of every new position [batch, new tokens, vocab] with `last_only=False`, or of the positions
+    `keep` (indices) [batch, len(keep), vocab]."""
     past = cache.get_seq_length()
     n = input_ids.shape[-1]
     kwargs = {"cache": cache, "use_cache": True,
@@ -34,12 +36,14 @@ def forward(model, input_ids: torch.Tensor, cache, attention_mask: torch.Tensor 
         kwargs["attention_mask"] = attention_mask.to(model.device)
     if position_ids is not None:
         kwargs["position_ids"] = position_ids.to(model.device)
-    if last_only:
+    if keep is not None:
+        kwargs["logits_to_keep"] = keep.to(model.device)
+    elif last_only:
         kwargs["logits_to_keep"] = 1
     with model.running():
         out = model.model(input_ids=input_ids.to(model.device), **kwargs)
     logits = out.logits.float()
-    return logits[:, -1] if last_only else logits
+    return logits[:, -1] if last_only and keep is None else logits
 
 
 def prefill(model, input_ids: torch.Tensor, cache=None) -> tuple[torch.Tensor, object]:
