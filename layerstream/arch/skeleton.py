@@ -16,6 +16,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from .families import ALLOW_UNTESTED_ENV, TESTED_MODEL_TYPES
 
+
 @dataclass
 class Unit:
     name: str                 # "embed" | "layer.<i>" | "layer.<i>.expert.<j>" | "head"
@@ -167,7 +168,8 @@ def layout(model: nn.Module) -> Layout:
 
     # a weight tied across decoder layers (Zamba's shared attention block) must stay bound while any of them
     # runs: it goes to the head unit, which is bound from its first use to the end of the sweep
-    shared = {owner for alias, owner in tied.items() if layer_of(owner) is not None and layer_of(alias) != layer_of(owner)}
+    shared = {owner for alias, owner in tied.items()
+              if layer_of(owner) is not None and layer_of(alias) != layer_of(owner)}
     for name in names:
         mod_name = name.rsplit(".", 1)[0]
         if mod_name in experts:

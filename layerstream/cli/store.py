@@ -30,7 +30,8 @@ def cmd_info(a) -> int:
     print(f"store      {s.path}\narchitecture {m.architecture} ({m.model_type})\ndtype      {m.dtype}"
           f"\nquantization {m.quantization or 'none'}\nsource     {m.source.get('kind')}: {m.source.get('path')}"
           f"\nunits      {len(m.units)} ({sum(u.kind == 'layer' for u in m.units)} layers)"
-          f"\nsize       {fmt_bytes(m.total_bytes)}\ntied       {', '.join(f'{k} = {v}' for k, v in m.tied.items()) or 'none'}")
+          f"\nsize       {fmt_bytes(m.total_bytes)}"
+          f"\ntied       {', '.join(f'{k} = {v}' for k, v in m.tied.items()) or 'none'}")
     return 0
 
 

@@ -69,7 +69,7 @@ class StreamedModel:
         self.config = AutoConfig.from_pretrained(self.store.path)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.store.path)
-        except (OSError, ValueError, TypeError, ImportError):   # ImportError: a tokenizer class needing a missing package
+        except (OSError, ValueError, TypeError, ImportError):   # ImportError: a tokenizer needing a missing package
             log("no usable tokenizer in the store: pass token ids to generate")
             self.tokenizer = None
         self.model = build_skeleton(self.config, self.dtype, self.device)

@@ -145,7 +145,7 @@ class Engine:
         self.waiting: list[_Seq] = []
         self.active: list[_Seq] = []
         self.cache = None
-        self.owner: torch.Tensor | None = None    # [cache length]: the slot of the sequence a column belongs to (-1: dead)
+        self.owner: torch.Tensor | None = None    # [cache length]: the slot of a column's sequence (-1: dead)
         self.pos: torch.Tensor | None = None      # [cache length]: that column's position in its sequence
         self.eager = model.config._attn_implementation not in (None, "sdpa")   # additive float masks
         self.lock = threading.Condition()

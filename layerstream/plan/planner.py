@@ -8,9 +8,8 @@ rate of budget/model size every sweep.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import json
+from dataclasses import dataclass, field
 
 import torch
 
@@ -114,8 +113,8 @@ class Plan:
         for tier in ("device", "ram", "disk"):
             us = [u.name for u in self.units if u.tier == tier]
             if us:
-                lines.append(f"  {tier:6s} {len(us):4d} units {fmt_bytes(self.resident(tier)) if tier != 'disk' else '':>10s}"
-                             f"  {_compact(us)}")
+                size = fmt_bytes(self.resident(tier)) if tier != "disk" else ""
+                lines.append(f"  {tier:6s} {len(us):4d} units {size:>10s}  {_compact(us)}")
         lines.append(f"  budgets: ram {fmt_bytes(self.ram_budget)}"
                      + (f", gpu {fmt_bytes(self.gpu_budget)}" if self.gpu_budget is not None else ""))
         cb = sum(self.unit_bytes[n] for n in self.cached)
@@ -234,8 +233,9 @@ def make_plan(store: Store, device: str = "cpu", max_ram=None, max_gpu_memory=No
         dense = sum(plan.dequant_bytes.get(n, b) for n, b in unit_bytes.items())
         if dense <= plan.ram_budget:   # fits dequantized: dequantize once at load, run at full speed
             plan.dequant_bytes = {n: b for n, b in plan.dequant_bytes.items() if packed and n in _int4_units(store)}
-            plan.notes.append("int4 units computed on their packed blocks (bfloat16, torch's int4 kernel)" if
-                              plan.dequant_bytes else "quantized store dequantized once at load: it fits the budget as floats")
+            plan.notes.append("int4 units computed on their packed blocks (bfloat16, torch's int4 kernel)"
+                              if plan.dequant_bytes else
+                              "quantized store dequantized once at load: it fits the budget as floats")
         inflight = plan.inflight_bytes
     if sum(unit_bytes.values()) > plan.ram_budget or plan.dequant_bytes:
         resident_budget = max(0, plan.ram_budget - inflight - reserve)
@@ -283,7 +283,8 @@ def kv_bytes_per_token(cfg: dict, itemsize: int) -> int:
 def _kv(plan: Plan, store: Store) -> None:
     """The KV budget: what the RAM (CPU) or GPU budget leaves beside resident units and in-flight buffers."""
     cfg = json.loads((store.path / "config.json").read_text())
-    plan.kv_per_token = kv_bytes_per_token(cfg, torch.empty(0, dtype=getattr(torch, store.manifest.dtype)).element_size())
+    itemsize = torch.empty(0, dtype=getattr(torch, store.manifest.dtype)).element_size()
+    plan.kv_per_token = kv_bytes_per_token(cfg, itemsize)
     if plan.compute_tier == "ram":
         left = plan.ram_budget - plan.resident("ram") - plan.inflight_bytes
     else:

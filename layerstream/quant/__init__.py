@@ -1,7 +1,18 @@
 """Quantized weights: block formats (int8, int4), GGUF blocks kept as they are, and the int4 linear module."""
 
-from .blocks import (BLOCK, KINDS, SUFFIXES, dequantize, float_bytes, float_shape, from_gguf, normalize, quantizable,
-                     quantize, stored_names)
+from .blocks import (
+                     BLOCK,
+                     KINDS,
+                     SUFFIXES,
+                     dequantize,
+                     float_bytes,
+                     float_shape,
+                     from_gguf,
+                     normalize,
+                     quantizable,
+                     quantize,
+                     stored_names,
+)
 from .gguf import GGML, KEPT_GGUF, dequantize_ggml
 from .linear import Int4PackedLinear
 

@@ -22,7 +22,6 @@ import torch
 
 from .gguf import GGML, dequantize_ggml
 
-
 KINDS = {"int8": "int8", "8bit": "int8", "int4": "int4", "4bit": "int4"}
 BLOCK = {"int8": 64, "int4": 32}
 # "int8" is stored asymmetric (uint8 codes, scale and min: `uint8` below); GGUF Q8_0 blocks are kept as

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import torch
 
-
-
 # GGUF block types kept bit for bit in a quantized store (besides Q4_1 and Q8_0, which map onto int4 and
 # int8 in blocks.py): (values per block, bytes per block). Stored as `<name>.<type>` (uint8 [rows, bytes per row])
 # and dequantized with torch, as gguf-py (and so transformers) computes them, in float32.

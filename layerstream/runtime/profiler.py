@@ -45,6 +45,7 @@ class Profiler:
         lines.append(f"total: wait {tw:.2f} s, copy {tc:.2f} s, compute {tk:.2f} s over {self.sweeps} sweeps; "
                      + (f"dequantize/convert {td:.2f} s on the loader; " if td else "") +
                      f"read {fmt_bytes(self.bytes_read)} ({fmt_bytes(self.bytes_read / sweeps)} per sweep"
-                     + (f", {fmt_bytes(self.bytes_read / self.read_seconds)}/s on the loader" if self.read_seconds else "")
+                     + (f", {fmt_bytes(self.bytes_read / self.read_seconds)}/s on the loader"
+                        if self.read_seconds else "")
                      + f"); buffer allocations {self.allocations}")
         return "\n".join(lines)

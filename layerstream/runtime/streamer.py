@@ -71,7 +71,8 @@ class Streamer(ExpertRouting, EmbeddingRows):
             views = tensor_views(buf, self.store.slots(u.name))
             quant = stored_names(list(views))
             if quant:   # a quantized store that fits as floats: dequantize once, and free the packed bytes
-                views = {n: t.clone() for n, t in views.items() if not any(n in q[1].values() for q in quant.values())} | \
+                packed = {n for q in quant.values() for n in q[1].values()}
+                views = {n: t.clone() for n, t in views.items() if n not in packed} | \
                     {base: dequantize(kind, {sf: views[n] for sf, n in names.items()}, self.dtype)
                      for base, (kind, names) in quant.items()}
             if u.kind == "expert":     # stacked with the routed ones at each use

@@ -53,8 +53,12 @@ class GGUFSource:
         """{transformers name: [GGUF tensors]}: one tensor, or several stacked along dim 1 (a MoE layer's
         gate and up experts, which transformers holds as one gate_up tensor: gate rows first)."""
         if self._map is None:
-            from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
-                                                                  get_gguf_hf_weights_map, load_gguf_checkpoint)
+            from transformers.modeling_gguf_pytorch_utils import (
+                TENSOR_PROCESSORS,
+                TensorProcessor,
+                get_gguf_hf_weights_map,
+                load_gguf_checkpoint,
+            )
 
             from ..arch import build_skeleton
 

@@ -12,7 +12,6 @@ from ..errors import SourceError
 from ..store.io import read_header
 from ..utils import file_identity
 
-
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "added_tokens.json")
 
@@ -76,8 +75,13 @@ class SafetensorsSource:
         import re
 
         from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import (Concatenate, MergeModulelist, WeightConverter, apply_converters,
-                                                     apply_renamings)
+        from transformers.core_model_loading import (
+            Concatenate,
+            MergeModulelist,
+            WeightConverter,
+            apply_converters,
+            apply_renamings,
+        )
 
         transforms = get_model_conversion_mapping(skeleton)
         renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
@@ -163,8 +167,9 @@ class SafetensorsSource:
         if cache is None or cache[0] != (id(conv), first):
             tensors = {pat: [self.get(k) for _, k in sorted(ks)] for pat, ks in keys.items()}
             for op in conv.operations:
-                tensors = op.convert(tensors, source_patterns=conv.source_patterns, target_patterns=conv.target_patterns,
-                                     full_layer_name=first, model=self._skeleton, config=self._skeleton.config)
+                tensors = op.convert(tensors, source_patterns=conv.source_patterns,
+                                     target_patterns=conv.target_patterns, full_layer_name=first,
+                                     model=self._skeleton, config=self._skeleton.config)
             out = {}
             for pat, t in tensors.items():
                 full = first.replace(conv.target_patterns[0], pat, 1)

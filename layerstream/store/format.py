@@ -17,8 +17,7 @@ import torch
 import xxhash
 
 from ..errors import StoreError
-from .io import (TensorSlot, UnitLayout, file_digests, in_place_slots, layout_xxh3, make_layout,
-                 read_header)
+from .io import TensorSlot, UnitLayout, file_digests, in_place_slots, layout_xxh3, make_layout, read_header
 
 FORMAT = "layerstream-store"
 VERSION = 1
@@ -109,8 +108,8 @@ class Store:
                 try:
                     st = os.stat(f)
                 except OSError:
-                    raise StoreError(f"{f}: source shard of this in-place store is missing; restore it or "
-                                     f"index the model again (`layerstream split --in-place SRC {self.path}`)") from None
+                    raise StoreError(f"{f}: source shard of this in-place store is missing; restore it or index "
+                                     f"the model again (`layerstream split --in-place SRC {self.path}`)") from None
                 if (st.st_size, st.st_mtime_ns) != (size, mtime):
                     raise StoreError(f"{f}: source shard changed since it was indexed (size or mtime); index the "
                                      f"model again (`layerstream split --in-place SRC {self.path}`)")

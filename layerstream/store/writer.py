@@ -183,7 +183,8 @@ def split(source, out=None, dtype: torch.dtype | None = None, progress: bool = T
     src.config.save_pretrained(out)
     src.save_extras(out)
     arch = (getattr(src.config, "architectures", None) or [type(skeleton).__name__])[0]
-    manifest = Manifest(architecture=arch, model_type=src.config.model_type, dtype=str(store_dtype).replace("torch.", ""),
+    manifest = Manifest(architecture=arch, model_type=src.config.model_type,
+                        dtype=str(store_dtype).replace("torch.", ""),
                         source={"kind": src.kind, "path": str(src.path), "identity": src.identity},
                         units=[UnitInfo(**done[u.name]) for u in lay.units], tied=lay.tied, quantization=quant)
     for f in os.listdir(out):
