@@ -193,7 +193,7 @@ def test_changed_lines_are_redone_and_others_resumed(tmp_path, model, monkeypatc
     def stop(*args):
         raise RuntimeError("stop here")
 
-    monkeypatch.setattr(batch, "_write_output", stop)
+    monkeypatch.setattr(batch, "write_output", stop)
     with pytest.raises(RuntimeError, match="stop here"):
         batch.run_batch(model, src, tmp_path / "out.jsonl", progress=False)
     monkeypatch.undo()

@@ -1,0 +1,188 @@
+"""OpenAI request bodies and response objects, shared by batch jobs and the server.
+
+`OpenAIRequests.request` turns a chat or completion body (`messages` through the model's chat template, or
+`prompt`; `max_tokens`, `temperature`, `top_p`, `seed`, `stop`, `n=1`) into token ids and `SamplingParams`,
+or raises `BadLine` with OpenAI's error code, message and parameter; `success` / `failure` build the
+records of a batch job's output.
+"""
+
+from __future__ import annotations
+
+import json
+
+from ..errors import InputError
+from .scheduler import SamplingParams
+
+URLS = {"/v1/chat/completions": "chat", "/v1/completions": "text"}
+CHAT_MAX_TOKENS = 256                   # chat's default max_tokens (bounded by the context); completions: 16
+
+
+class BadLine(Exception):
+    """A line that is not a request we can run. `status` None: not a request at all (response null);
+    400: a request whose body is invalid (response with an OpenAI error body)."""
+
+    def __init__(self, code: str, message: str, status: int | None = None, param: str | None = None):
+        super().__init__(message)
+        self.code, self.message, self.status, self.param = code, message, status, param
+
+
+class OpenAIRequests:
+    """Parses request bodies for one engine: its tokenizer, context and KV budget."""
+
+    def __init__(self, engine, tokenizer, default_name: str):
+        self.engine, self.tok, self.name = engine, tokenizer, default_name
+        self.context = engine.context
+        self.vocab = engine.model.config.get_text_config().vocab_size
+
+    def request(self, obj: dict, req: dict) -> tuple[list[int], SamplingParams]:
+        """Token ids and sampling parameters of a request body, or BadLine (status 400)."""
+        body, kind = obj["body"], req["kind"]
+        model = body.get("model")
+        req["model"] = model if isinstance(model, str) and model else self.name
+        n = body.get("n")
+        if n is not None and n != 1:
+            raise BadLine("invalid_value", f"n must be 1 here (one choice per request), got {n!r}", 400, "n")
+        if kind == "chat":
+            prompt = self.chat_ids(body.get("messages"))
+            max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+            param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+        else:
+            prompt = self.text_ids(body.get("prompt"))
+            max_tokens, param = body.get("max_tokens"), "max_tokens"
+        if not prompt:
+            raise BadLine("invalid_value", "the prompt is empty", 400, "messages" if kind == "chat" else "prompt")
+        room = self.context - len(prompt) if self.context else None
+        if max_tokens is None:
+            max_tokens = 16 if kind == "text" else (min(CHAT_MAX_TOKENS, room) if room is not None else CHAT_MAX_TOKENS)
+        if room is not None and (room < 1 or (isinstance(max_tokens, int) and len(prompt) + max_tokens > self.context)):
+            raise BadLine("context_length_exceeded",
+                          f"this model's context is {self.context} tokens; the prompt has {len(prompt)} and "
+                          f"max_tokens asks for {max_tokens}: shorten the prompt or lower max_tokens", 400, param)
+        temperature = body.get("temperature")
+        temperature = 1.0 if temperature is None else temperature
+        top_p = body.get("top_p")
+        top_p = 1.0 if top_p is None else top_p
+        seed = body.get("seed")
+        if seed is not None:
+            if not isinstance(seed, int) or isinstance(seed, bool) or not -2**63 <= seed < 2**63:
+                raise BadLine("invalid_value", f"seed must be a 64-bit integer, got {seed!r}", 400, "seed")
+            seed = seed % 2**63
+        elif isinstance(temperature, (int, float)) and temperature > 0:
+            seed = int(req["h"][:15], 16)   # sampled without a seed: one from the line, so reruns agree
+        stop = body.get("stop")
+        stop = [] if stop is None else stop
+        if not isinstance(stop, (str, list)):
+            raise BadLine("invalid_value", f"stop must be a string or a list of strings, got {stop!r}", 400, "stop")
+        for key, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p)):
+            if isinstance(value, bool):
+                raise BadLine("invalid_value", f"{key} must be a number, got {value!r}", 400, key)
+        try:
+            params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                                    stop=stop)
+        except InputError as e:
+            raise BadLine("invalid_value", str(e), 400) from None
+        need = (len(prompt) + params.max_tokens) * self.engine.kv_per_token
+        if self.engine.kv_budget is not None and need > self.engine.kv_budget:
+            raise BadLine("kv_budget_exceeded", f"this request's KV cache ({need} bytes) exceeds the plan's KV "
+                                                f"budget ({self.engine.kv_budget} bytes): lower max_tokens or "
+                                                f"raise --max-ram / --max-gpu-memory", 400, param)
+        return prompt, params
+
+    def chat_ids(self, messages) -> list[int]:
+        if not isinstance(messages, list) or not messages:
+            raise BadLine("invalid_value" if messages is not None else "missing_required_parameter",
+                          "messages must be a non-empty list of {role, content} objects", 400, "messages")
+        clean = []
+        for k, msg in enumerate(messages):
+            if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
+                raise BadLine("invalid_value", f"messages[{k}] must be an object with a string role", 400,
+                              f"messages[{k}]")
+            content = msg.get("content")
+            if isinstance(content, list):   # content parts: text only
+                texts = []
+                for part in content:
+                    text = part.get("text") if isinstance(part, dict) and part.get("type") == "text" else None
+                    if not isinstance(text, str):
+                        raise BadLine("invalid_value", f"messages[{k}].content: only text parts are supported", 400,
+                                      f"messages[{k}].content")
+                    texts.append(text)
+                content = "".join(texts)
+            elif content is not None and not isinstance(content, str):
+                raise BadLine("invalid_value", f"messages[{k}].content must be a string or a list of text parts",
+                              400, f"messages[{k}].content")
+            clean.append({**msg, "content": content if content is not None else ""})
+        if not getattr(self.tok, "chat_template", None):
+            raise BadLine("invalid_request", "this model has no chat template: use /v1/completions with a prompt",
+                          400, "messages")
+        try:
+            enc = self.tok.apply_chat_template(clean, add_generation_prompt=True, tokenize=True)
+        except Exception as e:   # the template refused these messages (roles out of order, ...)
+            raise BadLine("invalid_value", f"the chat template cannot render these messages: {e}", 400,
+                          "messages") from None
+        ids = enc["input_ids"] if hasattr(enc, "keys") else enc
+        return [int(t) for t in ids]
+
+    def text_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            return [int(t) for t in self.tok(prompt)["input_ids"]]
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            vocab = self.vocab
+            if not all(0 <= t < vocab for t in prompt):
+                raise BadLine("invalid_value", f"prompt token ids must be in [0, {vocab})", 400, "prompt")
+            return list(prompt)
+        if prompt is None:
+            raise BadLine("missing_required_parameter", "prompt is required", 400, "prompt")
+        raise BadLine("invalid_value", "prompt must be a string or a list of token ids (one prompt per request)",
+                      400, "prompt")
+
+
+def envelope(raw: bytes, req: dict) -> dict:
+    """The request object of a line (custom_id, method, url, body checked), or BadLine (response null)."""
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise BadLine("invalid_json", f"the line is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise BadLine("invalid_request", "the line must be a JSON object")
+    cid = obj.get("custom_id")
+    if not isinstance(cid, str) or not cid:
+        raise BadLine("invalid_request", "custom_id is missing or not a non-empty string")
+    req["custom_id"] = cid
+    if obj.get("method") != "POST":
+        raise BadLine("invalid_request", f"method must be \"POST\", got {obj.get('method')!r}")
+    url = obj.get("url")
+    if url not in URLS:
+        raise BadLine("invalid_url", f"url {url!r} is not supported; use one of {', '.join(URLS)}")
+    req["kind"] = URLS[url]
+    if not isinstance(obj.get("body"), dict):
+        raise BadLine("invalid_request", "body is missing or not a JSON object")
+    return obj
+
+
+def success(req: dict, c, created: int) -> dict:
+    d, chat = req["digest"], req["kind"] == "chat"
+    choice = {"index": 0}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": c.text}
+    else:
+        choice["text"] = c.text
+    choice.update(logprobs=None, finish_reason=c.finish_reason)
+    body = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{d}", "object": "chat.completion" if chat else "text_completion",
+            "created": created, "model": req["model"], "choices": [choice],
+            "usage": {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+                      "total_tokens": c.prompt_tokens + c.completion_tokens}}
+    return {"id": f"batch_req_{d}", "custom_id": req["custom_id"],
+            "response": {"status_code": 200, "request_id": f"req_{d}", "body": body}, "error": None}
+
+
+def failure(req: dict, e: BadLine) -> dict:
+    d = req["digest"]
+    response = None
+    if e.status is not None:
+        response = {"status_code": e.status, "request_id": f"req_{d}",
+                    "body": {"error": {"message": e.message, "type": "invalid_request_error", "param": e.param,
+                                       "code": e.code}}}
+    return {"id": f"batch_req_{d}", "custom_id": req["custom_id"], "response": response,
+            "error": {"code": e.code, "message": e.message}}
