@@ -19,8 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from harness import emit, fmt, parser, ratio, run_child, self_cmd, table
 
 TOPICS = ["the sea", "a mountain", "the city at night", "a forest", "the desert", "a river", "winter", "a garden"]
@@ -105,9 +103,9 @@ def main() -> None:
         print(f"{mode}: {c.wall:.0f} s (other load {fmt(c.others)} cores)", file=sys.stderr)
     s, c = res["static"], res["continuous"]
     same = sum(x == y for x, y in zip(s["texts"], c["texts"]))
-    table(["system (64 requests, max_tokens 4/64, 8 per sweep, max_ram=0)", "tokens", "seconds", "sweeps", "tok/s",
-           "vs static"],
-          [["padded static batches of 8 through generate", s["tokens"], fmt(s["seconds"], ".1f"), "-",
+    table([f"system ({a.requests} requests, max_tokens 4/64, {a.batch_size} per sweep, max_ram=0)", "tokens",
+           "seconds", "sweeps", "tok/s", "vs static"],
+          [[f"padded static batches of {a.batch_size} through generate", s["tokens"], fmt(s["seconds"], ".1f"), "-",
             fmt(s["tokens"] / s["seconds"]), "1.00x"],
            ["layerstream batch (continuous)", c["tokens"], fmt(c["seconds"], ".1f"), c["sweeps"],
             fmt(c["tokens"] / c["seconds"]), ratio(c["tokens"] / c["seconds"], s["tokens"] / s["seconds"])]])

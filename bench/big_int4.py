@@ -10,38 +10,37 @@ Run:  .venv/bin/python bench/big_int4.py [--dir /work/bigmodel] [--budget 16GB]
 
 from __future__ import annotations
 
-import argparse
-import resource
 import sys
 import time
 
+import big_model
+import harness
+
 
 def main() -> int:
-    p = argparse.ArgumentParser()
+    p = harness.parser(__doc__, wait_quiet=60.0)
     p.add_argument("--dir", default="/work/bigmodel")
     p.add_argument("--budget", default="16GB")
     p.add_argument("-n", type=int, default=4)
     a = p.parse_args()
-    import torch
-    from transformers import AutoTokenizer
 
     from layerstream import AutoModel
+    from layerstream.quant import Int4PackedLinear
+    from layerstream.utils import peak_rss
 
     t0 = time.perf_counter()
     m = AutoModel.from_pretrained(a.dir, compression="int4", max_ram=a.budget, store_path=f"{a.dir}/ls-int4")
     print(f"setup {time.perf_counter() - t0:.0f} s (split once, then load)\n{m.plan.describe()}", flush=True)
-    ids = torch.tensor([AutoTokenizer.from_pretrained(a.dir)("The sea is", add_special_tokens=False)["input_ids"]])
-    stamps = []
-
-    def stamp(input_ids, scores):
-        stamps.append(time.perf_counter())
-        return scores
-
-    out = m.generate(ids, max_new_tokens=a.n, do_sample=False, logits_processor=[stamp])
-    packed = sum(1 for mod in m.model.modules() if hasattr(mod, "_ls_packed"))
+    ids = big_model.prompt_ids(a.dir)
+    if a.wait_quiet > 0:
+        harness.wait_until_quiet(a.wait_quiet)
+    meter = harness.Meter()
+    meter.start()
+    out = m.generate(ids, max_new_tokens=a.n, do_sample=False, logits_processor=meter.processor())
+    packed = sum(isinstance(mod, Int4PackedLinear) for mod in m.model.modules())
     print(f"tokens {out[0, ids.shape[1]:].tolist()}")
-    print(f"decode {(stamps[-1] - stamps[0]) / (len(stamps) - 1):.2f} s/token; {packed} linear layers on the int4 "
-          f"kernel; peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9:.2f} GB")
+    print(f"decode {meter.result()['decode_s']:.2f} s/token; {packed} linear layers on the int4 "
+          f"kernel; peak RSS {peak_rss() / 1e9:.2f} GB")
     return 0
 
 

@@ -21,21 +21,16 @@ Run:  .venv/bin/pip install ../shared/wheels/llama_cpp_python-0.3.36-py3-none-li
 
 from __future__ import annotations
 
+import argparse
 import json
 import pathlib
 import sys
-import time
+
+import harness
 
 HERE = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
-from cpuload import child_result  # noqa: E402
-
 WORK = pathlib.Path("/tmp/layerstream-bench/kquants")
 FILE = WORK / "SmolLM2-135M-Instruct.Q4_K_M.gguf"
-TEXT = ("The sea is vast and deep. Sailors have crossed it for thousands of years, guided by the stars and by "
-        "the wind. Today ships carry most of the goods we use, and scientists study the currents that shape "
-        "our climate. ") * 4
 NEW = 32
 SETTINGS = {
     "transformers": None,
@@ -53,7 +48,7 @@ def make() -> dict:
     import gguf
     import llama_cpp
 
-    from layerstream.split import embedded_model
+    from layerstream.sources import embedded_model
 
     WORK.mkdir(parents=True, exist_ok=True)
     if not FILE.is_file():
@@ -70,21 +65,16 @@ def make() -> dict:
     return {"bytes": FILE.stat().st_size, "types": dict(types)}
 
 
-def prompt_ids(tok):
-    return tok.apply_chat_template([{"role": "user", "content": "Write a short poem about the sea."}],
-                                   add_generation_prompt=True, return_tensors="pt")["input_ids"]
-
-
 def child(name: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peers import TEXT, prompt_ids, run_llama_cpp
 
     tok = AutoTokenizer.from_pretrained(WORK, gguf_file=FILE.name)
     ids = prompt_ids(tok)
     text = tok(TEXT, return_tensors="pt")["input_ids"]
     if name == "llama.cpp":
-        from peers import run_llama_cpp
-
         r = run_llama_cpp(FILE, ids, NEW)
         note = "its own quantized matmuls; median of 5 timed runs" if r.get("tok_s") else r.get("note", "")
         return {"tok_s": r.get("tok_s"), "tokens": r.get("tokens"), "note": note}
@@ -101,46 +91,44 @@ def child(name: str) -> dict:
         store_bytes = sum(u.bytes for u in m.store.manifest.units)
     with torch.inference_mode():
         logits = m(text).logits.float()
-        m.generate(ids, max_new_tokens=2, do_sample=False)
-        t0 = time.perf_counter()
-        out = m.generate(ids, max_new_tokens=NEW, do_sample=False)
-        dt = time.perf_counter() - t0
+        new, seconds = harness.timed_generate(m, ids, NEW)
     if name == "transformers":
         torch.save(logits, WORK / "ref-logits.pt")
         diff = 0.0
     else:
         diff = float((logits - torch.load(WORK / "ref-logits.pt")).abs().max())
-    new = out[0, ids.shape[1]:].tolist()
-    return {"tok_s": len(new) / dt, "tokens": new, "max_logit_diff": diff, "store_bytes": store_bytes}
+    return {"tok_s": len(new) / seconds, "tokens": new, "max_logit_diff": diff, "store_bytes": store_bytes}
 
 
 def main() -> int:
-    if len(sys.argv) > 2 and sys.argv[1] == "--child":
-        print("RESULT " + json.dumps(child(sys.argv[2])), flush=True)
+    p = harness.parser(__doc__, wait_quiet=60.0)
+    p.add_argument("--child", choices=list(SETTINGS), help=argparse.SUPPRESS)
+    p.add_argument("--make", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child or a.make:
+        harness.emit(child(a.child) if a.child else make())
         return 0
-    if len(sys.argv) > 1 and sys.argv[1] == "--make":
-        print("RESULT " + json.dumps(make()), flush=True)
-        return 0
-    info, tail = child_result([sys.executable, __file__, "--make"])
+    made = harness.run_child(harness.self_cmd(__file__, "--make"))
+    info = made.result
     if info is None:
-        print(f"could not make the Q4_K_M file (needs llama-cpp-python): {tail}")
+        print(f"could not make the Q4_K_M file (needs llama-cpp-python): {made.note}")
         return 1
     print(f"{FILE}: {info['bytes'] / 1e6:.1f} MB; tensor types {info['types']}")
-    results = {}
-    print(f"{'setting':44s} {'tok/s':>7s} {'store':>9s} {'max |logit diff|':>17s}  tokens")
+    results, rows = {}, []
     for name in SETTINGS:
-        r, tail = child_result([sys.executable, __file__, "--child", name])
-        results[name] = r
+        c = harness.run_child(harness.self_cmd(__file__, "--child", name), wait_quiet=a.wait_quiet)
+        r = results[name] = c.result
+        print(f"  {name}: " + (f"{harness.fmt(r.get('tok_s'))} tok/s" if r else f"failed: {c.note}"), flush=True)
         if r is None:
-            print(f"{name:44s} failed: {tail}")
+            rows.append([name, "failed", "-", "-", "-"])
             continue
         ref = (results.get("transformers") or {}).get("tokens")
         same = "the reference" if name == "transformers" else \
             ("same as transformers" if r["tokens"] == ref else "differ from transformers")
-        store = f"{r['store_bytes'] / 1e6:7.1f}MB" if r.get("store_bytes") else f"{'-':>9s}"
-        diff = f"{r['max_logit_diff']:17.6f}" if "max_logit_diff" in r else f"{'-':>17s}"
-        tok_s = f"{r['tok_s']:7.2f}" if r.get("tok_s") else f"{'-':>7s}"
-        print(f"{name:44s} {tok_s} {store} {diff}  {same} {r.get('note', '')}", flush=True)
+        rows.append([name, harness.fmt(r.get("tok_s")), harness.fmt_b(r.get("store_bytes")),
+                     harness.fmt(r.get("max_logit_diff"), ".6f"), f"{same} {r.get('note', '')}".strip()])
+    print()
+    harness.table(["setting", "tok/s", "store", "max |logit diff|", "tokens"], rows)
     (HERE / "out").mkdir(exist_ok=True)
     (HERE / "out" / "gguf_kquants.json").write_text(json.dumps({"file": info, "results": results}, indent=1))
     return 0

@@ -10,12 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import subprocess
 import sys
-import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from cpuload import child_result  # noqa: E402
+import big_model
+import harness
 
 SETTINGS = {
     "auto (O_DIRECT + page-cache tier), lookahead 2": dict(io="auto", lookahead=2),
@@ -27,50 +25,42 @@ SETTINGS = {
 
 
 def child(d: str, budget: str, kw: dict, n: int) -> dict:
-    import torch
-    from transformers import AutoTokenizer
-
     from layerstream import AutoModel
 
-    ids = torch.tensor([AutoTokenizer.from_pretrained(d)("The sea is", add_special_tokens=False)["input_ids"]])
+    ids = big_model.prompt_ids(d)
     m = AutoModel.from_pretrained(d, max_ram=budget, store_path=str(pathlib.Path(d) / "ls-store"), progress=False,
                                   **kw)
-    stamps = []
-
-    def stamp(input_ids, scores):
-        stamps.append(time.perf_counter())
-        return scores
-
-    m.generate(ids, max_new_tokens=n, do_sample=False, logits_processor=[stamp])
-    decode = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
-    return {"decode_s": decode, "first_s": stamps[0], "cached": len(m.plan.cached), "direct": m.direct,
-            "bytes_per_sweep": m.plan.bytes_per_sweep}
+    meter = harness.Meter()
+    meter.start()
+    m.generate(ids, max_new_tokens=n, do_sample=False, logits_processor=meter.processor())
+    return dict(meter.result(), cached=len(m.plan.cached), direct=m.direct, bytes_per_sweep=m.plan.bytes_per_sweep)
 
 
 def main() -> int:
-    p = argparse.ArgumentParser()
+    p = harness.parser(__doc__, wait_quiet=60.0)
     p.add_argument("--dir", default="/work/bigmodel")
     p.add_argument("--budget", default="16GB")
     p.add_argument("-n", type=int, default=4)
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        print("RESULT " + json.dumps(child(a.dir, a.budget, json.loads(a.child), a.n)), flush=True)
+        harness.emit(child(a.dir, a.budget, json.loads(a.child), a.n))
         return 0
     print(f"{a.dir}, max_ram={a.budget}, {a.n} tokens; decode s/token (page cache dropped before each)")
+    rows = []
     for name, kw in SETTINGS.items():
-        subprocess.run(["sync"])
-        try:
-            pathlib.Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        except OSError:
+        if a.wait_quiet > 0:
+            harness.wait_until_quiet(a.wait_quiet)
+        if not harness.drop_caches():
             print("  (cannot drop the page cache: not root; figures are flattered)")
-        res, tail = child_result([sys.executable, __file__, "--dir", a.dir, "--budget", a.budget, "-n", str(a.n),
-                                  "--child", json.dumps(kw)])
-        if res is None:
-            print(f"  {name:50s} failed: {tail}")
-            continue
-        print(f"  {name:50s} {res['decode_s']:6.2f} s/token  (page-cache tier: {res['cached']} units, "
-              f"O_DIRECT: {res['direct']})", flush=True)
+        c = harness.run_child(harness.self_cmd(__file__, "--dir", a.dir, "--budget", a.budget, "-n", a.n,
+                                               "--child", json.dumps(kw)))
+        r = c.result
+        print(f"  {name}: " + (f"{r['decode_s']:.2f} s/token" if r else f"failed: {c.note}"), flush=True)
+        rows.append([name, harness.fmt(r and r["decode_s"]), r and r["cached"], r and r["direct"],
+                     harness.fmt(c.others)])
+    print()
+    harness.table(["setting", "s/token", "page-cache tier units", "O_DIRECT", "others"], rows)
     return 0
 
 

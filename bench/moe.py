@@ -2,11 +2,12 @@
 
 A random-weight Qwen3-MoE-shaped checkpoint (bf16, written by transformers' own save_pretrained, so one
 tensor per expert as on the hub; default 16 layers, 64 experts of which 8 per token, hidden 1024, expert
-width 512: ~3.3 GB) is served in place (the store points into its shards). Then, each in its own subprocess, greedy
-decoding of 16 tokens after an 8-token prompt (one warm-up generation first):
+width 512: ~3.3 GB) is served in place (the store points into its shards). Then, each in its own
+subprocess, greedy decoding of 16 tokens after an 8-token prompt (one warm-up generation first):
 
-- layerstream, max_ram=0, in place and from a split store (`in_place=False`): nothing resident; per token the dense part of every layer (attention, norms,
-  router) is read, plus only the experts the router chose. Bytes read per token are counted by
+- layerstream, max_ram=0, in place and from a split store (`in_place=False`): nothing resident; per
+  token the dense part of every layer (attention, norms, router) is read, plus only the experts the
+  router chose. Bytes read per token are counted by
   layerstream's reader; they are compared with a dense sweep (every unit of the store but the embedding,
   what a whole-layer streamer such as AirLLM reads per token) and with the expectation
   dense + (top_k / experts) x all experts;
@@ -31,15 +32,23 @@ import pathlib
 import shutil
 import sys
 import tempfile
-import time
+from collections import Counter
+
+import harness
 
 HERE = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from cpuload import child_result  # noqa: E402
-
 WORK = pathlib.Path("/tmp/layerstream-bench/moe")
 PROMPT = [1, 17, 333, 5, 900, 64, 12, 4000]
 NEW = 16
+RUNS = [  # (key, what runs, its budget: a number, or a share of the checkpoint's size, label)
+    ("ls_stream", "layerstream", 0, "layerstream max_ram=0 (in place)"),
+    ("ls_stream_split", "layerstream-split", 0, "layerstream max_ram=0, split store"),
+    ("ls_half_nocounts", "layerstream", 0.5, "layerstream max_ram=half, no router counts"),
+    ("ls_half", "layerstream", 0.5, "layerstream max_ram=half, router counts of the runs above (same prompt)"),
+    ("ls_full", "layerstream", 2.0, "layerstream all resident"),
+    ("accelerate", "accelerate", None, "accelerate disk offload"),
+    ("transformers", "transformers", None, "transformers in RAM"),
+]
 
 
 def config(a):
@@ -83,12 +92,11 @@ def child(what: str, ckpt: str, budget: int | None) -> dict:
         store = WORK / ("store-split" if split else "store")
         m = AutoModel.from_pretrained(ckpt, max_ram=budget, store_path=store, progress=False,
                                       in_place=False if split else None)
-        m.generate(ids, max_new_tokens=2, do_sample=False)
-        out = m.generate(ids, max_new_tokens=NEW, do_sample=False)
+        out, seconds = harness.timed_generate(m, ids, NEW)
         st, prof = m.last_stats, m.profiler
         units = {u.name: u.bytes for u in m.store.manifest.units}
         decode = prof.experts[len(prof.experts) // prof.sweeps:]   # the calls after the prefill's
-        return {"seconds": st["seconds"], "new": st["new_tokens"],
+        return {"seconds": seconds, "new": len(out),
                 "bytes_per_token": st["bytes_per_token"], "sweeps": prof.sweeps,
                 "dense_sweep": sum(b for n, b in units.items() if n != "embed"),
                 "dense_part": sum(b for n, b in units.items() if ".expert." not in n and n != "embed"),
@@ -99,32 +107,25 @@ def child(what: str, ckpt: str, budget: int | None) -> dict:
                 "resident_experts": sum(u.tier == "ram" for u in m.plan.units if u.kind == "expert"),
                 "in_place": m.store.manifest.in_place,
                 "store_disk": sum(f.stat().st_size for f in store.rglob("*") if f.is_file()),
-                "out": out[0, len(PROMPT):].tolist()}
+                "out": out}
     from transformers import AutoModelForCausalLM
 
-    kw = {}
-    tmp = None
+    kw, tmp = {}, None
     if what == "accelerate":
         tmp = tempfile.mkdtemp(prefix="offload-", dir=WORK)
         kw = dict(device_map="auto", max_memory={"cpu": "64MB"}, offload_folder=tmp)
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16, **kw).eval()
     with torch.inference_mode():
-        model.generate(ids, max_new_tokens=2, do_sample=False)
-        t0 = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=NEW, do_sample=False)
-        dt = time.perf_counter() - t0
+        out, seconds = harness.timed_generate(model, ids, NEW)
     note = ""
     if what == "accelerate":
-        places = {}
-        for v in model.hf_device_map.values():
-            places[str(v)] = places.get(str(v), 0) + 1
-        note = f"hf_device_map {places}"
+        note = f"hf_device_map {dict(Counter(map(str, getattr(model, 'hf_device_map', {}).values())))}"
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"seconds": dt, "new": out.shape[1] - len(PROMPT), "out": out[0, len(PROMPT):].tolist(), "note": note}
+    return {"seconds": seconds, "new": len(out), "out": out, "note": note}
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = harness.parser(__doc__, wait_quiet=60.0)
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--experts", type=int, default=64)
     ap.add_argument("--topk", type=int, default=8)
@@ -134,25 +135,21 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.child:
         what, ckpt, budget = a.child
-        print("RESULT " + json.dumps(child(what, ckpt, None if budget == "none" else int(budget))), flush=True)
+        harness.emit(child(what, ckpt, None if budget == "none" else int(budget)))
         return 0
     WORK.mkdir(parents=True, exist_ok=True)
     ckpt = make(a)
     size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
     print(f"checkpoint {ckpt}: {size / 1e9:.2f} GB, {a.layers} layers x {a.experts} experts, {a.topk} per token")
     runs = {}
-    (WORK / "store" / "expert-counts.json").unlink(missing_ok=True)
-    for key, what, budget in (("ls_stream", "layerstream", 0), ("ls_stream_split", "layerstream-split", 0),
-                              ("ls_half_nocounts", "layerstream", size // 2),
-                              ("ls_half", "layerstream", size // 2), ("ls_full", "layerstream", 2 * size),
-                              ("accelerate", "accelerate", None), ("transformers", "transformers", None)):
-        if key == "ls_half_nocounts":   # the planner's first choice, before any router counts exist
+    for key, what, share, _ in RUNS:
+        if key in ("ls_stream", "ls_half_nocounts"):   # the planner's first choice, before any router counts exist
             (WORK / "store" / "expert-counts.json").unlink(missing_ok=True)
-        r, tail = child_result([sys.executable, __file__, "--child", what, str(ckpt),
-                                "none" if budget is None else str(budget)])
-        runs[key] = r
-        if r is None:
-            print(f"{key}: did not run ({tail})")
+        budget = "none" if share is None else int(share * size)
+        c = harness.run_child(harness.self_cmd(__file__, "--child", what, ckpt, budget), wait_quiet=a.wait_quiet)
+        runs[key] = c.result
+        if c.result is None:
+            print(f"{key}: did not run ({c.note})")
     ref = runs["transformers"]["out"] if runs.get("transformers") else None
     s = runs.get("ls_stream")
     if s:
@@ -163,21 +160,19 @@ def main(argv=None) -> int:
               f"{expect / 1e6:.1f} MB -> measured/expected {s['bytes_per_token'] / expect:.3f}")
         print(f"  experts routed per call while decoding {s['routed_per_call']:.2f}, read from disk "
               f"{s['read_per_call']:.2f}")
-    for key, label in (("ls_stream", "layerstream max_ram=0 (in place)"),
-                       ("ls_stream_split", "layerstream max_ram=0, split store"),
-                       ("ls_half_nocounts", "layerstream max_ram=half, no router counts"),
-                       ("ls_half", "layerstream max_ram=half, router counts of the runs above (same prompt)"),
-                       ("ls_full", "layerstream all resident"),
-                       ("accelerate", "accelerate disk offload"), ("transformers", "transformers in RAM")):
+    rows = []
+    for key, _, _, label in RUNS:
         r = runs.get(key)
         if not r:
             continue
-        extra = ""
-        if "bytes_per_token" in r:
-            extra = (f", {r['bytes_per_token'] / 1e6:.1f} MB read/token, {r['resident_experts']} experts resident, "
-                     f"store {'in place' if r['in_place'] else 'split'} {r['store_disk'] / 1e6:.1f} MB of disk")
-        same = "" if ref is None else (", same tokens as transformers" if r["out"] == ref else ", TOKENS DIFFER")
-        print(f"{label:40s} {r['seconds'] / r['new']:.3f} s/token{extra}{same} {r.get('note', '')}")
+        ls = "bytes_per_token" in r
+        rows.append([label, f"{r['seconds'] / r['new']:.3f}", f"{r['bytes_per_token'] / 1e6:.1f}" if ls else "-",
+                     r["resident_experts"] if ls else "-",
+                     f"{'in place' if r['in_place'] else 'split'} {r['store_disk'] / 1e6:.1f} MB" if ls else "-",
+                     "-" if ref is None else ("same" if r["out"] == ref else "DIFFER"), r.get("note", "")])
+    print()
+    harness.table(["system", "s/token", "MB read/token", "experts resident", "store on disk", "tokens vs transformers",
+                   "note"], rows)
     out = HERE / "out"
     out.mkdir(exist_ok=True)
     (out / "moe.json").write_text(json.dumps(runs, indent=1))

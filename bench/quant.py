@@ -13,20 +13,14 @@ Run:  .venv/bin/python bench/quant.py
 
 from __future__ import annotations
 
-import json
+import argparse
+import os
 import pathlib
 import sys
-import time
 
-HERE = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
-from cpuload import child_result  # noqa: E402
+import harness
 
 WORK = pathlib.Path("/tmp/layerstream-bench")
-TEXT = ("The sea is vast and deep. Sailors have crossed it for thousands of years, guided by the stars and by "
-        "the wind. Today ships carry most of the goods we use, and scientists study the currents that shape "
-        "our climate. ") * 4
 SETTINGS = {
     "fp32, fully resident": dict(quant=None, max_ram=None, dtype=None),
     "int4, dequantized once at load (fits as floats)": dict(quant="int4", max_ram=None, dtype=None),
@@ -39,21 +33,19 @@ def child(name: str) -> dict:
     import torch
 
     from layerstream import AutoModel
-    from layerstream.split import embedded_model, resolve
+    from layerstream.quant import Int4PackedLinear
+    from layerstream.sources import embedded_model
+    from layerstream.store import resolve
+
+    from peers import TEXT, prompt_ids
 
     s = SETTINGS[name]
     ref_store = resolve(embedded_model(), store_path=WORK / "store", progress=False)
     store = resolve(embedded_model(), store_path=WORK / f"store-{s['quant']}", quantize=s["quant"],
                     progress=False) if s["quant"] else ref_store
     m = AutoModel.from_pretrained(store, max_ram=s["max_ram"], dtype=s["dtype"], progress=False)
-    tok = m.tokenizer
-    ids = tok.apply_chat_template([{"role": "user", "content": "Write a short poem about the sea."}],
-                                  add_generation_prompt=True, return_tensors="pt")["input_ids"]
-    m.generate(ids, max_new_tokens=2, do_sample=False)
-    t0 = time.perf_counter()
-    m.generate(ids, max_new_tokens=32, do_sample=False)
-    tok_s = 32 / (time.perf_counter() - t0)
-    text = tok(TEXT, return_tensors="pt")["input_ids"]
+    tokens, seconds = harness.timed_generate(m, prompt_ids(m.tokenizer), 32)
+    text = m.tokenizer(TEXT, return_tensors="pt")["input_ids"]
     logits = m(text).logits.float()
     m.close()
     ref = AutoModel.from_pretrained(ref_store, progress=False)
@@ -62,15 +54,17 @@ def child(name: str) -> dict:
     agree = (logits.argmax(-1) == want.argmax(-1)).float().mean().item()
     kl = torch.nn.functional.kl_div(logits.log_softmax(-1), want.log_softmax(-1), log_target=True,
                                     reduction="none").sum(-1).mean().item()
-    bytes_ = sum(u.bytes for u in m.store.manifest.units)
-    return {"tok_s": tok_s, "agree": agree, "kl": kl, "tokens": text.shape[1], "store_bytes": bytes_,
-            "packed": sum(1 for mod in m.model.modules() if hasattr(mod, "_ls_packed"))}
+    return {"tok_s": len(tokens) / seconds, "agree": agree, "kl": kl, "tokens": text.shape[1],
+            "store_bytes": sum(u.bytes for u in m.store.manifest.units),
+            "packed": sum(isinstance(mod, Int4PackedLinear) for mod in m.model.modules())}
 
 
 def quantize_speed(threads: int) -> dict:
+    import time
+
     import torch
 
-    from layerstream.quantize import dequantize, quantize
+    from layerstream.quant import dequantize, quantize
 
     torch.set_num_threads(threads)
     w = torch.randn(4096, 4096, generator=torch.Generator().manual_seed(0)) * 0.02
@@ -92,27 +86,32 @@ def quantize_speed(threads: int) -> dict:
 
 
 def main() -> int:
-    if len(sys.argv) > 2 and sys.argv[1] == "--child":
-        print("RESULT " + json.dumps(child(sys.argv[2])), flush=True)
+    p = harness.parser(__doc__, wait_quiet=60.0)
+    p.add_argument("--child", choices=list(SETTINGS), help=argparse.SUPPRESS)
+    p.add_argument("--speed", type=int, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child or a.speed:
+        harness.emit(child(a.child) if a.child else quantize_speed(a.speed))
         return 0
-    if len(sys.argv) > 2 and sys.argv[1] == "--speed":
-        print("RESULT " + json.dumps(quantize_speed(int(sys.argv[2]))), flush=True)
-        return 0
-    print(f"{'setting':58s} {'tok/s':>7s} {'store':>9s} {'top-1':>7s} {'KL':>9s}")
+    rows, tokens = [], None
     for name in SETTINGS:
-        r, tail = child_result([sys.executable, __file__, "--child", name])
+        c = harness.run_child(harness.self_cmd(__file__, "--child", name), wait_quiet=a.wait_quiet)
+        r = c.result
+        print(f"  {name}: " + (f"{r['tok_s']:.2f} tok/s" if r else f"failed: {c.note}"), flush=True)
         if r is None:
-            print(f"{name:58s} failed: {tail}")
+            rows.append([name, "failed", "-", "-", "-", "-"])
             continue
-        print(f"{name:58s} {r['tok_s']:7.2f} {r['store_bytes'] / 1e6:7.1f}MB {r['agree']:7.1%} {r['kl']:9.5f}"
-              + (f"  ({r['packed']} linear layers on the int4 kernel)" if r["packed"] else ""), flush=True)
-    print(f"(top-1 and KL over {r['tokens']} tokens of a fixed text, against the fp32 model)")
-    import os
-
+        tokens = r["tokens"]
+        rows.append([name, f"{r['tok_s']:.2f}", f"{r['store_bytes'] / 1e6:.1f} MB", f"{r['agree']:.1%}",
+                     f"{r['kl']:.5f}", r["packed"] or "-"])
+    print()
+    harness.table(["setting", "tok/s", "store", "top-1", "KL", "linear layers on the int4 kernel"], rows)
+    print(f"(top-1 and KL over {tokens} tokens of a fixed text, against the fp32 model)")
     for threads in sorted({1, os.cpu_count() or 1}):
-        r, tail = child_result([sys.executable, __file__, "--speed", str(threads)])
+        c = harness.run_child(harness.self_cmd(__file__, "--speed", threads), wait_quiet=a.wait_quiet)
+        r = c.result
         if r is None:
-            print(f"quantize speed, {threads} threads: failed: {tail}")
+            print(f"quantize speed, {threads} threads: failed: {c.note}")
             continue
         print(f"one 4096x4096 weight, {threads} thread{'s' if threads > 1 else ''}: quantize "
               + ", ".join(f"{k} {r[k]:.2f} s ({4096 * 4096 / r[k] / 1e6:.0f} M weights/s)" for k in ("int8", "int4"))

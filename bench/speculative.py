@@ -12,12 +12,8 @@ small edits. Each system in its own process; greedy tokens must be identical to 
 from __future__ import annotations
 
 import sys
-import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from harness import emit, fmt, parser, ratio, run_child, self_cmd, table
+from harness import emit, fmt, parser, ratio, run_child, self_cmd, table, timed_generate
 
 CHATS = ["Write a short poem about the sea.", "Explain photosynthesis in two sentences.",
          "What are three tips for staying focused while studying?", "Describe a sunset to someone who cannot see.",
@@ -40,13 +36,10 @@ def child(mode: str, tokens: int) -> None:
     for text in prompts:
         ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                       return_tensors="pt")["input_ids"]
-        m.generate(ids, max_new_tokens=2, do_sample=False, **extra)   # warm-up
-        t0 = time.perf_counter()
-        seq = m.generate(ids, max_new_tokens=tokens, do_sample=False, **extra)
-        dt = time.perf_counter() - t0
+        new, dt = timed_generate(m, ids, tokens, **extra)   # after a 2-token warm-up
         s = m.last_stats
-        out.append({"tokens": seq[0, ids.shape[1]:].tolist(), "seconds": dt, "sweeps": s["sweeps"],
-                    "drafted": s.get("drafted", 0), "accepted": s.get("accepted", 0)})
+        out.append({"tokens": new, "seconds": dt, "sweeps": s["sweeps"], "drafted": s.get("drafted", 0),
+                    "accepted": s.get("accepted", 0)})
     emit({"runs": out})
 
 
