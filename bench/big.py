@@ -1,5 +1,8 @@
 """Larger than RAM, on CPU: layerstream against its peers on a ~31 GB Llama-shaped model, in one run.
 
+Longer than 400 lines for a reason: five systems (layerstream at two budgets, Accelerate, llama.cpp, AirLLM),
+each with its own way to load a 31 GB model and to be measured fairly, plus the disk probe and targets.
+
 The model (random weights, bf16, hidden 5120, intermediate 13824, 40 heads, 8 KV heads, vocab 49152,
 untied embeddings, 54 layers by default: about 31 GB on a 24 GiB machine) is written once by
 ``--make`` into ``--dir`` (bench/big_model.py) as a transformers checkpoint with ONE DECODER LAYER PER

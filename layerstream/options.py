@@ -52,7 +52,7 @@ class Options:
             raise InputError(f"io must be one of {', '.join(IO_MODES)}, got {self.io!r}")
         if self.verify not in VERIFY_MODES:
             raise InputError(f"verify must be one of {', '.join(VERIFY_MODES)}, got {self.verify!r}")
-        if not isinstance(self.lookahead, int) or self.lookahead < 1:
+        if not isinstance(self.lookahead, int) or isinstance(self.lookahead, bool) or self.lookahead < 1:
             raise InputError(f"lookahead must be a positive integer, got {self.lookahead!r}")
 
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 import sys
@@ -20,6 +21,8 @@ def parse_size(value, what: str = "size") -> int | None:
         return None
     if isinstance(value, bool):
         raise BudgetError(f"{what}: expected a size like '2GB', got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise BudgetError(f"{what}: a size must be a finite number, got {value!r}")
     if isinstance(value, (int, float)):
         if value < 0:
             raise BudgetError(f"{what}: a size cannot be negative ({value})")
@@ -27,12 +30,12 @@ def parse_size(value, what: str = "size") -> int | None:
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
     if not m or m.group(2).upper() not in _UNITS:
         raise BudgetError(f"{what}: cannot parse {value!r}; use bytes or a size like '512MB', '2GB', '1.5GiB'")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    return round(float(m.group(1)) * _UNITS[m.group(2).upper()])   # "2.01KB" is 2010 bytes, not 2009
 
 
 def fmt_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
+        if abs(round(n, 1 if unit != "B" else 0)) < 1000 or unit == "TB":   # 999,999 B is "1.0 MB", not "1000.0 KB"
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"

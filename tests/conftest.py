@@ -6,10 +6,20 @@ from pathlib import Path
 import pytest
 import torch
 
+from factory import make_tiny_dir  # the one tiny-model factory (tests/factory.py)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config):
+    """The suite's markers (registered here, not in pyproject.toml). `pytest -m "not slow"` is the fast
+    subset; `-m "not gpu"` leaves out the accelerator tests (they skip themselves where torch sees no GPU)."""
+    config.addinivalue_line("markers", "slow: takes more than 10 s on a 2-core CPU machine (deselect with "
+                                       "-m 'not slow')")
+    config.addinivalue_line("markers", "gpu: needs a CUDA/ROCm device (skipped where torch sees none)")
 
 
 def tiny_config(family: str, tie: bool | None = None, layers: int = 3):
@@ -33,25 +43,13 @@ def tiny_config(family: str, tie: bool | None = None, layers: int = 3):
 def make_model_dir(path: Path, family: str, tie: bool | None = None, layers: int = 3, dtype=torch.float32,
                    shard: str | None = None, seed: int = 0) -> Path:
     """Write a random-weight transformers checkpoint (safetensors) to `path` and return it."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, tie, layers), dtype=dtype)
-    with torch.no_grad():  # spread the weights so greedy tokens are not all the same
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.3)
-            else:
-                p.uniform_(0.5, 1.5)
-    kw = {"max_shard_size": shard} if shard else {}
-    model.save_pretrained(path, **kw)
-    return path
+    return make_tiny_dir(path, tiny_config(family, tie, layers), seed=seed, dtype=dtype, shard=shard)
 
 
 @pytest.fixture(scope="session")
 def embedded_store(tmp_path_factory):
     """The embedded SmolLM2 model split once for the whole session."""
-    from layerstream.split import resolve
+    from layerstream.store import resolve
 
     return resolve(None, store_path=tmp_path_factory.mktemp("smol") / "store", progress=False)
 
@@ -61,7 +59,7 @@ def smol_reference():
     """transformers' own SmolLM2 loaded from the GGUF, and the tokenizer."""
     from transformers import AutoModelForCausalLM
 
-    from layerstream.split import embedded_model
+    from layerstream.sources import embedded_model
 
     g = embedded_model()
     return AutoModelForCausalLM.from_pretrained(g.parent, gguf_file=g.name, dtype=torch.float32).eval()
@@ -95,27 +93,9 @@ def tiny_moe_config(family: str, layers: int = 3):
 
 def make_moe_dir(path: Path, family: str, layers: int = 3, fused: bool = False, seed: int = 0) -> Path:
     """A random-weight MoE checkpoint. As transformers saves it (one tensor per expert and weight, the
-    hub's layout), or with `fused` as the model holds it ([num_experts, ...] per weight)."""
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_moe_config(family, layers), dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.3)
-            else:
-                p.uniform_(0.5, 1.5)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):   # a router bias kept in the checkpoint
-                b.uniform_(-0.5, 0.5)
-    model.save_pretrained(path)
-    if fused:
-        sd = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"
-              or not model.config.tie_word_embeddings}
-        save_file(sd, path / "model.safetensors", metadata={"format": "pt"})
-    return path
+    hub's layout), or with `fused` as the model holds it ([num_experts, ...] per weight). A router bias
+    kept in the checkpoint (DeepSeek-V3's) is random too."""
+    return make_tiny_dir(path, tiny_moe_config(family, layers), seed=seed, router_bias=True, fused=fused)
 
 
 def reference(path):

@@ -13,21 +13,23 @@ from __future__ import annotations
 
 import dataclasses
 
+from layerstream.arch import TESTED_DENSE, TESTED_MOE, TESTED_MOE_WHOLE_LAYER
+
 # Passed the survey at 0df10b4 (transformers 5.24): a tiny random checkpoint (2-D weights normal(0, 0.3),
-# 1-D uniform(0.5, 1.5), as conftest.make_model_dir) streamed with max_ram=0 and max_ram=None, logits within
+# 1-D uniform(0.5, 1.5), as factory.spread_weights) streamed with max_ram=0 and max_ram=None, logits within
 # 1e-4 and 12 greedy tokens equal to transformers' own.
-from layerstream.adapters import TESTED_DENSE as DENSE_FAMILIES  # noqa: E402  (the tested list)
+DENSE_FAMILIES = TESTED_DENSE
 
 # Fixed after the survey: a tokenizer class needing a package that is not installed (biogpt, cpmant) no
 # longer stops a store from opening; weights tied across decoder layers (zamba's shared block) live in the
 # head unit; dense weights that transformers converts on load (olmo_hybrid's q/k/v) are converted by split.
 
 # Mixture of experts, each expert streamed as its own unit (checked the same way, with MOE below).
-from layerstream.adapters import TESTED_MOE as MOE_FAMILIES  # noqa: E402
+MOE_FAMILIES = TESTED_MOE
 # Mixture of experts whose experts module cannot be streamed per expert (a ModuleList, routed inputs only,
 # weights on a child module as dbrx's, identity experts counted apart as longcat_flash's): correct, but each
 # layer is streamed whole.
-from layerstream.adapters import TESTED_MOE_WHOLE_LAYER as MOE_WHOLE_LAYER  # noqa: E402
+MOE_WHOLE_LAYER = TESTED_MOE_WHOLE_LAYER
 
 # Dense families that the survey does not make run (see the report).
 UNSUPPORTED: dict[str, str] = {
@@ -40,9 +42,9 @@ UNSUPPORTED: dict[str, str] = {
 # Biases at normal(0, 0.3) give real sequences for bloom, ctrl, gpt-sw3, gpt2, gpt_bigcode, gpt_neo, gpt_neox,
 # gptj, stablelm, zaya; tie=False for gemma3_text, gemma3n_text, gemma4_unified_text, openai-gpt, xglm; both for
 # biogpt; tie=False and seed 1 for gemma4_text (seed 0 untied ends on eos at once).
-SINGLE_TOKEN_WITH_CONFTEST_SPREAD = ("biogpt", "gemma3_text", "bloom", "ctrl", "gemma3n_text", "gemma4_text", "gemma4_unified_text",
-                                     "gpt-sw3", "gpt2", "gpt_bigcode", "gpt_neo", "gpt_neox", "gptj", "openai-gpt",
-                                     "stablelm", "xglm", "zaya")
+SINGLE_TOKEN_WITH_CONFTEST_SPREAD = ("biogpt", "gemma3_text", "bloom", "ctrl", "gemma3n_text", "gemma4_text",
+                                     "gemma4_unified_text", "gpt-sw3", "gpt2", "gpt_bigcode", "gpt_neo", "gpt_neox",
+                                     "gptj", "openai-gpt", "stablelm", "xglm", "zaya")
 
 # Common sizes, by transformers' standard attribute names.
 COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
@@ -154,7 +156,8 @@ EXTRA: dict = {
     # linear-attention / state-space / short-conv layers with one full-attention layer, experts in every layer
     "qwen3_next": lambda n: dict(LINEAR_ATTN, layer_types=_one_full(n)),
     "qwen3_5_moe_text": lambda n: dict(LINEAR_ATTN, layer_types=_one_full(n)),
-    "lara_mini": lambda n: dict(LINEAR_ATTN, layer_types=["linear_attention", "full_attention", "sliding_attention"][:n]),
+    "lara_mini": lambda n: dict(LINEAR_ATTN,
+                                layer_types=["linear_attention", "full_attention", "sliding_attention"][:n]),
     "bailing_hybrid": lambda n: dict(MLA, num_key_value_heads=4, first_k_dense_replace=1, layer_types=_one_full(n)),
     "kimi_linear": lambda n: dict(MLA, num_key_value_heads=4, linear_head_dim=16, linear_num_heads=4,
                                   layer_types=_one_full(n)),
@@ -240,26 +243,14 @@ def tiny_family_config(model_type: str, tie: bool | None = None, layers: int = 3
 
 
 def make_family_dir(path, model_type: str, layers: int = 3):
-    """A random-weight checkpoint of any family above, its weights spread as conftest.make_model_dir's
-    (2-D normal(0, 0.3), 1-D uniform(0.5, 1.5)), with the changes that make the greedy tokens of the few
-    families in SINGLE_TOKEN_WITH_CONFTEST_SPREAD a real sequence (biases normal(0, 0.3), or untied)."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    """A random-weight checkpoint of any family above, its weights spread by the tests' one factory
+    (factory.make_tiny_dir: 2-D normal(0, 0.3), 1-D uniform(0.5, 1.5)), with the changes that make the
+    greedy tokens of the few families in SINGLE_TOKEN_WITH_CONFTEST_SPREAD a real sequence (biases
+    normal(0, 0.3), or untied)."""
+    from factory import make_tiny_dir
 
     untie = model_type in ("biogpt", "gemma3_text", "gemma3n_text", "gemma4_text", "gemma4_unified_text",
                            "openai-gpt", "xglm")
-    torch.manual_seed(1 if model_type == "gemma4_text" else 0)
-    model = AutoModelForCausalLM.from_config(tiny_family_config(model_type, tie=False if untie else None,
-                                                                layers=layers), dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2 or (model_type in SINGLE_TOKEN_WITH_CONFTEST_SPREAD and name.endswith("bias")):
-                p.normal_(0, 0.3)
-            else:
-                p.uniform_(0.5, 1.5)
-        for name, b in model.named_buffers():
-            if name.endswith("tid2eid"):   # DeepSeek-V4's hash routing: distinct experts per token, not all 0
-                n = model.get_submodule(name.rsplit(".", 1)[0]).num_experts
-                b.copy_(torch.stack([torch.randperm(n)[:b.shape[1]] for _ in range(b.shape[0])]))
-    model.save_pretrained(path)
-    return path
+    cfg = tiny_family_config(model_type, tie=False if untie else None, layers=layers)
+    return make_tiny_dir(path, cfg, seed=1 if model_type == "gemma4_text" else 0,
+                         normal_biases=model_type in SINGLE_TOKEN_WITH_CONFTEST_SPREAD)

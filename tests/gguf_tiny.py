@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 EXPERTS, TOP_K, MOE_FF = 8, 2, 64
 
@@ -16,9 +15,10 @@ EXPERTS, TOP_K, MOE_FF = 8, 2, 64
 def make_moe_gguf(path: Path, qtype: str = "Q4_1", layers: int = 2, seed: int = 0) -> Path:
     import gguf
     import transformers as tf
-    from transformers import AutoModelForCausalLM
 
-    from layerstream.split import embedded_model
+    from layerstream.sources import embedded_model
+
+    from factory import tiny_model
 
     tok = gguf.GGUFReader(embedded_model())
     vocab = len(tok.fields["tokenizer.ggml.tokens"].data)
@@ -26,13 +26,7 @@ def make_moe_gguf(path: Path, qtype: str = "Q4_1", layers: int = 2, seed: int = 
                             num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                             num_experts=EXPERTS, num_experts_per_tok=TOP_K, norm_topk_prob=True,
                             max_position_embeddings=256, tie_word_embeddings=False, rope_theta=10000.0)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    sd = {}
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            (p.normal_(0, 0.3) if p.dim() >= 2 else p.uniform_(0.5, 1.5))
-            sd[name] = p.detach().numpy()
+    sd = {name: p.detach().numpy() for name, p in tiny_model(cfg, seed=seed).named_parameters()}
 
     w = gguf.GGUFWriter(str(path), "qwen3moe")
     arch = "qwen3moe"
@@ -85,8 +79,9 @@ def make_moe_gguf(path: Path, qtype: str = "Q4_1", layers: int = 2, seed: int = 
 
 # sizes of the scale fields of each block type (byte offset of each fp16, and a magnitude that keeps the
 # weights near normal(0, 0.1)), for random blocks
-_FP16_FIELDS = {"Q8_0": ((0, 1e-3),), "Q4_1": ((0, 0.01), (2, 0.1)), "Q4_0": ((0, 0.02),), "Q5_0": ((0, 0.01),), "Q5_1": ((0, 0.01), (2, 0.1)),
-                "Q4_K": ((0, 4e-4), (2, 4e-4)), "Q5_K": ((0, 2e-4), (2, 2e-4)), "Q6_K": ((208, 4e-5),)}
+_FP16_FIELDS = {"Q8_0": ((0, 1e-3),), "Q4_1": ((0, 0.01), (2, 0.1)), "Q4_0": ((0, 0.02),), "Q5_0": ((0, 0.01),),
+                "Q5_1": ((0, 0.01), (2, 0.1)), "Q4_K": ((0, 4e-4), (2, 4e-4)), "Q5_K": ((0, 2e-4), (2, 2e-4)),
+                "Q6_K": ((208, 4e-5),)}
 
 # a Q4_K_M-like mix (llama.cpp's Q4_K_M also holds Q8_0 and Q5_0 tensors where K-quants do not fit),
 # and every other kept type once
@@ -111,7 +106,7 @@ def make_llama_gguf(path: Path, types: dict = LLAMA_TYPES, layers: int = 2, seed
     given GGUF types; norms F32; the embedded SmolLM2 GGUF's tokenizer."""
     import gguf
 
-    from layerstream.split import embedded_model
+    from layerstream.sources import embedded_model
 
     rng = np.random.default_rng(seed)
     tok = gguf.GGUFReader(embedded_model())
@@ -132,7 +127,8 @@ def make_llama_gguf(path: Path, types: dict = LLAMA_TYPES, layers: int = 2, seed
             w.add_tensor(name, rng.uniform(0.5, 1.5, size=(cols,)).astype(np.float32) if rows == 0
                          else rng.normal(0, 0.1, size=(rows, cols)).astype(np.float32))
         else:
-            w.add_tensor(name, random_blocks(rows, cols, qtype, rng), raw_dtype=getattr(gguf.GGMLQuantizationType, qtype))
+            w.add_tensor(name, random_blocks(rows, cols, qtype, rng),
+                         raw_dtype=getattr(gguf.GGMLQuantizationType, qtype))
 
     put("token_embd.weight", vocab, hidden, "token_embd")
     put("output_norm.weight", 0, hidden, "norm")

@@ -227,6 +227,7 @@ def test_a_second_job_on_the_same_output_is_refused(tmp_path, model):
         run_batch(model, tmp_path / "missing.jsonl", tmp_path / "out.jsonl", progress=False)
 
 
+@pytest.mark.slow
 def test_cli_kill_9_mid_job_then_rerun_gives_the_same_bytes(tmp_path, tiny_store, model):
     from layerstream.engine.batch import run_batch
 

@@ -4,16 +4,17 @@ import json
 
 import pytest
 
-from conftest import make_model_dir, run_cli
+from conftest import make_model_dir, make_tiny_dir, run_cli
 
 
 def assert_clean_error(r, pattern):
     assert r.returncode == 1, (r.returncode, r.stderr[-2000:])
     assert "Traceback" not in r.stderr
-    lines = [l for l in r.stderr.splitlines() if l.startswith("layerstream: error:")]
+    lines = [line for line in r.stderr.splitlines() if line.startswith("layerstream: error:")]
     assert len(lines) == 1 and pattern in lines[0], r.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_run_streams_text_and_prints_stats(embedded_store):
     r = run_cli("run", "Name three colors.", "--model", embedded_store, "--max-new-tokens", "16", "--max-ram", "0",
                 "--verbose")
@@ -22,26 +23,29 @@ def test_run_streams_text_and_prints_stats(embedded_store):
     assert "importing torch" in r.stderr and "plan on cpu" in r.stderr
     assert "measured read bandwidth" in r.stderr and "s per token from streaming alone" in r.stderr
     stats = r.stderr.strip().splitlines()[-1]
-    assert "tok/s" in stats and "read per token" in stats and "peak RSS" in stats
+    assert "tok/s" in stats and "read per sweep" in stats and "peak RSS" in stats
 
 
+@pytest.mark.slow
 def test_profile_prints_per_unit_io_copy_compute(embedded_store):
     r = run_cli("run", "Hi", "--model", embedded_store, "--max-new-tokens", "4", "--max-ram", "0", "--profile")
     assert r.returncode == 0, r.stderr
     assert "wait ms" in r.stderr and "compute ms" in r.stderr and "copy ms" in r.stderr
-    rows = [l.split() for l in r.stderr.splitlines() if l.strip().startswith("layer.")]
+    rows = [line.split() for line in r.stderr.splitlines() if line.strip().startswith("layer.")]
     assert len(rows) == 30 and all(int(row[1]) >= 4 for row in rows)   # every layer, every sweep
     assert "per sweep" in r.stderr
 
 
+@pytest.mark.slow
 def test_chat_subcommand_keeps_history(embedded_store):
     r = run_cli("chat", "--model", embedded_store, "--max-new-tokens", "8",
                 input="Hello, who are you?\nWhat did I just ask?\n/exit\n")
     assert r.returncode == 0, r.stderr
-    prefills = [int(l.split("prefilled ")[1].split()[0]) for l in r.stderr.splitlines() if "prefilled" in l]
+    prefills = [int(line.split("prefilled ")[1].split()[0]) for line in r.stderr.splitlines() if "prefilled" in line]
     assert len(prefills) == 2 and prefills[1] < prefills[0] + 20
 
 
+@pytest.mark.slow
 def test_split_info_verify(tmp_path):
     src = make_model_dir(tmp_path / "src", "mistral")
     r = run_cli("split", src, tmp_path / "store")
@@ -50,32 +54,49 @@ def test_split_info_verify(tmp_path):
     r = run_cli("info", tmp_path / "store")
     assert r.returncode == 0 and "MistralForCausalLM" in r.stdout and "3 layers" in r.stdout
     r = run_cli("verify", tmp_path / "store")
-    assert r.returncode == 0 and "ok" in r.stderr
+    assert r.returncode == 0, r.stderr
+    assert "ok: 5 units match their sha256 checksums" in r.stderr   # embed, 3 layers, head
+    assert "damaged" not in r.stderr
     r = run_cli("plan", tmp_path / "store", "--max-ram", "0")
     assert r.returncode == 0 and "streamed per sweep" in r.stdout and "measured read bandwidth" in r.stdout
+    # one flipped byte in one unit (same size, so only the checksum can tell): verify fails and names it
+    unit = tmp_path / "store" / "units" / "layer.1.safetensors"
+    data = bytearray(unit.read_bytes())
+    data[-7] ^= 0x01
+    unit.write_bytes(bytes(data))
+    r = run_cli("verify", tmp_path / "store")
+    assert r.returncode == 1, r.stderr
+    damaged = [line for line in r.stderr.splitlines() if line.startswith("damaged:")]
+    assert len(damaged) == 1 and "layer.1.safetensors" in damaged[0] and "sha256 mismatch" in damaged[0]
+    assert "1 damaged unit file(s)" in r.stderr and "ok:" not in r.stderr and "Traceback" not in r.stderr
 
 
+# the cases with {store} run on the embedded model's store (split once per session: slow); the others need
+# no model and stay in the fast subset
 @pytest.mark.parametrize("args, pattern", [
     (["run", "hi", "--model", "/no/such/model"], "no such file"),
-    (["run", "", "--model", "{store}"], "prompt is empty"),
-    (["run", "hi", "--model", "{store}", "--max-new-tokens", "0"], "must be positive"),
-    (["run", "hi", "--model", "{store}", "--max-ram", "lots"], "cannot parse 'lots'"),
-    (["run", "word " * 9000, "--model", "{store}"], "context"),
+    pytest.param(["run", "", "--model", "{store}"], "prompt is empty", marks=pytest.mark.slow),
+    pytest.param(["run", "hi", "--model", "{store}", "--max-new-tokens", "0"], "must be positive",
+                 marks=pytest.mark.slow),
+    pytest.param(["run", "hi", "--model", "{store}", "--max-ram", "lots"], "cannot parse 'lots'",
+                 marks=pytest.mark.slow),
+    pytest.param(["run", "word " * 9000, "--model", "{store}"], "context", marks=pytest.mark.slow),
     (["run", "hi", "--model", "{empty}"], "not a model directory"),
     (["info", "{empty}"], "no manifest.json"),
 ])
-def test_bad_input_is_one_line_error(tmp_path, embedded_store, args, pattern):
+def test_bad_input_is_one_line_error(tmp_path, request, args, pattern):
     (tmp_path / "empty").mkdir()
-    args = [a.format(store=embedded_store, empty=tmp_path / "empty") for a in args]
+    store = request.getfixturevalue("embedded_store") if any("{store}" in a for a in args) else None
+    args = [a.format(store=store, empty=tmp_path / "empty") for a in args]
     assert_clean_error(run_cli(*args), pattern)
 
 
+@pytest.mark.slow
 def test_damaged_store_and_unsupported_model(tmp_path):
-    from transformers import AutoModelForCausalLM, BertConfig
+    from transformers import BertConfig
 
-    AutoModelForCausalLM.from_config(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                                intermediate_size=37, vocab_size=64, is_decoder=True)).save_pretrained(
-        tmp_path / "bert")
+    make_tiny_dir(tmp_path / "bert", BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                intermediate_size=37, vocab_size=64, is_decoder=True))
     assert_clean_error(run_cli("run", "hi", "--model", tmp_path / "bert"), "BertLMHeadModel")
     src = make_model_dir(tmp_path / "src", "llama")
     assert run_cli("split", src, tmp_path / "store").returncode == 0
@@ -84,6 +105,7 @@ def test_damaged_store_and_unsupported_model(tmp_path):
     assert_clean_error(run_cli("run", "hi", "--model", tmp_path / "store"), "layer.1.safetensors")
 
 
+@pytest.mark.slow
 def test_gpu_budget_too_small_is_clear(tmp_path, embedded_store):
     import torch
 

@@ -8,7 +8,7 @@ from layerstream import AutoModel
 
 from conftest import make_model_dir
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA/ROCm device")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA/ROCm device")]
 
 
 @pytest.mark.parametrize("tiers", ["all-device", "ram-streamed", "disk-streamed", "mixed"])
@@ -40,7 +40,7 @@ def test_cuda_matches_transformers(tmp_path, tiers):
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_cuda_quantized_store_dequantized_on_the_device(tmp_path, kind):
-    from layerstream.quantize import dequantize, quantizable, quantize
+    from layerstream.quant import dequantize, quantizable, quantize
 
     src = make_model_dir(tmp_path / "src", "llama", layers=4)
     ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
@@ -60,6 +60,7 @@ def test_cuda_quantized_store_dequantized_on_the_device(tmp_path, kind):
 @pytest.mark.parametrize("max_ram", [0, "1GB"])
 def test_cuda_moe_streams_routed_experts(tmp_path, max_ram):
     from conftest import make_moe_dir
+    from test_moe import routing_of
 
     src = make_moe_dir(tmp_path / "src", "qwen3_moe")
     ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).to("cuda").eval()
@@ -73,7 +74,14 @@ def test_cuda_moe_streams_routed_experts(tmp_path, max_ram):
     with torch.no_grad():
         want_logits = ref(ids).logits
     torch.testing.assert_close(m(ids).logits, want_logits, rtol=1e-3, atol=1e-3)
-    want = ref.generate(ids, max_new_tokens=10, do_sample=False)
+    want, want_calls = routing_of(ref, ids, 10)
+    m.profiler.reset()
     assert m.generate(ids, max_new_tokens=10, do_sample=False).tolist() == want.tolist()
-    assert all(len(routed) <= 8 for _, routed, _ in m.profiler.experts)
+    # per experts call: the experts transformers routes to, and exactly those of them on disk read from it
+    calls = m.profiler.experts
+    assert [(int(layer.split(".")[1]), routed) for layer, routed, _ in calls] == want_calls
+    tiers = {u.name: u.tier for u in m.plan.units}
+    assert all(read == sum(tiers[f"{layer}.expert.{j}"] == "disk" for j in routed) for layer, routed, read in calls)
+    assert (sum(read for _, _, read in calls) > 0) == (max_ram == 0)
+    assert all(len(routed) == 2 for _, routed, _ in calls[-3:])   # a decode step: one token, top-2 of 8
     m.close()

@@ -10,6 +10,9 @@ from layerstream import AutoModel, ChatSession
 
 from conftest import ROOT
 
+# every test here runs the 135M-parameter model (or splits its 538 MB GGUF): tens of seconds each
+pytestmark = pytest.mark.slow
+
 PROMPT = [{"role": "user", "content": "Write a short poem about the sea."}]
 
 
@@ -45,11 +48,24 @@ def test_smollm2_matches_transformers(embedded_store, want, budget):
     m.close()
 
 
-def test_embedded_default_source_and_store_reuse(embedded_store):
-    m = AutoModel.from_pretrained(embedded_store, progress=False)
+def test_embedded_default_source_and_store_reuse(embedded_store, capfd):
+    """source=None is the embedded GGUF; opening it again with the store already made reuses that store:
+    nothing is split or written again (every file of the store keeps its mtime, no file is added)."""
+    def files():
+        return {f.relative_to(embedded_store): f.stat().st_mtime_ns for f in embedded_store.rglob("*") if f.is_file()}
+
+    before = files()
+    assert any(str(f).startswith("units") for f in before)
+    capfd.readouterr()
+    m = AutoModel.from_pretrained(None, store_path=embedded_store, max_ram=0, progress=False)
+    err = capfd.readouterr().err
+    assert f"using store {embedded_store}" in err, err
+    assert m.store.path == embedded_store
+    assert files() == before
     assert m.store.manifest.source["kind"] == "gguf"
     assert m.store.manifest.architecture == "LlamaForCausalLM"
     assert m.store.manifest.tied == {"lm_head.weight": "model.embed_tokens.weight"}
+    m.close()
 
 
 def test_chat_keeps_the_kv_cache_between_turns(embedded_store, smol_reference):
@@ -74,9 +90,9 @@ def test_chat_keeps_the_kv_cache_between_turns(embedded_store, smol_reference):
 def test_split_of_gguf_reads_tensor_by_tensor(tmp_path):
     """Splitting needs about one unit of RAM, not the whole model."""
     code = (f"import sys, resource; sys.path.insert(0, {str(ROOT)!r});"
-            "import torch, transformers, gguf, layerstream.split as s;"
+            "import torch, transformers, gguf, layerstream.store as s, layerstream.sources as src;"
             "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
-            f"out = s.split(s.embedded_model(), {str(tmp_path / 'store')!r}, progress=False);"
+            f"out = s.split(src.embedded_model(), {str(tmp_path / 'store')!r}, progress=False);"
             "print(base * 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr

@@ -140,6 +140,7 @@ def test_families_without_a_plain_cache_run_one_at_a_time(tmp_path):
     assert [c.token_ids for c in out] == want and eng.stats["max_batch_seen"] == 1
 
 
+@pytest.mark.slow
 def test_stop_strings_and_streamed_text(embedded_store):
     """A stop string ends the request where it first appears (not included); the streamed text pieces add up
     to the completion's text."""

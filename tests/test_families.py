@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from layerstream import AutoModel
-from layerstream.adapters import TESTED_DENSE, TESTED_MOE, TESTED_MOE_WHOLE_LAYER
+from layerstream.arch import TESTED_DENSE, TESTED_MOE, TESTED_MOE_WHOLE_LAYER
 
 from conftest import assert_like_transformers, make_model_dir, reference
 
@@ -109,17 +109,15 @@ def test_direct_io_with_parallel_readers(tmp_path, in_place, io):
 def test_page_cache_tier_only_beside_direct_reads(tmp_path):
     """A fixed set of streamed layers may be read through the page cache while the rest use O_DIRECT; when
     everything streamed fits in the page cache anyway, plain buffered reads are used and the tier is empty."""
-    from layerstream.model import choose_direct_io
-    from layerstream.plan import make_plan
+    from layerstream.plan import choose_io, make_plan
 
     src = make_model_dir(tmp_path / "src", "llama", layers=6)
     m = AutoModel.from_pretrained(src, max_ram=0, store_path=tmp_path / "store", progress=False)
     plan = make_plan(m.store, "cpu", 0)
     layers = [u.name for u in plan.streamed if u.kind == "layer"]
     assert plan.cached == layers          # plenty of free RAM beside a budget of 0
-    assert choose_direct_io("auto", plan) is False and plan.cached == []
-    plan = make_plan(m.store, "cpu", 0)
-    assert choose_direct_io("direct", plan) is True and plan.cached == []
+    assert choose_io("auto", plan) == (False, [])
+    assert choose_io("direct", plan) == (True, [])
 
 
 def test_bf16_store_computed_in_fp32_converts_on_the_loader(tmp_path):
@@ -183,6 +181,7 @@ def test_no_buffer_allocation_per_token_once_warm(tmp_path):
 CORE = set(FAMILIES) | {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3"}   # tested above / test_moe
 
 
+@pytest.mark.slow   # about 2 s a family, 130 families: the fast subset keeps the core matrix above
 @pytest.mark.parametrize("family", [f for f in TESTED_DENSE + TESTED_MOE + TESTED_MOE_WHOLE_LAYER if f not in CORE])
 def test_every_tested_family_streams_like_transformers(tmp_path, family):
     """Every family the README lists: nothing resident (every unit streamed, experts per expert where the

@@ -73,7 +73,7 @@ def test_fp8_checkpoint_runs_as_its_dequantized_weights(tmp_path, max_ram):
 
 def test_other_quantized_checkpoints_are_refused_clearly(tmp_path):
     from layerstream.errors import SourceError
-    from layerstream.split import resolve
+    from layerstream.store import resolve
 
     src = make_model_dir(tmp_path / "gptq", "llama")
     cfg = json.loads((src / "config.json").read_text())

@@ -8,7 +8,7 @@ import torch
 from layerstream import AutoModel, Store
 from layerstream.errors import SourceError
 from layerstream.plan import make_plan
-from layerstream.quantize import dequantize, quantizable, quantize
+from layerstream.quant import dequantize, quantizable, quantize
 
 from conftest import assert_like_transformers, make_moe_dir, reference, run_cli
 
@@ -168,6 +168,7 @@ def test_converted_checkpoint_is_split_not_served_in_place(tmp_path):
     assert Store(tmp_path / "b").verify() == []
 
 
+@pytest.mark.slow
 def test_cli_plan_and_a_store_without_tokenizer(tmp_path):
     src = make_moe_dir(tmp_path / "src", "deepseek_v3")
     store = AutoModel.from_pretrained(src, max_ram=0, store_path=tmp_path / "store", progress=False).store.path
@@ -205,6 +206,7 @@ def test_router_counts_choose_the_resident_experts(tmp_path):
     assert any("router chose" in n for n in plan.notes)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("qtype, compression", [("Q4_1", None), ("Q4_1", "int4"), ("Q8_0", "int8"), ("F32", None)])
 def test_moe_gguf_streams_per_expert(tmp_path, qtype, compression):
     """A Qwen3-MoE GGUF (experts stacked per layer in `ffn_*_exps`, as llama.cpp writes them): each expert's

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from layerstream import AutoModel, Store
-from layerstream.quantize import BLOCK, dequantize, quantizable, quantize
+from layerstream.quant import BLOCK, Int4PackedLinear, dequantize, quantizable, quantize
 
 from conftest import make_model_dir, run_cli
 
@@ -40,7 +40,7 @@ def test_round_trip_error_beats_min_max_blocks(kind):
 
 def test_quantizing_in_chunks_changes_nothing(monkeypatch):
     """Rows are quantized a chunk at a time (cache-sized): the result is the same as all at once."""
-    import layerstream.quantize as q
+    import layerstream.quant.blocks as q
 
     torch.manual_seed(1)
     w = torch.randn(40, 128)
@@ -74,9 +74,10 @@ def test_quantized_store_matches_transformers_on_the_same_weights(tmp_path, kind
         ref.generate(ids, max_new_tokens=10, do_sample=False).tolist()
 
 
+@pytest.mark.slow
 def test_embedded_int4_is_lossless_and_small(tmp_path, smol_reference):
     """The embedded GGUF's Q4_1 blocks are kept as they are: the same tokens as the float model."""
-    r = run_cli("split", "--quantize", "int4", __import__("layerstream.split", fromlist=["x"]).embedded_model(),
+    r = run_cli("split", "--quantize", "int4", __import__("layerstream.sources", fromlist=["x"]).embedded_model(),
                 tmp_path / "int4")
     assert r.returncode == 0, r.stderr
     s = Store(tmp_path / "int4")
@@ -111,7 +112,7 @@ def test_resident_int4_computes_on_packed_weights_in_bf16(tmp_path):
     streamed = AutoModel.from_pretrained(src, compression="int4", max_ram=0, store_path=store, progress=False)
     dense = sum(streamed.plan.dequant_bytes.get(u.name, u.bytes) for u in Store(store).manifest.units)
     m = AutoModel.from_pretrained(store, max_ram=dense - 1, progress=False)   # packed fits, floats do not
-    packed = [n for n, mod in m.model.named_modules() if hasattr(mod, "_ls_packed")]
+    packed = [n for n, mod in m.model.named_modules() if isinstance(mod, Int4PackedLinear)]
     assert packed, m.plan.describe()
     ids = torch.tensor([[1, 7, 3, 99, 45, 12, 8, 64]])
     with torch.no_grad():
@@ -122,6 +123,7 @@ def test_resident_int4_computes_on_packed_weights_in_bf16(tmp_path):
     assert (m(ids).logits.argmax(-1) == want.argmax(-1)).float().mean() >= 0.85
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("max_ram", [0, None])
 def test_gguf_k_quants_kept_exactly(tmp_path, max_ram):
     """A GGUF in Q4_K_M's mix (Q4_K, Q6_K, and Q8_0 where llama.cpp falls back to it) and Q4_0, Q5_0, Q5_1,
@@ -154,8 +156,9 @@ def test_ggml_block_dequantization_is_gguf_pys(kind):
     import gguf
     import numpy as np
 
+    from layerstream.quant import dequantize_ggml
+
     from gguf_tiny import random_blocks
-    from layerstream.quantize import dequantize_ggml
 
     qtype = kind.upper()
     per = gguf.GGML_QUANT_SIZES[getattr(gguf.GGMLQuantizationType, qtype)][0]
@@ -165,17 +168,18 @@ def test_ggml_block_dequantization_is_gguf_pys(kind):
     assert got.shape == want.shape and torch.equal(got, torch.from_numpy(want))
 
 
+@pytest.mark.slow
 def test_gguf_too_big_as_floats_says_how_to_keep_its_blocks(tmp_path):
     """On a disk with room for the GGUF's blocks but not for its float32 weights, the split refuses before
     writing and names the option that keeps the blocks; with that option it fits (the estimate counts the
     blocks' own bytes)."""
     import subprocess
 
+    from layerstream.errors import DiskSpaceError
+    from layerstream.store import split
+
     from gguf_tiny import make_llama_gguf
     from test_store import _tmpfs
-
-    from layerstream.errors import DiskSpaceError
-    from layerstream.split import split
 
     g = make_llama_gguf(tmp_path / "tiny-k.gguf")
     disk = tmp_path / "disk"

@@ -13,9 +13,9 @@ import torch
 
 from layerstream import AutoModel, Store
 from layerstream.errors import DiskSpaceError, SourceError, StoreError, UnsupportedModelError
-from layerstream.split import PROGRESS, split
+from layerstream.store import PROGRESS, split
 
-from conftest import ROOT, make_model_dir, run_cli
+from conftest import ROOT, make_model_dir, make_tiny_dir, run_cli
 
 
 @pytest.fixture
@@ -44,11 +44,12 @@ def test_split_layout_and_manifest(small_src, tmp_path):
     assert (out / "manifest.json").stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
 def test_killed_split_resumes_to_the_same_store(tmp_path):
     src = make_model_dir(tmp_path / "src", "llama", layers=40, seed=3)
     ref = split(src, tmp_path / "ref", progress=False)
     out = tmp_path / "killed"
-    code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from layerstream.split import split; " \
+    code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from layerstream.store import split; " \
            f"split({str(src)!r}, {str(out)!r}, progress=False)"
     proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -60,8 +61,8 @@ def test_killed_split_resumes_to_the_same_store(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "manifest.json").exists(), "killed too late: the split had finished"
-    done_before = {json.loads(l)["name"]: (out / json.loads(l)["file"]).stat().st_mtime_ns
-                   for l in (out / PROGRESS).read_text().splitlines() if l.endswith("}")}
+    done_before = {json.loads(line)["name"]: (out / json.loads(line)["file"]).stat().st_mtime_ns
+                   for line in (out / PROGRESS).read_text().splitlines() if line.endswith("}")}
     assert 5 <= len(done_before) < 42
     with pytest.raises(StoreError):
         Store(out)  # no manifest: not usable until finished
@@ -133,11 +134,10 @@ def test_bad_sources_get_clear_errors(tmp_path):
 
 
 def test_unsupported_architecture_is_named(tmp_path):
-    from transformers import AutoModelForCausalLM, BertConfig
+    from transformers import BertConfig
 
-    m = AutoModelForCausalLM.from_config(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                                    intermediate_size=37, vocab_size=64, is_decoder=True))
-    m.save_pretrained(tmp_path / "bert")
+    make_tiny_dir(tmp_path / "bert", BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                intermediate_size=37, vocab_size=64, is_decoder=True))
     with pytest.raises(UnsupportedModelError, match="BertLMHeadModel.*not among the"):
         split(tmp_path / "bert", tmp_path / "out", progress=False)
 
@@ -169,7 +169,7 @@ def test_disk_full_refused_before_writing_and_during_split(small_src, tmp_path):
         out = full / "store"
         assert not (out / "manifest.json").exists()
         assert not list(out.glob("units/.*.tmp"))
-        recorded = [json.loads(l) for l in (out / PROGRESS).read_text().splitlines()]
+        recorded = [json.loads(line) for line in (out / PROGRESS).read_text().splitlines()]
         for rec in recorded:  # every unit marked done is whole
             assert (out / rec["file"]).stat().st_size == rec["bytes"]
         assert len(recorded) < len(Store(ref).manifest.units)
@@ -180,6 +180,7 @@ def test_disk_full_refused_before_writing_and_during_split(small_src, tmp_path):
         subprocess.run(["umount", str(full)])
 
 
+@pytest.mark.slow
 def test_hub_id_goes_through_the_hub_cache(tmp_path):
     """The real hub code path (huggingface_hub.snapshot_download), served from a local hub cache."""
     cache = tmp_path / "hub"
@@ -195,8 +196,10 @@ def test_hub_id_goes_through_the_hub_cache(tmp_path):
     assert r.returncode == 1 and "cannot download" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_in_place_store_has_no_copy_and_matches_split(small_src, tmp_path):
-    from layerstream.split import index_in_place, open_source
+    from layerstream.sources import open_source
+    from layerstream.store import index_in_place
 
     out = index_in_place(open_source(small_src), tmp_path / "inplace", progress=False)
     assert not (out / "units").exists()
@@ -213,7 +216,8 @@ def test_in_place_store_has_no_copy_and_matches_split(small_src, tmp_path):
 
 
 def test_in_place_source_changes_are_detected(small_src, tmp_path):
-    from layerstream.split import index_in_place, open_source
+    from layerstream.sources import open_source
+    from layerstream.store import index_in_place
 
     out = index_in_place(open_source(small_src), tmp_path / "inplace", progress=False)
     shard = small_src / "model.safetensors"
@@ -257,7 +261,7 @@ def test_store_vanishing_mid_run_is_a_clear_error(small_src, tmp_path):
 
 def test_default_stores_are_kept_apart_by_dtype(tmp_path, monkeypatch):
     """A bf16 store made once must not become what a later default (float) load gets, and back."""
-    from layerstream.split import resolve
+    from layerstream.store import resolve
 
     monkeypatch.setenv("LAYERSTREAM_CACHE", str(tmp_path / "cache"))
     src = make_model_dir(tmp_path / "src", "llama")

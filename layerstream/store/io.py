@@ -78,14 +78,18 @@ def read_header(path: Path) -> tuple[list[TensorSlot], int]:
                          f"run `layerstream verify` on the store or split it again") from None
     base = 8 + n
     slots, end = [], base
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        b, e = info["data_offsets"]
-        if info["dtype"] not in DTYPES:
-            raise StoreError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        slots.append(TensorSlot(name, DTYPES[info["dtype"]], tuple(info["shape"]), base + b, base + e))
-        end = max(end, base + e)
+    try:
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            b, e = info["data_offsets"]
+            if info["dtype"] not in DTYPES:
+                raise StoreError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+            slots.append(TensorSlot(name, DTYPES[info["dtype"]], tuple(info["shape"]), base + int(b), base + int(e)))
+            end = max(end, base + int(e))
+    except (AttributeError, KeyError, TypeError, ValueError) as e:   # valid JSON, not a safetensors header
+        raise StoreError(f"{path}: not a readable safetensors unit file (malformed header: {type(e).__name__} "
+                         f"{e}); run `layerstream verify` on the store or split it again") from None
     return slots, end
 
 
