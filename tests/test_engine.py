@@ -179,6 +179,9 @@ def test_int4_draft_gives_plain_greedy_tokens_in_fewer_sweeps(tmp_path):
     assert s["drafted"] > 0 and s["sweeps"] < s["new_tokens"] and s["tokens_per_sweep"] > 1
     assert s["accepted"] == s["new_tokens"] - s["sweeps"] and s["accepted"] <= s["drafted"]
     assert max(m.profiler.sweep_tokens[1:]) > 1   # a sweep verified several drafted tokens at once
+    # opened from its store, the int4 draft is still made from the checkpoint the store came from
+    from_store = AutoModel.from_pretrained(tmp_path / "store", max_ram=0, progress=False, draft="int4")
+    assert from_store.draft.store.manifest.quantization == "int4"
 
 
 def test_prompt_lookup_verifies_copied_tokens_in_one_sweep(tiny):

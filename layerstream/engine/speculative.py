@@ -22,6 +22,7 @@ def open_draft(source, draft: str, options):
 
     kind = str(draft).lower()
     if kind in ("int4", "4bit"):
+        source = _int4_source(source)
         opts = options.replace(compression="int4", dtype="bfloat16" if options.device == "cpu" else options.dtype,
                                store_path=None, in_place=None, max_ram=None, max_gpu_memory=None, draft=None)
         log(f"opening the int4 draft of {source or 'the embedded model'}")
@@ -37,6 +38,25 @@ def open_draft(source, draft: str, options):
     m.model.generation_config.num_assistant_tokens = DRAFT_TOKENS
     m.model.generation_config.num_assistant_tokens_schedule = "heuristic"
     return m
+
+
+def _int4_source(source):
+    """What an int4 draft is made from: the source itself, or, for a store, the checkpoint it was made from
+    (a store is what it is: asking it for int4 would open its own weights)."""
+    from pathlib import Path
+
+    from ..store import Store
+
+    if source is None or not Store.is_store(source):
+        return source
+    m = Store(source).manifest
+    if m.quantization == "int4":
+        return source
+    origin = (m.source or {}).get("path")
+    if origin and Path(origin).exists():
+        return origin
+    raise InputError(f"{source} is a store of {m.dtype} weights whose source ({origin or 'unknown'}) is not here: an "
+                     f"int4 draft is made from the source; pass the source, or draft=PATH to an int4 store")
 
 
 def draft_bytes(draft) -> int:
