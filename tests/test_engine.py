@@ -40,7 +40,7 @@ def test_requests_join_and_leave_sharing_sweeps(tiny):
     """Six requests, three slots: a finished request leaves and a waiting one joins at the next step; every
     request gets exactly generate's greedy tokens, and each step is one sweep for all the rows in it."""
     src, m, want = tiny
-    eng = Engine(m, max_batch=3)
+    eng = Engine(m, max_batch=3, prefix_cache=0)
     m.profiler.reset()
     out = eng.generate(PROMPTS, [SamplingParams(max_tokens=n) for n in LIMITS])
     assert [c.token_ids for c in out] == want
@@ -72,6 +72,81 @@ def test_requests_wait_while_the_kv_budget_is_full(tiny):
     assert roomy.stats["max_batch_seen"] == 4 and roomy.stats["kv_peak_tokens"] * per > one
     with pytest.raises(InputError, match="KV budget"):
         eng.submit(list(range(1, 100)), SamplingParams(max_tokens=100))
+
+
+SYSTEM = [1] + list(range(40, 70))    # a 31-token "system prompt" shared by the prompts below
+
+
+def greedy(m, prompt, n):
+    return m.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)[0, len(prompt):].tolist()
+
+
+def test_prefix_cache_reuses_a_shared_prompt_prefix(tiny):
+    """Requests that share a system prompt with a finished one borrow its cache columns: they compute only
+    their own tokens, and every request still gets generate's greedy tokens."""
+    src, m, want = tiny
+    prompts = [SYSTEM + [5, 6, 7], SYSTEM + [8, 9], SYSTEM + [10, 11, 12, 13], SYSTEM + [5, 6, 7]]
+    expect = [greedy(m, p, 6) for p in prompts]
+    eng = Engine(m, max_batch=4)
+    assert eng.prefix_budget > 0
+    first = eng.generate(prompts[:1], SamplingParams(max_tokens=6))
+    assert first[0].token_ids == expect[0] and eng.stats["prefill_tokens"] == len(prompts[0])
+    assert eng.entries   # the finished request stays in the prefix cache
+    rest = eng.generate(prompts[1:], SamplingParams(max_tokens=6))
+    assert [c.token_ids for c in rest] == expect[1:]
+    # the three later prompts computed only what follows the shared part (the repeated one: its last token)
+    assert eng.stats["prefix_hit_tokens"] == len(SYSTEM) * 2 + len(prompts[3]) - 1
+    assert eng.stats["prefill_tokens"] == len(prompts[0]) + 2 + 4 + 1
+    off = Engine(m, max_batch=4, prefix_cache=0)
+    assert [c.token_ids for c in off.generate(prompts, SamplingParams(max_tokens=6))] == expect
+    assert off.stats["prefill_tokens"] == sum(map(len, prompts)) and off.stats["prefix_hit_tokens"] == 0
+
+
+def test_simultaneous_requests_with_one_prefix_compute_it_once(tiny):
+    """Eight requests that arrive together with the same system prompt: the first computes it, the others wait
+    one step and borrow it."""
+    src, m, want = tiny
+    prompts = [SYSTEM + [10 + i, 20 + i] for i in range(8)]
+    expect = [greedy(m, p, 4) for p in prompts]
+    eng = Engine(m, max_batch=8)
+    out = eng.generate(prompts, SamplingParams(max_tokens=4))
+    assert [c.token_ids for c in out] == expect
+    assert eng.stats["prefill_tokens"] == len(prompts[0]) + 7 * 2
+    assert eng.stats["max_batch_seen"] == 8
+
+
+def test_a_later_chat_turn_borrows_the_earlier_turn_and_its_reply(tiny):
+    """A follow-up whose prompt is the earlier prompt, the reply and more borrows both (a chain of borrowings),
+    and stays correct after the first entry is evicted."""
+    src, m, want = tiny
+    eng = Engine(m, max_batch=2)
+    p1 = SYSTEM + [5, 6, 7]
+    r1 = eng.generate([p1], SamplingParams(max_tokens=5))[0].token_ids
+    p2 = p1 + r1 + [90, 91, 92]
+    r2 = eng.generate([p2], SamplingParams(max_tokens=5))[0]
+    assert r2.token_ids == greedy(m, p2, 5)
+    assert eng.stats["prefill_tokens"] == len(p1) + 3 + 1   # the first reply's last token was never fed back
+    p3 = p2 + r2.token_ids + [93, 94]
+    first = next(iter(eng.entries))
+    eng._release(eng.entries.pop(first))   # evict the first turn: the second still holds the columns it lent
+    r3 = eng.generate([p3], SamplingParams(max_tokens=5))[0]
+    assert r3.token_ids == greedy(m, p3, 5)
+
+
+def test_the_prefix_cache_stays_within_its_budget(tiny):
+    """Finished requests are kept least recently used first while they fit the prefix budget; older ones are
+    evicted, results stay exact."""
+    src, m, want = tiny
+    per = Engine(m).kv_per_token
+    eng = Engine(m, max_batch=2, prefix_cache=60 * per)
+    prompts = [[1] + list(range(20 + 20 * i, 40 + 20 * i)) for i in range(5)]
+    for p in prompts:
+        assert eng.generate([p], SamplingParams(max_tokens=4))[0].token_ids == greedy(m, p, 4)
+        assert eng._cached_bytes() <= 60 * per
+    assert 1 <= len(eng.entries) <= 2
+    again = eng.generate([prompts[-1][:-1] + [7]], SamplingParams(max_tokens=4))[0]
+    assert again.token_ids == greedy(m, prompts[-1][:-1] + [7], 4)
+    assert eng.stats["prefix_hit_tokens"] == len(prompts[-1]) - 1
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(tiny):

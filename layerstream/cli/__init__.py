@@ -13,6 +13,7 @@ from .batch import batch_args, cmd_batch
 from .common import gen_args, model_args
 from .generate import cmd_chat, cmd_run
 from .plan import cmd_plan
+from .serve import cmd_serve, serve_args
 from .store import cmd_info, cmd_split, cmd_verify
 
 
@@ -31,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("batch", help="run a JSONL file of requests (OpenAI batch format); resumable")
     batch_args(b)
     model_args(b)
+    sv = sub.add_parser("serve", help="an OpenAI-compatible server (and a chat page) on 127.0.0.1")
+    serve_args(sv)
+    model_args(sv)
     s = sub.add_parser("split", help="split a model into a layer store")
     s.add_argument("source")
     s.add_argument("out")
@@ -61,7 +65,7 @@ def main(argv=None) -> int:
 
     try:
         return {"run": cmd_run, "chat": cmd_chat, "split": cmd_split, "info": cmd_info, "verify": cmd_verify,
-                "plan": cmd_plan, "batch": cmd_batch}[a.cmd](a)
+                "plan": cmd_plan, "batch": cmd_batch, "serve": cmd_serve}[a.cmd](a)
     except LayerstreamError as e:
         print(f"layerstream: error: {e}", file=sys.stderr, flush=True)
         return 1

@@ -161,18 +161,33 @@ def envelope(raw: bytes, req: dict) -> dict:
     return obj
 
 
-def success(req: dict, c, created: int) -> dict:
-    d, chat = req["digest"], req["kind"] == "chat"
+def completion_body(kind: str, rid: str, model: str, created: int, c) -> dict:
+    """An OpenAI chat.completion or text_completion object for a finished `Completion`."""
+    chat = kind == "chat"
     choice = {"index": 0}
     if chat:
         choice["message"] = {"role": "assistant", "content": c.text}
     else:
         choice["text"] = c.text
     choice.update(logprobs=None, finish_reason=c.finish_reason)
-    body = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{d}", "object": "chat.completion" if chat else "text_completion",
-            "created": created, "model": req["model"], "choices": [choice],
-            "usage": {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-                      "total_tokens": c.prompt_tokens + c.completion_tokens}}
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+            "model": model, "choices": [choice], "usage": usage(c.prompt_tokens, c.completion_tokens)}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def error_body(message: str, code: str | None, param: str | None = None,
+               type: str = "invalid_request_error") -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def success(req: dict, c, created: int) -> dict:
+    d = req["digest"]
+    body = completion_body(req["kind"], f"{'chatcmpl' if req['kind'] == 'chat' else 'cmpl'}-{d}", req["model"],
+                           created, c)
     return {"id": f"batch_req_{d}", "custom_id": req["custom_id"],
             "response": {"status_code": 200, "request_id": f"req_{d}", "body": body}, "error": None}
 
@@ -182,7 +197,6 @@ def failure(req: dict, e: BadLine) -> dict:
     response = None
     if e.status is not None:
         response = {"status_code": e.status, "request_id": f"req_{d}",
-                    "body": {"error": {"message": e.message, "type": "invalid_request_error", "param": e.param,
-                                       "code": e.code}}}
+                    "body": error_body(e.message, e.code, e.param)}
     return {"id": f"batch_req_{d}", "custom_id": req["custom_id"], "response": response,
             "error": {"code": e.code, "message": e.message}}

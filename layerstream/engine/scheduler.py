@@ -26,13 +26,16 @@ import itertools
 import queue
 import threading
 import time
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import InputError
-from ..plan.planner import kv_bytes_per_token
+from ..plan.planner import PREFIX_SHARE, kv_bytes_per_token
 from .step import eos_ids, forward, new_cache, sample
+
+MIN_SHARE = 8       # shortest prefix worth borrowing from the prefix cache (tokens)
 
 
 @dataclass
@@ -91,6 +94,21 @@ class Handle:
         self._done = threading.Event()
         self.completion: Completion | None = None
         self.error: BaseException | None = None
+        self.notify = None            # called (on the engine's thread) after each delta: servers wake on it
+
+    def _put(self, item) -> None:
+        self._q.put(item)
+        if self.notify is not None:
+            self.notify()
+
+    def drain(self) -> list:
+        """The deltas (or an error) that came since the last call, without waiting."""
+        items = []
+        while True:
+            try:
+                items.append(self._q.get_nowait())
+            except queue.Empty:
+                return items
 
     def stream(self, timeout: float | None = None):
         """Deltas until the request finishes (the last one has a finish_reason)."""
@@ -119,6 +137,8 @@ class _Seq:
         self.id, self.slot, self.prompt, self.params, self.handle = rid, slot, prompt, params, handle
         self.tokens: list[int] = []
         self.real = 0                 # real (unmasked) tokens of this row in the cache: its next position
+        self.shared = 0               # leading positions borrowed from the prefix cache (not computed here)
+        self.segs: list[tuple[int, int, int]] = []   # (slot, lo, hi): positions lo..hi-1 live in slot's columns
         self.gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         self.tok = tokenizer
         self.sent = 0                 # characters of text already handed out
@@ -128,11 +148,26 @@ class _Seq:
     def text(self) -> str:
         return self.tok.decode(self.tokens, skip_special_tokens=True) if self.tok is not None else ""
 
+    def cached_ids(self) -> list[int]:
+        """The token ids whose keys and values the cache holds for this sequence (positions 0..real-1)."""
+        return (self.prompt + self.tokens)[:self.real]
+
+
+class _Entry:
+    """A finished sequence whose cache columns stay for later requests with the same prefix."""
+
+    def __init__(self, s: _Seq):
+        self.slot, self.segs, self.shared, self.real = s.slot, s.segs, s.shared, s.real
+        self.ids = s.cached_ids()
+
+    def cached_ids(self) -> list[int]:
+        return self.ids
+
 
 class Engine:
     """A continuous-batching scheduler over a `StreamedModel` (see the module's docstring)."""
 
-    def __init__(self, model, max_batch: int = 8, kv_budget: int | None = None):
+    def __init__(self, model, max_batch: int = 8, kv_budget: int | None = None, prefix_cache: int | None = None):
         if max_batch < 1:
             raise InputError(f"max_batch must be at least 1, got {max_batch}")
         self.model, self.max_batch = model, max_batch
@@ -142,6 +177,12 @@ class Engine:
         self.kv_budget = kv_budget if kv_budget is not None else model.plan.kv_budget
         self.context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         self.batched = batchable(model)
+        # the prefix cache: bytes of finished requests' KV kept for reuse (the plan's share of the KV budget)
+        if prefix_cache is None:
+            prefix_cache = self.kv_budget // PREFIX_SHARE if self.kv_budget is not None else 0
+        self.prefix_budget = prefix_cache if self.batched else 0
+        self.entries: OrderedDict[int, _Entry] = OrderedDict()   # least recently used first
+        self.refs: Counter = Counter()   # slot -> sequences and entries that read some of its columns
         self.waiting: list[_Seq] = []
         self.active: list[_Seq] = []
         self.cache = None
@@ -154,7 +195,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop = False
         self.stats = {"steps": 0, "tokens": 0, "prefill_tokens": 0, "max_batch_seen": 0, "seconds": 0.0,
-                      "kv_peak_tokens": 0}
+                      "kv_peak_tokens": 0, "bytes_read": 0, "prefix_hit_tokens": 0}
 
     # -- submitting
     def submit(self, prompt_ids, params: SamplingParams | None = None, request_id: str | None = None) -> Handle:
@@ -233,11 +274,16 @@ class Engine:
     def _fail_all(self, err: BaseException):
         with self.lock:
             seqs, self.active, self.waiting = self.active + self.waiting, [], []
-        self.cache = self.owner = self.pos = None
+        self._reset_cache()
         for s in seqs:
             s.handle.error = err
-            s.handle._q.put(err)
             s.handle._done.set()
+            s.handle._put(err)
+
+    def _reset_cache(self):
+        self.cache = self.owner = self.pos = None
+        self.entries.clear()
+        self.refs.clear()
 
     def step(self) -> list[Delta]:
         """One sweep over every active sequence (joining ones prefill in it). Returns the deltas it made."""
@@ -252,7 +298,11 @@ class Engine:
         if not self.active and not joining:
             return deltas
         rows = self.active + joining
+        prof = getattr(self.model, "profiler", None)
+        before = prof.bytes_read if prof is not None else 0
         logits = self._sweep(joining)
+        if prof is not None:
+            self.stats["bytes_read"] += max(prof.bytes_read - before, 0)
         self.stats["steps"] += 1
         self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(rows))
         done = []
@@ -265,7 +315,7 @@ class Engine:
             if d.finish_reason:
                 done.append(s)
             else:
-                s.handle._q.put(d)
+                s.handle._put(d)
         self._drop(done)
         self.stats["seconds"] += time.perf_counter() - t0
         return deltas
@@ -273,41 +323,125 @@ class Engine:
     # -- internals
     def _admit(self) -> list[_Seq]:
         """Waiting requests that join this step: while a slot is free and their KV cache fits (FIFO: a request
-        that does not fit waits, and so do the ones behind it, so no request starves)."""
+        that does not fit waits, and so do the ones behind it, so no request starves). A request that shares a
+        prefix with the prefix cache or a running sequence borrows those columns; one that shares more with a
+        request joining in this very step waits one step, to borrow from it instead of computing it again."""
         joining = []
         if not self.batched and (self.active or not self.waiting):
             return joining
         while self.waiting and len(self.active) + len(joining) < (self.max_batch if self.batched else 1):
             s = self.waiting[0]
+            src, m = self._best_prefix(s.prompt, list(self.entries.values()) + self.active)
+            if joining and self.prefix_budget and self._best_prefix(s.prompt, joining, done=False)[1] >= m + MIN_SHARE:
+                break
+            self._borrow(s, src, m)
+            if self.kv_budget is not None and self._kv_after(joining + [s]) > self.kv_budget and self.entries:
+                while self._kv_after(joining + [s]) > self.kv_budget and self._evict():
+                    self._compact(force=True)
             if self.kv_budget is not None and self._kv_after(joining + [s]) > self.kv_budget and \
                     (self.active or joining):
+                self._unborrow(s)
                 break
             joining.append(self.waiting.pop(0))
+            self.stats["prefix_hit_tokens"] += s.shared
         return joining
 
+    def _best_prefix(self, prompt: list[int], sources, done: bool = True):
+        """The source (entry or sequence) whose cached ids share the longest prefix with `prompt`, and that
+        length (at most len(prompt) - 1: the last prompt token is computed, for its logits); (None, 0) below
+        MIN_SHARE or with the prefix cache off. `done=False`: the sources' prompts (not yet in the cache)."""
+        best, m = None, 0
+        if not self.prefix_budget:
+            return best, m
+        for src in sources:
+            ids = src.cached_ids() if done else src.prompt
+            n = min(len(ids), len(prompt) - 1)
+            k = 0
+            while k < n and ids[k] == prompt[k]:
+                k += 1
+            if k > m:
+                best, m = src, k
+        return (best, m) if m >= MIN_SHARE else (None, 0)
+
+    def _borrow(self, s: _Seq, src, m: int) -> None:
+        """Let `s` read positions 0..m-1 from `src`'s columns (and those it borrowed itself)."""
+        if src is None:
+            return
+        segs = [(slot, lo, min(hi, m)) for slot, lo, hi in src.segs if lo < m]
+        if m > src.shared:
+            segs.append((src.slot, src.shared, m))
+        s.segs, s.shared, s.real = segs, m, m
+        for slot, _, _ in segs:
+            self.refs[slot] += 1
+        if isinstance(src, _Entry):
+            self.entries.move_to_end(src.slot)
+
+    def _unborrow(self, s: _Seq) -> None:
+        for slot, _, _ in s.segs:
+            self.refs[slot] -= 1
+        s.segs, s.shared, s.real = [], 0, 0
+
+    def _evict(self) -> bool:
+        """Drop the least recently used entry that no running sequence reads; False when there is none."""
+        for slot in self.entries:
+            if not self.refs[slot]:
+                self._release(self.entries.pop(slot))
+                return True
+        return False
+
+    def _release(self, holder) -> None:
+        """A finished sequence or an evicted entry lets go of its columns and of those it borrowed; columns
+        nobody holds any more are masked (and dropped at the next compaction)."""
+        running = {s.slot for s in self.active}
+
+        def held(slot):
+            return self.refs[slot] > 0 or slot in self.entries or slot in running
+
+        gone = []
+        for slot, _, _ in holder.segs:
+            self.refs[slot] -= 1
+            if not held(slot):
+                gone.append(slot)
+        if not held(holder.slot):
+            gone.append(holder.slot)
+        for slot in gone:
+            self.refs.pop(slot, None)
+        if gone and self.owner is not None:
+            self.owner = torch.where(torch.isin(self.owner, torch.tensor(gone)), -1, self.owner)
+
     def _kv_after(self, joining) -> int:
-        """Bytes the cache would reach if `joining` joined now and every row ran to its token limit (the columns
-        of finished sequences not yet dropped included)."""
-        dead = int((self.owner < 0).sum()) if self.owner is not None else 0
+        """Bytes the cache would reach if `joining` joined now and every row ran to its token limit (the prefix
+        cache's columns and those of finished sequences not yet dropped included)."""
         rows = self.active + joining
-        return (dead + sum(len(s.prompt) + s.params.max_tokens for s in rows)) * self.kv_per_token
+        mine = torch.tensor([s.slot for s in rows], dtype=torch.long)
+        other = int(((self.owner >= 0) & ~torch.isin(self.owner, mine)).sum()) if self.owner is not None else 0
+        dead = int((self.owner < 0).sum()) if self.owner is not None else 0
+        return (dead + other + sum(len(s.prompt) - s.shared + s.params.max_tokens for s in rows)) * self.kv_per_token
 
     def _sweep(self, joining: list[_Seq]) -> torch.Tensor:
         """One forward over the packed new tokens of every row; the logits of each row's last token [rows, vocab]."""
         rows = self.active + joining
-        news = [[s.tokens[-1]] for s in self.active] + [s.prompt for s in joining]
+        news = [[s.tokens[-1]] for s in self.active] + [s.prompt[s.shared:] for s in joining]
         ids = torch.tensor([t for n in news for t in n]).unsqueeze(0)
         qowner = torch.cat([torch.full((len(n),), s.slot) for s, n in zip(rows, news)])
         qpos = torch.cat([torch.arange(s.real, s.real + len(n)) for s, n in zip(rows, news)])
         for s, n in zip(rows, news):
             s.real += len(n)
         last = torch.tensor([len(n) for n in news]).cumsum(0) - 1
-        self.stats["prefill_tokens"] += sum(len(s.prompt) for s in joining)
+        self.stats["prefill_tokens"] += sum(len(s.prompt) - s.shared for s in joining)
         if self.cache is None:
             self.cache = new_cache(self.model)
             self.owner = self.pos = torch.zeros(0, dtype=torch.long)
         self.owner, self.pos = torch.cat([self.owner, qowner]), torch.cat([self.pos, qpos])
         see = (self.owner[None, :] == qowner[:, None]) & (self.pos[None, :] <= qpos[:, None])   # [new, columns]
+        start = 0
+        for s, n in zip(rows, news):   # borrowed prefixes: positions lo..hi-1 of another slot's columns
+            if s.segs:
+                extra = torch.zeros_like(self.owner, dtype=torch.bool)
+                for slot, lo, hi in s.segs:
+                    extra |= (self.owner == slot) & (self.pos >= lo) & (self.pos < hi)
+                see[start:start + len(n)] |= extra
+            start += len(n)
         if self.eager:
             mask = torch.zeros(see.shape, dtype=self.model.dtype).masked_fill(~see, torch.finfo(self.model.dtype).min)
         else:
@@ -319,17 +453,31 @@ class Engine:
         return logits[0]
 
     def _drop(self, done: list[_Seq]) -> None:
-        """Remove finished rows: their cache columns are masked, and dropped once they are a quarter of it."""
+        """Remove finished rows: their columns become a prefix-cache entry (within its budget) or are masked;
+        masked columns are dropped from the cache once they are a quarter of it."""
         if not done:
             return
         self.active = [s for s in self.active if s not in done]
-        if not self.active:
-            self.cache = self.owner = self.pos = None
+        for s in done:
+            if self.prefix_budget and s.real > s.shared:
+                self.entries[s.slot] = _Entry(s)
+                self.entries.move_to_end(s.slot)
+                for slot, _, _ in s.segs:   # the entry holds what the sequence held
+                    self.refs[slot] += 1
+            self._release(s)
+        while self.entries and self._cached_bytes() > self.prefix_budget and self._evict():
+            pass
+        if not self.active and not self.entries:
+            self._reset_cache()
             return
-        gone = torch.tensor([s.slot for s in done])
-        self.owner = torch.where(torch.isin(self.owner, gone), -1, self.owner)
+        self._compact()
+
+    def _compact(self, force: bool = False) -> None:
+        """Drop masked columns from the cache: when they are a quarter of it, or any with `force`."""
+        if self.owner is None:
+            return
         live = self.owner >= 0
-        if int(live.sum()) < 0.75 * live.numel():
+        if int(live.sum()) < (live.numel() if force else 0.75 * live.numel()):
             cols = live.nonzero().squeeze(1)
             self.owner, self.pos = self.owner[cols], self.pos[cols]
             dcols = cols.to(self.model.device)
@@ -337,6 +485,13 @@ class Engine:
                 if getattr(layer, "keys", None) is not None and layer.is_initialized and layer.keys.numel():
                     layer.keys = layer.keys.index_select(-2, dcols)
                     layer.values = layer.values.index_select(-2, dcols)
+
+    def _cached_bytes(self) -> int:
+        """Bytes of live columns that no running sequence owns (the prefix cache's)."""
+        if self.owner is None:
+            return 0
+        mine = torch.tensor([s.slot for s in self.active], dtype=torch.long)
+        return int(((self.owner >= 0) & ~torch.isin(self.owner, mine)).sum()) * self.kv_per_token
 
     def _delta(self, s: _Seq, tok: int) -> Delta:
         """The text a new token completes, with stop strings applied; a finish reason when the request ends."""
@@ -365,8 +520,8 @@ class Engine:
         d = Delta(s.id, [tok] if tok is not None else [], text[s.sent:], reason)
         s.handle.completion = Completion(s.id, len(s.prompt), list(s.tokens), text, reason,
                                          time.perf_counter() - s.t0)
-        s.handle._q.put(d)
         s.handle._done.set()
+        s.handle._put(d)
         return d
 
 

@@ -29,6 +29,7 @@ RUNTIME_RESERVE = 512_000_000
 # units and the in-flight buffers; never less than this, which then comes on top of a budget too small for it
 # (as the in-flight buffers do for max_ram=0).
 MIN_KV = 256_000_000
+PREFIX_SHARE = 4                    # the prefix cache may hold up to 1/4 of the KV budget (evicted on demand)
 
 
 @dataclass
@@ -63,6 +64,7 @@ class Plan:
     expert_topk: int = 0
     kv_per_token: int = 0               # bytes of keys and values per token of one sequence, every layer
     kv_budget: int | None = None        # bytes the KV cache of all sequences in flight may take
+    prefix_budget: int = 0              # of which finished requests' KV may keep for reuse (prefix cache)
     _by_name: dict | None = field(default=None, repr=False)
 
     def tier(self, name: str) -> str:
@@ -132,7 +134,9 @@ class Plan:
             tokens = self.kv_budget // self.kv_per_token
             lines.append(f"  KV cache: {fmt_bytes(self.kv_per_token)} per token per sequence; budget "
                          f"{fmt_bytes(self.kv_budget)} ({self.compute_tier}) = {tokens} tokens in flight, e.g. "
-                         f"{max(tokens // 1024, 0)} sequences of 1024 (requests wait while it is full)")
+                         f"{max(tokens // 1024, 0)} sequences of 1024 (requests wait while it is full); "
+                         f"prefix cache up to {fmt_bytes(self.prefix_budget)} "
+                         f"({self.prefix_budget // self.kv_per_token} tokens of finished requests kept for reuse)")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -290,6 +294,7 @@ def _kv(plan: Plan, store: Store) -> None:
     else:
         left = (plan.gpu_budget or 0) - plan.resident("device") - plan.inflight_bytes
     plan.kv_budget = max(left, MIN_KV)
+    plan.prefix_budget = plan.kv_budget // PREFIX_SHARE
 
 
 def _cache_tier(plan: Plan) -> None:

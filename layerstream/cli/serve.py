@@ -1,0 +1,62 @@
+"""`layerstream serve`: the OpenAI-compatible server and chat page (layerstream.server)."""
+
+from __future__ import annotations
+
+from ..utils import log
+from .common import load_model
+
+
+def serve_args(p) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 requests")
+    p.add_argument("--max-concurrency", type=int, default=8,
+                   help="most sequences sharing one sweep (default 8); more requests wait in the queue")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond which new ones get 429 "
+                                                             "(default 64)")
+    p.add_argument("--prefix-cache", default=None, metavar="SIZE",
+                   help="KV memory kept for reuse by later requests with the same prefix (default: a quarter "
+                        "of the KV budget; 0 = off)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients use (default: the model's name)")
+
+
+def cmd_serve(a) -> int:
+    from ..errors import InputError
+
+    if a.max_concurrency < 1:
+        raise InputError(f"--max-concurrency must be positive, got {a.max_concurrency}")
+    if a.max_queue < 0:
+        raise InputError(f"--max-queue must be 0 or more, got {a.max_queue}")
+    if not 0 <= a.port < 65536:
+        raise InputError(f"--port must be in 0..65535, got {a.port}")
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise InputError(f"serve needs fastapi and uvicorn ({e}): pip install 'layerstream[serve]'") from None
+    m = load_model(a)
+    from ..engine.batch import default_model_name
+    from ..engine.scheduler import Engine
+    from ..server import serve
+    from ..utils import fmt_bytes, parse_size
+
+    prefix = None if a.prefix_cache is None else parse_size(a.prefix_cache)
+    engine = Engine(m, max_batch=a.max_concurrency, prefix_cache=prefix)
+    name = a.served_model_name or default_model_name(m)
+    kv = f"KV budget {fmt_bytes(engine.kv_budget)}" if engine.kv_budget is not None else "KV cache unbounded"
+    log(f"engine: up to {a.max_concurrency} sequences per sweep, {kv}, prefix cache "
+        f"{fmt_bytes(engine.prefix_budget) if engine.prefix_budget else 'off'}")
+    if a.host not in ("127.0.0.1", "localhost", "::1"):
+        log(f"warning: binding {a.host}: other machines can reach this server"
+            + ("" if a.api_key else " and it has no --api-key"))
+
+    def ready(url):
+        log(f"serving {name} at {url}/v1 (OpenAI API), chat page at {url}/ ; Ctrl-C stops")
+
+    try:
+        serve(engine, name, host=a.host, port=a.port, api_key=a.api_key, max_queue=a.max_queue, ready=ready)
+    finally:
+        engine.stop()
+        m.close()
+    log("stopped")
+    return 0

@@ -1,0 +1,68 @@
+"""`GET /metrics`: the server's counters and the engine's state in Prometheus' text format (prometheus-client)."""
+
+from __future__ import annotations
+
+
+class Metrics:
+    """Request counters and latency histograms of one app, and the engine's own statistics read at scrape time."""
+
+    def __init__(self, engine):
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.engine = engine
+        self.registry = CollectorRegistry()
+        self.requests = Counter("layerstream_requests", "HTTP completion requests by route and status",
+                                ["route", "status"], registry=self.registry)
+        self.prompt_tokens = Counter("layerstream_prompt_tokens", "prompt tokens of finished requests",
+                                     registry=self.registry)
+        self.completion_tokens = Counter("layerstream_completion_tokens", "tokens generated for finished requests",
+                                         registry=self.registry)
+        self.latency = Histogram("layerstream_request_seconds", "time from request to its last token",
+                                 buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=self.registry)
+        self.ttft = Histogram("layerstream_time_to_first_token_seconds", "time from request to its first token",
+                              buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=self.registry)
+        self.registry.register(_EngineCollector(engine))
+
+    def request(self, route: str, status: int) -> None:
+        self.requests.labels(route, str(status)).inc()
+
+    def first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+
+    def finished(self, route: str, c, seconds: float) -> None:
+        self.request(route, 200)
+        self.prompt_tokens.inc(c.prompt_tokens)
+        self.completion_tokens.inc(c.completion_tokens)
+        self.latency.observe(seconds)
+
+    def render(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _EngineCollector:
+    """The engine's statistics (steps, tokens, bytes read, queue) as they are at scrape time."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        e, s = self.engine, self.engine.stats
+        yield GaugeMetricFamily("layerstream_queue_waiting", "requests waiting for a slot", value=len(e.waiting))
+        yield GaugeMetricFamily("layerstream_running", "sequences in the running batch", value=len(e.active))
+        yield CounterMetricFamily("layerstream_sweeps", "forward sweeps over the model", value=s["steps"])
+        yield CounterMetricFamily("layerstream_generated_tokens", "tokens sampled by the engine", value=s["tokens"])
+        yield CounterMetricFamily("layerstream_prefill_tokens", "prompt tokens computed (prefix-cache hits excluded)",
+                                  value=s["prefill_tokens"])
+        yield CounterMetricFamily("layerstream_prefix_cache_hit_tokens", "prompt tokens served from the prefix cache",
+                                  value=s.get("prefix_hit_tokens", 0))
+        yield CounterMetricFamily("layerstream_bytes_read", "weight bytes read from the store", value=s["bytes_read"])
+        yield GaugeMetricFamily("layerstream_tokens_per_second", "tokens generated per second of engine time",
+                                value=s["tokens"] / s["seconds"] if s["seconds"] else 0.0)
+        yield GaugeMetricFamily("layerstream_bytes_read_per_token", "weight bytes read per generated token",
+                                value=s["bytes_read"] / s["tokens"] if s["tokens"] else 0.0)
+        yield GaugeMetricFamily("layerstream_kv_cache_tokens", "columns in the shared KV cache (prefix cache included)",
+                                value=int(e.owner.numel()) if e.owner is not None else 0)
