@@ -55,6 +55,8 @@ def cmd_serve(a) -> int:
 
     try:
         serve(engine, name, host=a.host, port=a.port, api_key=a.api_key, max_queue=a.max_queue, ready=ready)
+    except KeyboardInterrupt:   # uvicorn shut down gracefully on Ctrl-C, then re-raised it: a normal stop
+        pass
     finally:
         engine.stop()
         m.close()

@@ -73,9 +73,13 @@ class OpenAIRequests:
         stop = [] if stop is None else stop
         if not isinstance(stop, (str, list)):
             raise BadLine("invalid_value", f"stop must be a string or a list of strings, got {stop!r}", 400, "stop")
-        for key, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p)):
-            if isinstance(value, bool):
-                raise BadLine("invalid_value", f"{key} must be a number, got {value!r}", 400, key)
+        checks = ((param, max_tokens, isinstance(max_tokens, int) and max_tokens > 0, "a positive integer"),
+                  ("temperature", temperature, isinstance(temperature, (int, float)) and temperature >= 0,
+                   "a number >= 0"),
+                  ("top_p", top_p, isinstance(top_p, (int, float)) and 0 < top_p <= 1, "a number in (0, 1]"))
+        for key, value, ok, what in checks:
+            if not ok or isinstance(value, bool):
+                raise BadLine("invalid_value", f"{key} must be {what}, got {value!r}", 400, key)
         try:
             params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                                     stop=stop)
