@@ -259,6 +259,33 @@ def test_int4_draft_gives_plain_greedy_tokens_in_fewer_sweeps(tmp_path):
     assert from_store.draft.store.manifest.quantization == "int4"
 
 
+def test_the_engine_verifies_int4_drafts_in_its_sweeps(tmp_path):
+    """A model opened with draft="int4" behind the engine: greedy rows get drafted tokens verified in the shared
+    sweep (several tokens per sweep), sampled rows decode as before, and every greedy row gets plain decoding's
+    tokens, alone or two at a time, with stop conditions inside an accepted run honoured."""
+    src = make_model_dir(tmp_path / "src", "llama", layers=4, tie=True)
+    plain = AutoModel.from_pretrained(src, max_ram=0, store_path=tmp_path / "store", progress=False)
+    prompts = [PROMPTS[1], PROMPTS[3], PROMPTS[0]]
+    want = [greedy(plain, p, 20) for p in prompts]
+    m = AutoModel.from_pretrained(src, max_ram=0, store_path=tmp_path / "store", progress=False, draft="int4")
+    alone = Engine(m, max_batch=1)
+    assert alone.draft is m.draft
+    out = alone.generate(prompts, SamplingParams(max_tokens=20))
+    assert [c.token_ids for c in out] == want
+    s = alone.stats
+    assert s["accepted"] > 0 and s["accepted"] <= s["drafted"] and s["steps"] < s["tokens"]
+    two = Engine(m, max_batch=2)
+    out = two.generate(prompts + [PROMPTS[2]], [SamplingParams(max_tokens=20)] * 3 +
+                       [SamplingParams(max_tokens=20, temperature=1.0, seed=3)])
+    assert [c.token_ids for c in out[:3]] == want and len(out[3].token_ids) == 20
+    assert two.stats["accepted"] > 0 and two.stats["max_batch_seen"] == 2
+    short = Engine(m, max_batch=1).generate([prompts[0]], SamplingParams(max_tokens=7))[0]
+    assert short.token_ids == want[0][:7] and short.finish_reason == "length"
+    off = Engine(m, max_batch=1, draft_rows=0)
+    assert [c.token_ids for c in off.generate(prompts, SamplingParams(max_tokens=20))] == want
+    assert off.stats["drafted"] == 0
+
+
 def test_prompt_lookup_verifies_copied_tokens_in_one_sweep(tiny):
     src, m, want = tiny
     ids = torch.tensor([[1, 5, 9, 13, 17, 21, 5, 9, 13, 17, 21, 5, 9, 13]])

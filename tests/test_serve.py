@@ -268,9 +268,10 @@ def test_metrics_in_prometheus_text_format(served):
 
 @pytest.mark.slow
 def test_the_command_starts_serves_and_stops_on_ctrl_c(embedded_store):
-    """`layerstream serve --port 0`: says what it loads, then the URL; answers; Ctrl-C stops it with status 0."""
+    """`layerstream serve --port 0 --draft int4`: says what it loads, then the URL; answers, with drafted tokens
+    verified in its sweeps; Ctrl-C stops it with status 0."""
     p = subprocess.Popen([sys.executable, "-m", "layerstream", "serve", "--model", str(embedded_store),
-                          "--port", "0", "--max-ram", "0", "--threads", "1"],
+                          "--port", "0", "--max-ram", "0", "--threads", "1", "--draft", "int4"],
                          stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
     lines = []
@@ -287,8 +288,10 @@ def test_the_command_starts_serves_and_stops_on_ctrl_c(embedded_store):
         assert url and url.startswith("http://127.0.0.1:"), "".join(lines)
         assert any("ready:" in x for x in lines) and any("KV budget" in x for x in lines)
         r = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0).completions.create(
-            model=client_model(url), prompt="Hello", max_tokens=3)
-        assert r.usage.completion_tokens == 3
+            model=client_model(url), prompt="Hello", max_tokens=12, temperature=0)
+        assert r.usage.completion_tokens == 12
+        assert metric(url, "layerstream_draft_tokens_total") > 0
+        assert metric(url, "layerstream_draft_accepted_tokens_total") > 0
         assert "<title>" in httpx.get(f"{url}/").text
         p.send_signal(signal.SIGINT)
         rest = p.communicate(timeout=60)[1]

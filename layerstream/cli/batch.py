@@ -19,9 +19,6 @@ def cmd_batch(a) -> int:
 
     if a.batch_size < 1:
         raise InputError(f"--batch-size must be positive, got {a.batch_size}")
-    if a.draft:
-        raise InputError("--draft is for run and chat: batch jobs share each sweep among many requests instead "
-                         "(speculative decoding verifies one sequence at a time)")
     # before torch loads (run_batch checks these and more again)
     if not Path(a.input).is_file():
         raise InputError(f"{a.input}: no such input file")

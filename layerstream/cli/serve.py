@@ -46,6 +46,9 @@ def cmd_serve(a) -> int:
     kv = f"KV budget {fmt_bytes(engine.kv_budget)}" if engine.kv_budget is not None else "KV cache unbounded"
     log(f"engine: up to {a.max_concurrency} sequences per sweep, {kv}, prefix cache "
         f"{fmt_bytes(engine.prefix_budget) if engine.prefix_budget else 'off'}")
+    if engine.draft is not None:
+        log(f"speculative decoding: the draft proposes up to {engine.draft_tokens} tokens per greedy request while "
+            f"at most {engine.draft_rows} run; one sweep verifies them")
     if a.host not in ("127.0.0.1", "localhost", "::1"):
         log(f"warning: binding {a.host}: other machines can reach this server"
             + ("" if a.api_key else " and it has no --api-key"))

@@ -144,6 +144,9 @@ class _Seq:
         self.sent = 0                 # characters of text already handed out
         self.t0 = time.perf_counter()
         self.cancelled = False
+        self.dcache = None            # the draft model's own cache of this sequence (speculative decoding)
+        self.dlen = 0                 # positions it holds (a prefix of prompt + tokens)
+        self.drafted: list[int] = []  # this step's drafted tokens, verified in the sweep
 
     def text(self) -> str:
         return self.tok.decode(self.tokens, skip_special_tokens=True) if self.tok is not None else ""
@@ -167,7 +170,8 @@ class _Entry:
 class Engine:
     """A continuous-batching scheduler over a `StreamedModel` (see the module's docstring)."""
 
-    def __init__(self, model, max_batch: int = 8, kv_budget: int | None = None, prefix_cache: int | None = None):
+    def __init__(self, model, max_batch: int = 8, kv_budget: int | None = None, prefix_cache: int | None = None,
+                 draft=None, draft_tokens: int = 4, draft_rows: int = 4):
         if max_batch < 1:
             raise InputError(f"max_batch must be at least 1, got {max_batch}")
         self.model, self.max_batch = model, max_batch
@@ -181,6 +185,10 @@ class Engine:
         if prefix_cache is None:
             prefix_cache = self.kv_budget // PREFIX_SHARE if self.kv_budget is not None else 0
         self.prefix_budget = prefix_cache if self.batched else 0
+        # speculative decoding: a resident draft model (the model's own `draft` unless given) proposes up to
+        # `draft_tokens` tokens for each greedy row while at most `draft_rows` rows run; one sweep verifies them
+        self.draft = (draft if draft is not None else getattr(model, "draft", None)) if self.batched else None
+        self.draft_tokens, self.draft_rows = draft_tokens, draft_rows
         self.entries: OrderedDict[int, _Entry] = OrderedDict()   # least recently used first
         self.refs: Counter = Counter()   # slot -> sequences and entries that read some of its columns
         self.waiting: list[_Seq] = []
@@ -195,7 +203,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop = False
         self.stats = {"steps": 0, "tokens": 0, "prefill_tokens": 0, "max_batch_seen": 0, "seconds": 0.0,
-                      "kv_peak_tokens": 0, "bytes_read": 0, "prefix_hit_tokens": 0}
+                      "kv_peak_tokens": 0, "bytes_read": 0, "prefix_hit_tokens": 0,
+                      "drafted": 0, "accepted": 0}
 
     # -- submitting
     def submit(self, prompt_ids, params: SamplingParams | None = None, request_id: str | None = None) -> Handle:
@@ -298,6 +307,9 @@ class Engine:
         if not self.active and not joining:
             return deltas
         rows = self.active + joining
+        if self.draft is not None and len(rows) <= self.draft_rows:
+            for r in self.active:
+                self._propose(r)
         prof = getattr(self.model, "profiler", None)
         before = prof.bytes_read if prof is not None else 0
         logits = self._sweep(joining)
@@ -305,20 +317,67 @@ class Engine:
             self.stats["bytes_read"] += max(prof.bytes_read - before, 0)
         self.stats["steps"] += 1
         self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(rows))
-        done = []
-        for i, s in enumerate(rows):
-            tok = int(sample(logits[i:i + 1], s.params.temperature, s.params.top_p, s.gen)[0])
-            s.tokens.append(tok)
-            self.stats["tokens"] += 1
-            d = self._delta(s, tok)
-            deltas.append(d)
-            if d.finish_reason:
-                done.append(s)
+        done, at = [], 0
+        for s in rows:
+            if s.drafted:
+                n = len(s.drafted) + 1
+                toks = self._verify(s, logits[at:at + n])
+                at += n
             else:
+                toks = [int(sample(logits[at:at + 1], s.params.temperature, s.params.top_p, s.gen)[0])]
+                at += 1
+            for tok in toks:
+                s.tokens.append(tok)
+                self.stats["tokens"] += 1
+                d = self._delta(s, tok)
+                deltas.append(d)
+                if d.finish_reason:
+                    done.append(s)
+                    break
                 s.handle._put(d)
         self._drop(done)
         self.stats["seconds"] += time.perf_counter() - t0
         return deltas
+
+    def _propose(self, s: _Seq) -> None:
+        """Draft up to `draft_tokens` greedy tokens for a decoding row with the resident draft model."""
+        s.drafted = []
+        k = min(self.draft_tokens, s.params.max_tokens - len(s.tokens) - 1)
+        if s.params.temperature > 0 or k < 1 or s.cancelled:
+            return
+        full = s.prompt + s.tokens     # the cache holds full[:real]; full[real] is the token to feed next
+        if s.dcache is None:
+            s.dcache, s.dlen = new_cache(self.draft), 0
+        feed = full[s.dlen:s.real + 1]
+        for _ in range(k):
+            logits = forward(self.draft, torch.tensor([feed]), s.dcache)
+            s.dlen += len(feed)
+            tok = int(logits[0].argmax())
+            s.drafted.append(tok)
+            if tok in self.eos:
+                break
+            feed = [tok]
+        self.stats["drafted"] += len(s.drafted)
+
+    def _verify(self, s: _Seq, logits: torch.Tensor) -> list[int]:
+        """The tokens a verifying sweep gives a row: the drafted ones the model agrees with, then its own next
+        token. Columns of rejected drafts are masked; the draft's cache is cut back to what stays."""
+        best = logits.argmax(-1).tolist()     # the model's greedy token after the fed token and each draft
+        j = 0
+        while j < len(s.drafted) and s.drafted[j] == best[j]:
+            j += 1
+        self.stats["accepted"] += j
+        rejected = len(s.drafted) - j
+        if rejected:
+            self.owner[(self.owner == s.slot) & (self.pos >= s.real - rejected)] = -1
+            s.real -= rejected
+        keep = s.real     # the draft holds full[:real_before + 1] and the drafts but the last: cut what was rejected
+        if s.dlen > keep:
+            s.dcache.crop(keep - s.dlen)   # a negative count: the tokens to remove
+            s.dlen = keep
+        toks = s.drafted[:j] + [best[j]]
+        s.drafted = []
+        return toks
 
     # -- internals
     def _admit(self) -> list[_Seq]:
@@ -421,13 +480,16 @@ class Engine:
     def _sweep(self, joining: list[_Seq]) -> torch.Tensor:
         """One forward over the packed new tokens of every row; the logits of each row's last token [rows, vocab]."""
         rows = self.active + joining
-        news = [[s.tokens[-1]] for s in self.active] + [s.prompt[s.shared:] for s in joining]
+        news = [[s.tokens[-1]] + s.drafted for s in self.active] + [s.prompt[s.shared:] for s in joining]
         ids = torch.tensor([t for n in news for t in n]).unsqueeze(0)
         qowner = torch.cat([torch.full((len(n),), s.slot) for s, n in zip(rows, news)])
         qpos = torch.cat([torch.arange(s.real, s.real + len(n)) for s, n in zip(rows, news)])
         for s, n in zip(rows, news):
             s.real += len(n)
-        last = torch.tensor([len(n) for n in news]).cumsum(0) - 1
+        ends = torch.tensor([len(n) for n in news]).cumsum(0)
+        # the head computes each row's last token, and every drafted position of a verifying row
+        last = torch.cat([torch.arange(e - len(s.drafted) - 1, e) if s.drafted else e[None] - 1
+                          for s, e in zip(rows, ends)])
         self.stats["prefill_tokens"] += sum(len(s.prompt) - s.shared for s in joining)
         if self.cache is None:
             self.cache = new_cache(self.model)

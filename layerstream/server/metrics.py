@@ -59,6 +59,10 @@ class _EngineCollector:
                                   value=s["prefill_tokens"])
         yield CounterMetricFamily("layerstream_prefix_cache_hit_tokens", "prompt tokens served from the prefix cache",
                                   value=s.get("prefix_hit_tokens", 0))
+        yield CounterMetricFamily("layerstream_draft_tokens", "tokens proposed by the draft model (speculative)",
+                                  value=s.get("drafted", 0))
+        yield CounterMetricFamily("layerstream_draft_accepted_tokens", "drafted tokens the model accepted",
+                                  value=s.get("accepted", 0))
         yield CounterMetricFamily("layerstream_bytes_read", "weight bytes read from the store", value=s["bytes_read"])
         yield GaugeMetricFamily("layerstream_tokens_per_second", "tokens generated per second of engine time",
                                 value=s["tokens"] / s["seconds"] if s["seconds"] else 0.0)
