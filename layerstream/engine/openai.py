@@ -51,13 +51,10 @@ class OpenAIRequests:
             max_tokens, param = body.get("max_tokens"), "max_tokens"
         if not prompt:
             raise BadLine("invalid_value", "the prompt is empty", 400, "messages" if kind == "chat" else "prompt")
-        room = self.context - len(prompt) if self.context else None
+        room = self.context - len(prompt) if self.context else None   # the context's own check: engine.refusal
         if max_tokens is None:
-            max_tokens = 16 if kind == "text" else (min(CHAT_MAX_TOKENS, room) if room is not None else CHAT_MAX_TOKENS)
-        if room is not None and (room < 1 or (isinstance(max_tokens, int) and len(prompt) + max_tokens > self.context)):
-            raise BadLine("context_length_exceeded",
-                          f"this model's context is {self.context} tokens; the prompt has {len(prompt)} and "
-                          f"max_tokens asks for {max_tokens}: shorten the prompt or lower max_tokens", 400, param)
+            max_tokens = 16 if kind == "text" else min(CHAT_MAX_TOKENS, max(room, 1)) if room is not None \
+                else CHAT_MAX_TOKENS
         temperature = body.get("temperature")
         temperature = 1.0 if temperature is None else temperature
         top_p = body.get("top_p")
@@ -85,11 +82,9 @@ class OpenAIRequests:
                                     stop=stop)
         except InputError as e:
             raise BadLine("invalid_value", str(e), 400) from None
-        need = (len(prompt) + params.max_tokens) * self.engine.kv_per_token
-        if self.engine.kv_budget is not None and need > self.engine.kv_budget:
-            raise BadLine("kv_budget_exceeded", f"this request's KV cache ({need} bytes) exceeds the plan's KV "
-                                                f"budget ({self.engine.kv_budget} bytes): lower max_tokens or "
-                                                f"raise --max-ram / --max-gpu-memory", 400, param)
+        why = self.engine.refusal(len(prompt), params.max_tokens)
+        if why is not None:
+            raise BadLine(why[0], why[1], 400, param)
         return prompt, params
 
     def chat_ids(self, messages) -> list[int]:

@@ -212,20 +212,28 @@ class Engine:
         prompt = [int(t) for t in (prompt_ids.tolist() if torch.is_tensor(prompt_ids) else prompt_ids)]
         if not prompt:
             raise InputError("the prompt is empty")
-        if self.context and len(prompt) + params.max_tokens > self.context:
-            raise InputError(f"prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
-                             f"model's context of {self.context} tokens")
-        need = (len(prompt) + params.max_tokens) * self.kv_per_token
-        if self.kv_budget is not None and need > self.kv_budget:
-            raise InputError(f"this request's KV cache ({need} bytes for {len(prompt) + params.max_tokens} tokens) "
-                             f"exceeds the plan's KV budget ({self.kv_budget} bytes): lower max_tokens or raise "
-                             f"max_ram / max_gpu_memory")
+        why = self.refusal(len(prompt), params.max_tokens)
+        if why is not None:
+            raise InputError(why[1])
         rid = request_id or f"req-{next(self._ids)}"
         h = Handle(rid)
         with self.lock:
             self.waiting.append(_Seq(rid, next(self._slots), prompt, params, h, self.tokenizer))
             self.lock.notify_all()
         return h
+
+    def refusal(self, prompt_tokens: int, max_tokens: int) -> tuple[str, str] | None:
+        """Why a request of this size can never run here, as (OpenAI error code, message); None if it can."""
+        if self.context and prompt_tokens + max_tokens > self.context:
+            return "context_length_exceeded", (
+                f"this model's context is {self.context} tokens; the prompt has {prompt_tokens} and max_tokens asks "
+                f"for {max_tokens}: shorten the prompt or lower max_tokens")
+        need = (prompt_tokens + max_tokens) * self.kv_per_token
+        if self.kv_budget is not None and need > self.kv_budget:
+            return "kv_budget_exceeded", (
+                f"this request's KV cache ({need} bytes for {prompt_tokens + max_tokens} tokens) exceeds the plan's "
+                f"KV budget ({self.kv_budget} bytes): lower max_tokens or raise max_ram / max_gpu_memory")
+        return None
 
     def cancel(self, request_id: str) -> None:
         """Stop a request at the next step (a client that went away): its slot is freed."""

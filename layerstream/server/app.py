@@ -12,6 +12,7 @@ import asyncio
 import json
 import secrets
 import time
+from html import escape
 from importlib import resources
 
 from ..engine.openai import BadLine, OpenAIRequests, completion_body, error_body, usage
@@ -49,8 +50,8 @@ def build_app(engine, name: str, api_key: str | None = None, max_queue: int = 64
     def unauthorized(request: Request):
         if api_key is None:
             return None
-        got = request.headers.get("authorization", "")
-        if got.startswith("Bearer ") and secrets.compare_digest(got[7:].strip().encode(), api_key.encode()):
+        scheme, _, got = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and secrets.compare_digest(got.strip().encode(), api_key.encode()):
             return None
         return fail(401, "a wrong or missing API key: send 'Authorization: Bearer KEY' with the key given to "
                          "--api-key", "invalid_api_key", type="authentication_error")
@@ -86,7 +87,11 @@ def build_app(engine, name: str, api_key: str | None = None, max_queue: int = 64
     @app.get("/")
     async def page():
         html = resources.files(__package__).joinpath("chat.html").read_text(encoding="utf-8")
-        return HTMLResponse(html.replace("{{MODEL}}", name))
+        return HTMLResponse(html.replace("{{MODEL}}", escape(name)))
+
+    @app.get("/favicon.ico")
+    async def favicon():
+        return Response(status_code=204)
 
     async def complete(request: Request, kind: str):
         t0 = time.perf_counter()
