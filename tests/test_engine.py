@@ -169,7 +169,7 @@ def test_bad_requests_are_refused(tiny):
             SamplingParams(**bad)
     with pytest.raises(InputError, match="empty"):
         eng.submit([])
-    with pytest.raises(InputError, match="context of 256"):
+    with pytest.raises(InputError, match="context is 256 tokens; the prompt has 250 and max_tokens asks for 10"):
         eng.submit([1] * 250, SamplingParams(max_tokens=10))
 
 

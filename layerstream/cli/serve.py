@@ -16,7 +16,7 @@ def serve_args(p) -> None:
                                                              "(default 64)")
     p.add_argument("--prefix-cache", default=None, metavar="SIZE",
                    help="KV memory kept for reuse by later requests with the same prefix (default: a quarter "
-                        "of the KV budget; 0 = off)")
+                        "of the KV budget, at most 8192 tokens; 0 = off)")
     p.add_argument("--served-model-name", default=None, help="the model id clients use (default: the model's name)")
 
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import InputError
-from ..plan.planner import PREFIX_SHARE, kv_bytes_per_token
+from ..plan.planner import kv_bytes_per_token, prefix_budget
 from .step import eos_ids, forward, new_cache, sample
 
 MIN_SHARE = 8       # shortest prefix worth borrowing from the prefix cache (tokens)
@@ -183,7 +183,7 @@ class Engine:
         self.batched = batchable(model)
         # the prefix cache: bytes of finished requests' KV kept for reuse (the plan's share of the KV budget)
         if prefix_cache is None:
-            prefix_cache = self.kv_budget // PREFIX_SHARE if self.kv_budget is not None else 0
+            prefix_cache = prefix_budget(self.kv_budget, self.kv_per_token) if self.kv_budget is not None else 0
         self.prefix_budget = prefix_cache if self.batched else 0
         # speculative decoding: a resident draft model (the model's own `draft` unless given) proposes up to
         # `draft_tokens` tokens for each greedy row while at most `draft_rows` rows run; one sweep verifies them

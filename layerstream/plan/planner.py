@@ -29,7 +29,8 @@ RUNTIME_RESERVE = 512_000_000
 # units and the in-flight buffers; never less than this, which then comes on top of a budget too small for it
 # (as the in-flight buffers do for max_ram=0).
 MIN_KV = 256_000_000
-PREFIX_SHARE = 4                    # the prefix cache may hold up to 1/4 of the KV budget (evicted on demand)
+PREFIX_SHARE = 4                    # the prefix cache may hold up to 1/4 of the KV budget (evicted on demand) ...
+PREFIX_TOKENS = 8192                # ... and at most this many tokens: every sweep attends over the cached columns
 
 
 @dataclass
@@ -276,6 +277,11 @@ def make_plan(store: Store, device: str = "cpu", max_ram=None, max_gpu_memory=No
     return plan
 
 
+def prefix_budget(kv_budget: int, kv_per_token: int) -> int:
+    """The prefix cache's default share of a KV budget (bytes)."""
+    return min(kv_budget // PREFIX_SHARE, PREFIX_TOKENS * kv_per_token)
+
+
 def kv_bytes_per_token(cfg: dict, itemsize: int) -> int:
     """Keys and values of one token over every layer: 2 x layers x kv heads x head dim x element size."""
     cfg = cfg.get("text_config") or cfg
@@ -294,7 +300,7 @@ def _kv(plan: Plan, store: Store) -> None:
     else:
         left = (plan.gpu_budget or 0) - plan.resident("device") - plan.inflight_bytes
     plan.kv_budget = max(left, MIN_KV)
-    plan.prefix_budget = plan.kv_budget // PREFIX_SHARE
+    plan.prefix_budget = prefix_budget(plan.kv_budget, plan.kv_per_token)
 
 
 def _cache_tier(plan: Plan) -> None:
