@@ -186,6 +186,12 @@ def test_errors_have_openai_shape_and_status(served):
     error(post(url, "/v1/chat/completions", {**good, "stream": "yes"}), 400, param="stream")
     error(post(url, "/v1/chat/completions", {**good, "n": 2}), 400, param="n")
     error(post(url, "/v1/completions", {"model": "smol"}), 400, param="prompt")
+    error(post(url, "/v1/chat/completions", {**good, "model": 123}), 400, param="model")
+    error(post(url, "/v1/chat/completions", {**good, "stop": ""}), 400, param="stop")
+    error(post(url, "/v1/chat/completions", {**good, "stream_options": ""}), 400, param="stream_options")
+    error(httpx.get(f"{url}/v1/chat/completions"), 405, "method_not_allowed")
+    error(httpx.get(f"{url}/v2/nothing"), 404, "not_found")
+    assert post(url, "/v1/chat/completions", {**good, "stream": None, "stream_options": None}).status_code == 200
     e = error(post(url, "/v1/completions", {"model": "smol", "prompt": [1] * 8190, "max_tokens": 100}), 400,
               "context_length_exceeded")
     assert "8192" in e["message"] and "8190" in e["message"] and "100" in e["message"]

@@ -68,8 +68,10 @@ class OpenAIRequests:
             seed = int(req["h"][:15], 16)   # sampled without a seed: one from the line, so reruns agree
         stop = body.get("stop")
         stop = [] if stop is None else stop
-        if not isinstance(stop, (str, list)):
-            raise BadLine("invalid_value", f"stop must be a string or a list of strings, got {stop!r}", 400, "stop")
+        if not (isinstance(stop, str) and stop) and not (isinstance(stop, list) and
+                                                         all(isinstance(x, str) and x for x in stop)):
+            raise BadLine("invalid_value", f"stop must be a non-empty string or a list of them, got {stop!r}", 400,
+                          "stop")
         checks = ((param, max_tokens, isinstance(max_tokens, int) and max_tokens > 0, "a positive integer"),
                   ("temperature", temperature, isinstance(temperature, (int, float)) and temperature >= 0,
                    "a number >= 0"),

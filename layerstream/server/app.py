@@ -28,6 +28,7 @@ def build_app(engine, name: str, api_key: str | None = None, max_queue: int = 64
 
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     tok = engine.tokenizer
     parser = OpenAIRequests(engine, tok, name)
@@ -42,6 +43,12 @@ def build_app(engine, name: str, api_key: str | None = None, max_queue: int = 64
 
     app = FastAPI(title="layerstream", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.engine, app.state.metrics = engine, metrics
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):   # unknown routes, wrong methods
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return JSONResponse(error_body(f"{request.method} {request.url.path}: {exc.detail}", code),
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     def fail(status: int, message: str, code: str | None, param: str | None = None,
              type: str = "invalid_request_error"):
@@ -109,13 +116,18 @@ def build_app(engine, name: str, api_key: str | None = None, max_queue: int = 64
             metrics.request(route, 400)
             return fail(400, "the request body must be a JSON object", "invalid_request")
         want = body.get("model")
+        if want is not None and not isinstance(want, str):
+            metrics.request(route, 400)
+            return fail(400, f"model must be a string, got {want!r}", "invalid_type", "model")
         if want is not None and want != name:
             metrics.request(route, 404)
             return fail(404, f"the model {want!r} does not exist here; this server serves {name!r} "
                              f"(GET /v1/models lists it)", "model_not_found", "model")
-        stream = body.get("stream", False)
-        opts = body.get("stream_options") or {}
-        if not isinstance(stream, bool) or stream is None:
+        stream = body.get("stream")
+        stream = False if stream is None else stream
+        opts = body.get("stream_options")
+        opts = {} if opts is None else opts
+        if not isinstance(stream, bool):
             metrics.request(route, 400)
             return fail(400, f"stream must be true or false, got {stream!r}", "invalid_type", "stream")
         if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):
