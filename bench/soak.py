@@ -322,10 +322,13 @@ def main() -> None:
     p.add_argument("--model", default=None, help="the model to serve (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the summary here")
     p.add_argument("--echo", action="store_true", help="show the server's output")
+    p.add_argument("--prefix-cache", default=None, metavar="SIZE",
+                   help="the server's --prefix-cache (default: its own; 0 tells a leak from the cache filling up)")
     a = p.parse_args()
 
 
-    args = ["--max-queue", "16"] + (["--model", a.model] if a.model else [])
+    args = ["--max-queue", "16"] + (["--model", a.model] if a.model else []) + \
+        (["--prefix-cache", a.prefix_cache] if a.prefix_cache is not None else [])
     problems: list[str] = []
     stats = Stats()
     with Server(args, echo=a.echo) as srv:
@@ -376,7 +379,9 @@ def main() -> None:
     total = [stats.sent, stats.ok + stats.expected, stats.rate_limited, stats.failed]
     rows.append(["all", *(sum(c.values()) for c in total), "", "", ""])
     print()
-    print(f"{srv.name}, --max-queue 16, {a.clients} clients for {loops_s:.0f} s, {stats.bursts} bursts of {a.burst}")
+    cache = "" if a.prefix_cache is None else f", --prefix-cache {a.prefix_cache}"
+    print(f"{srv.name}, --max-queue 16{cache}, {a.clients} clients for {loops_s:.0f} s, "
+          f"{stats.bursts} bursts of {a.burst}")
     print()
     table(["requests", "sent", "ok (4xx for malformed)", "429 in a burst", "failed", "p50 s", "p95 s", "max s"], rows)
     print()

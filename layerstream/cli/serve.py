@@ -35,6 +35,10 @@ def cmd_serve(a) -> int:
     except ImportError as e:
         raise InputError(f"serve needs fastapi and uvicorn ({e}): pip install 'layerstream[serve]'") from None
     m = load_model(a)
+    if not a.verbose:   # a server says what it keeps where (--verbose printed it already, with the bandwidth)
+        import sys
+
+        print(m.plan.describe(), file=sys.stderr, flush=True)
     from ..engine.batch import default_model_name
     from ..engine.scheduler import Engine
     from ..server import serve
