@@ -151,8 +151,8 @@ def build_app(engine, name: str, api_key: str | None = None, max_queue: int = 64
             return fail(400, str(e), "invalid_value")
         wake = waker(handle)
         if stream:
-            return StreamingResponse(sse(handle, wake, rid, kind, opts.get("include_usage", False), len(prompt),
-                                         route, t0), media_type="text/event-stream",
+            return StreamingResponse(sse(handle, wake, rid, kind, opts.get("include_usage", False), route, t0),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
             while not handle.done:
@@ -178,7 +178,7 @@ def build_app(engine, name: str, api_key: str | None = None, max_queue: int = 64
         metrics.finished(route, c, time.perf_counter() - t0)
         return completion_body(kind, rid, name, int(time.time()), c)
 
-    async def sse(handle, wake, rid, kind, include_usage, prompt_tokens, route, t0):
+    async def sse(handle, wake, rid, kind, include_usage, route, t0):
         made = int(time.time())
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
@@ -197,7 +197,7 @@ def build_app(engine, name: str, api_key: str | None = None, max_queue: int = 64
                 out["usage"] = None
             return f"data: {json.dumps(out)}\n\n"
 
-        done, first, n = False, True, 0
+        done, first = False, True
         try:
             if kind == "chat":
                 yield chunk("", role=True)
@@ -215,7 +215,6 @@ def build_app(engine, name: str, api_key: str | None = None, max_queue: int = 64
                         yield f"data: {json.dumps(err)}\n\n"
                         done = True
                         break
-                    n += len(d.token_ids)
                     if first and d.token_ids:
                         metrics.first_token(time.perf_counter() - t0)
                         first = False
