@@ -33,7 +33,8 @@ def cmd_serve(a) -> int:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as e:
-        raise InputError(f"serve needs fastapi and uvicorn ({e}): pip install 'layerstream[serve]'") from None
+        raise InputError(f"serve needs fastapi and uvicorn, which layerstream depends on ({e}): reinstall it "
+                         f"(pip install -e . in a checkout)") from None
     m = load_model(a)
     if not a.verbose:   # a server says what it keeps where (--verbose printed it already, with the bandwidth)
         import sys

@@ -480,10 +480,9 @@ class Engine:
         """Bytes the cache would reach if `joining` joined now and every row ran to its token limit (the prefix
         cache's columns and those of finished sequences not yet dropped included)."""
         rows = self.active + joining
-        mine = torch.tensor([s.slot for s in rows], dtype=torch.long)
-        other = int(((self.owner >= 0) & ~torch.isin(self.owner, mine)).sum()) if self.owner is not None else 0
         dead = int((self.owner < 0).sum()) if self.owner is not None else 0
-        return (dead + other + sum(len(s.prompt) - s.shared + s.params.max_tokens for s in rows)) * self.kv_per_token
+        return (dead + self._held_beside(rows) + sum(len(s.prompt) - s.shared + s.params.max_tokens for s in rows)) \
+            * self.kv_per_token
 
     def _sweep(self, joining: list[_Seq]) -> torch.Tensor:
         """One forward over the packed new tokens of every row; the logits of each row's last token [rows, vocab]."""
@@ -556,12 +555,16 @@ class Engine:
                     layer.keys = layer.keys.index_select(-2, dcols)
                     layer.values = layer.values.index_select(-2, dcols)
 
-    def _cached_bytes(self) -> int:
-        """Bytes of live columns that no running sequence owns (the prefix cache's)."""
+    def _held_beside(self, rows) -> int:
+        """Live columns that none of `rows` owns: the prefix cache's entries and the columns they lend."""
         if self.owner is None:
             return 0
-        mine = torch.tensor([s.slot for s in self.active], dtype=torch.long)
-        return int(((self.owner >= 0) & ~torch.isin(self.owner, mine)).sum()) * self.kv_per_token
+        mine = torch.tensor([s.slot for s in rows], dtype=torch.long)
+        return int(((self.owner >= 0) & ~torch.isin(self.owner, mine)).sum())
+
+    def _cached_bytes(self) -> int:
+        """Bytes of live columns that no running sequence owns (the prefix cache's)."""
+        return self._held_beside(self.active) * self.kv_per_token
 
     def _delta(self, s: _Seq, tok: int) -> Delta:
         """The text a new token completes, with stop strings applied; a finish reason when the request ends."""

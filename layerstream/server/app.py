@@ -103,52 +103,48 @@ def build_app(engine, name: str, api_key: str | None = None, max_queue: int = 64
     async def complete(request: Request, kind: str):
         t0 = time.perf_counter()
         route = "chat" if kind == "chat" else "completions"
+
+        def refuse(status: int, *args, **kw):   # an error answer, counted in /metrics
+            metrics.request(route, status)
+            return fail(status, *args, **kw)
+
         if (r := unauthorized(request)) is not None:
-            metrics.request(route, 401)
+            metrics.request(route, r.status_code)
             return r
         raw = await request.body()
         try:
             body = json.loads(raw)
         except (UnicodeDecodeError, ValueError) as e:
-            metrics.request(route, 400)
-            return fail(400, f"the request body is not valid JSON: {e}", "invalid_json")
+            return refuse(400, f"the request body is not valid JSON: {e}", "invalid_json")
         if not isinstance(body, dict):
-            metrics.request(route, 400)
-            return fail(400, "the request body must be a JSON object", "invalid_request")
+            return refuse(400, "the request body must be a JSON object", "invalid_request")
         want = body.get("model")
         if want is not None and not isinstance(want, str):
-            metrics.request(route, 400)
-            return fail(400, f"model must be a string, got {want!r}", "invalid_type", "model")
+            return refuse(400, f"model must be a string, got {want!r}", "invalid_type", "model")
         if want is not None and want != name:
-            metrics.request(route, 404)
-            return fail(404, f"the model {want!r} does not exist here; this server serves {name!r} "
-                             f"(GET /v1/models lists it)", "model_not_found", "model")
+            return refuse(404, f"the model {want!r} does not exist here; this server serves {name!r} "
+                               f"(GET /v1/models lists it)", "model_not_found", "model")
         stream = body.get("stream")
         stream = False if stream is None else stream
         opts = body.get("stream_options")
         opts = {} if opts is None else opts
         if not isinstance(stream, bool):
-            metrics.request(route, 400)
-            return fail(400, f"stream must be true or false, got {stream!r}", "invalid_type", "stream")
+            return refuse(400, f"stream must be true or false, got {stream!r}", "invalid_type", "stream")
         if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):
-            metrics.request(route, 400)
-            return fail(400, "stream_options must be an object like {\"include_usage\": true}", "invalid_type",
-                        "stream_options")
+            return refuse(400, "stream_options must be an object like {\"include_usage\": true}", "invalid_type",
+                          "stream_options")
         try:
             prompt, params = parser.request({"body": body}, {"kind": kind, "h": secrets.token_hex(8)})
         except BadLine as e:
-            metrics.request(route, e.status or 400)
-            return fail(e.status or 400, e.message, e.code, e.param)
+            return refuse(e.status or 400, e.message, e.code, e.param)
         if len(engine.waiting) >= max_queue:
-            metrics.request(route, 429)
-            return fail(429, f"{len(engine.waiting)} requests are already waiting (--max-queue {max_queue}): retry "
-                             f"later", "rate_limit_exceeded", type="rate_limit_error")
+            return refuse(429, f"{len(engine.waiting)} requests are already waiting (--max-queue {max_queue}): "
+                               f"retry later", "rate_limit_exceeded", type="rate_limit_error")
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{secrets.token_hex(12)}"
         try:
             handle = engine.submit(prompt, params, request_id=rid)
         except InputError as e:
-            metrics.request(route, 400)
-            return fail(400, str(e), "invalid_value")
+            return refuse(400, str(e), "invalid_value")
         wake = waker(handle)
         if stream:
             return StreamingResponse(sse(handle, wake, rid, kind, opts.get("include_usage", False), route, t0),
@@ -173,8 +169,7 @@ def build_app(engine, name: str, api_key: str | None = None, max_queue: int = 64
         try:
             c = handle.result()
         except Exception as e:   # the engine failed this request (reported, and the server goes on)
-            metrics.request(route, 500)
-            return fail(500, f"generation failed: {type(e).__name__}: {e}", "internal_error", type="server_error")
+            return refuse(500, f"generation failed: {type(e).__name__}: {e}", "internal_error", type="server_error")
         metrics.finished(route, c, time.perf_counter() - t0)
         return completion_body(kind, rid, name, int(time.time()), c)
 
