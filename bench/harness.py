@@ -172,6 +172,39 @@ def timed_generate(model, ids, n: int, warmup: int = 2, **kw) -> tuple[list[int]
     return out[0, ids.shape[1]:].tolist(), seconds
 
 
+def prep_store(model_dir) -> dict:
+    """The untimed one-time layerstream preparation of a benchmark checkpoint: its store at `model_dir/ls-store`
+    (in place for safetensors)."""
+    from layerstream.store import resolve
+
+    t0 = time.perf_counter()
+    path = resolve(str(model_dir), store_path=str(Path(model_dir) / "ls-store"), progress=True)
+    return {"what": "layerstream index", "path": str(path), "seconds": time.perf_counter() - t0}
+
+
+def stamped_generate(model, ids, new_tokens: int, **gen) -> tuple:
+    """Greedy `generate` with a CUDA-synchronized time stamp at each token: (output ids, seconds to the first
+    token, mean seconds per later token or None)."""
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    stamps = []
+
+    class Stamp(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            torch.cuda.synchronize()
+            stamps.append(time.perf_counter())
+            return scores
+
+    with torch.inference_mode():
+        t1 = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False,
+                             logits_processor=LogitsProcessorList([Stamp()]), **gen)
+    out = out.sequences if hasattr(out, "sequences") else out
+    decode = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else None
+    return out, stamps[0] - t1, decode
+
+
 def rss_now() -> int:
     """This process's resident set size now, bytes."""
     with open("/proc/self/statm") as f:

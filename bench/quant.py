@@ -6,9 +6,14 @@ over a fixed text (teacher forcing), top-1 next-token agreement and mean KL(floa
 fp32 float model. Each setting in its own subprocess. Then the time `quantize` takes on one random
 4096x4096 float32 weight (the shape of a 7B model's attention projections; normal(0, 0.02)), int8 and
 int4, and the time `dequantize` takes to turn it back into bfloat16 (what the loader does per unit when
-a quantized store streams), with one torch thread and with all of them, best of 3.
+a quantized store streams), with one torch thread and with all of them, best of 3. Last, the time a
+quantizing `split` takes on a random Llama-3-8B-shaped bf16 checkpoint of `--split-layers` decoder layers
+(hidden 4096, intermediate 14336, 8 KV heads, vocab 32000, untied; one shard per layer, N(0, 0.02)), int8
+and int4, with workers=1 and all torch threads (the split before it had workers), workers=1 and one torch
+thread (one core), and one worker per core, each in its own process, the checkpoint in the page cache: GB/s
+of bf16 read, in all and per core.
 
-Run:  .venv/bin/python bench/quant.py
+Run:  .venv/bin/python bench/quant.py [--split-layers 2] [--split-kinds int8,int4] [--only-split]
 """
 
 from __future__ import annotations
@@ -85,13 +90,120 @@ def quantize_speed(threads: int) -> dict:
     return out
 
 
+def make_checkpoint(layers: int) -> pathlib.Path:
+    """The Llama-3-8B-shaped bf16 checkpoint of `layers` layers (see the docstring), written once."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from big_model import make_tensor
+
+    d = WORK / f"llama3-8b-shaped-{layers}"
+    if (d / "config.json").is_file():
+        return d
+    d.mkdir(parents=True, exist_ok=True)
+    h, i, v, kv = 4096, 14336, 32000, 1024
+    shards = [{"model.embed_tokens.weight": (v, h)}]
+    for n in range(layers):
+        p = f"model.layers.{n}."
+        shards.append({p + "input_layernorm.weight": (h,), p + "self_attn.q_proj.weight": (h, h),
+                       p + "self_attn.k_proj.weight": (kv, h), p + "self_attn.v_proj.weight": (kv, h),
+                       p + "self_attn.o_proj.weight": (h, h), p + "post_attention_layernorm.weight": (h,),
+                       p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
+                       p + "mlp.down_proj.weight": (h, i)})
+    shards.append({"model.norm.weight": (h,), "lm_head.weight": (v, h)})
+    weight_map = {}
+    for k, shard in enumerate(shards):
+        name = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({n: make_tensor(n, shape) for n, shape in shard.items()}, d / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h,
+              "intermediate_size": i, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+              "num_hidden_layers": layers, "vocab_size": v, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
+              "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+              "dtype": "bfloat16"}
+    (d / "config.json").write_text(json.dumps(config))   # last: the checkpoint is complete
+    return d
+
+
+def split_speed(layers: int, kind: str, workers: int, threads: int) -> dict:
+    """Seconds a quantizing split of the checkpoint takes (its files read once before, into the page cache)."""
+    import shutil
+    import time
+
+    import torch
+
+    from layerstream.store import split
+
+    torch.set_num_threads(threads)
+    src = make_checkpoint(layers)
+    read = 0
+    for f in src.glob("*.safetensors"):
+        read += len(f.read_bytes())
+    out = WORK / f"quant-split-{kind}-{workers}-{threads}"
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    split(src, out, quantize=kind, progress=False, workers=workers)
+    seconds = time.perf_counter() - t0
+    store = sum(f.stat().st_size for f in (out / "units").iterdir())
+    shutil.rmtree(out)
+    return {"seconds": seconds, "source_bytes": read, "store_bytes": store}
+
+
+def split_table(layers: int, kinds: list[str], wait_quiet: float, timeout: float) -> None:
+    from layerstream.store.writer import cores
+
+    n = cores()
+    harness.run_child(harness.self_cmd(__file__, "--make", layers))   # written once, not timed
+    rows, size = [], None
+    for kind in kinds:
+        before = None
+        for workers, threads in dict.fromkeys([(1, n), (1, 1), (n, 1)]):
+            c = harness.run_child(harness.self_cmd(__file__, "--split", layers, kind, workers, threads),
+                                  wait_quiet=wait_quiet, timeout=timeout)
+            r = c.result
+            setting = f"{workers} worker{'s' if workers > 1 else ''}" + \
+                (f", {threads} torch thread{'s' if threads > 1 else ''}" if workers == 1 else "")
+            if r is None:
+                rows.append([kind, setting, "failed: " + c.note, "-", "-", "-", "-"])
+                continue
+            size, gbs = r["source_bytes"], r["source_bytes"] / r["seconds"] / 1e9
+            before = before or r["seconds"]
+            used = threads if workers == 1 else min(n, workers)
+            rows.append([kind, setting, f"{r['seconds']:.1f}", f"{gbs:.3f}", f"{gbs / used:.3f}",
+                         f"{before / r['seconds']:.2f}x", harness.fmt(c.others)])
+            print(f"  split {kind}, {setting}: {r['seconds']:.1f} s", flush=True)
+    print(f"\nquantizing split of a Llama-3-8B-shaped bf16 checkpoint, {layers} layer{'s' if layers > 1 else ''} "
+          f"({harness.fmt_b(size)}), {n} cores:")
+    harness.table(["quantization", "setting", "seconds", "GB/s bf16 in", "GB/s per core used",
+                   "vs the split before workers", "cores busy with others"], rows)
+
+
 def main() -> int:
     p = harness.parser(__doc__, wait_quiet=60.0)
     p.add_argument("--child", choices=list(SETTINGS), help=argparse.SUPPRESS)
     p.add_argument("--speed", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--make", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--split", nargs=4, help=argparse.SUPPRESS)
+    p.add_argument("--split-layers", type=int, default=2, help="decoder layers of the split's checkpoint (default 2)")
+    p.add_argument("--split-kinds", default="int8,int4", help="quantizations of the split (default int8,int4)")
+    p.add_argument("--split-timeout", type=float, default=3600, help="seconds one split may take (default 3600)")
+    p.add_argument("--only-split", action="store_true", help="only the quantizing split's table")
     a = p.parse_args()
+    if a.make:
+        make_checkpoint(a.make)
+        harness.emit({})
+        return 0
+    if a.split:
+        harness.emit(split_speed(int(a.split[0]), a.split[1], int(a.split[2]), int(a.split[3])))
+        return 0
     if a.child or a.speed:
         harness.emit(child(a.child) if a.child else quantize_speed(a.speed))
+        return 0
+    kinds = a.split_kinds.split(",")
+    if a.only_split:
+        split_table(a.split_layers, kinds, a.wait_quiet, a.split_timeout)
         return 0
     rows, tokens = [], None
     for name in SETTINGS:
@@ -118,6 +230,7 @@ def main() -> int:
               + "; dequantize to bf16 " + ", ".join(f"{k} {r[k + ' dequantize'] * 1e3:.1f} ms "
                                                     f"({4096 * 4096 * 2 / r[k + ' dequantize'] / 1e9:.2f} GB/s out)"
                                                     for k in ("int8", "int4")))
+    split_table(a.split_layers, kinds, a.wait_quiet, a.split_timeout)
     return 0
 
 

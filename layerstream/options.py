@@ -26,7 +26,11 @@ class Options:
     ("auto", "buffered", "direct" = O_DIRECT, "fadvise"), `readers` (parallel reads per unit), `threads`
     (torch compute threads; default chosen by layerstream), `verify` ("first", "always", "never": when a
     unit's xxh3 is checked), `profiling`, `progress` (bars on long work). Speculative decoding: `draft`
-    ("int4": a resident int4 copy of the same model drafts tokens; or a path to another model)."""
+    ("int4": a resident int4 copy of the same model drafts tokens; or a path to another model). Beyond one
+    machine: `pipeline` (N: the layers split over N Ray actors, each with these budgets; `pipeline_cpus` CPUs
+    each, or one GPU each on a CUDA device; layerstream.ray.pipeline). Mixture of experts: `expert_device`
+    ("cpu": on a GPU, the experts stay in host RAM and the CPU computes them where they lie, the dense part
+    on the GPU; runtime/experts.py)."""
 
     device: str = "cpu"
     dtype: object = None
@@ -44,6 +48,9 @@ class Options:
     in_place: bool | None = None
     compression: str | None = None
     draft: str | None = None
+    pipeline: int | None = None
+    pipeline_cpus: float = 1
+    expert_device: str | None = None
 
     def __post_init__(self):
         self.ram_bytes = parse_size(self.max_ram, "max_ram")
@@ -54,6 +61,13 @@ class Options:
             raise InputError(f"verify must be one of {', '.join(VERIFY_MODES)}, got {self.verify!r}")
         if not isinstance(self.lookahead, int) or isinstance(self.lookahead, bool) or self.lookahead < 1:
             raise InputError(f"lookahead must be a positive integer, got {self.lookahead!r}")
+        if self.pipeline is not None and (not isinstance(self.pipeline, int) or isinstance(self.pipeline, bool)
+                                          or self.pipeline < 1):
+            raise InputError(f"pipeline must be a positive number of stages, got {self.pipeline!r}")
+        if not isinstance(self.pipeline_cpus, (int, float)) or self.pipeline_cpus <= 0:
+            raise InputError(f"pipeline_cpus must be a positive number, got {self.pipeline_cpus!r}")
+        if self.expert_device not in (None, "cpu"):
+            raise InputError(f"expert_device must be None or 'cpu', got {self.expert_device!r}")
 
     @classmethod
     def from_kwargs(cls, kwargs: dict) -> "Options":

@@ -21,7 +21,7 @@ def make_moe_gguf(path: Path, qtype: str = "Q4_1", layers: int = 2, seed: int = 
     from factory import tiny_model
 
     tok = gguf.GGUFReader(embedded_model())
-    vocab = len(tok.fields["tokenizer.ggml.tokens"].data)
+    vocab = VOCAB
     cfg = tf.Qwen3MoeConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, moe_intermediate_size=MOE_FF,
                             num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                             num_experts=EXPERTS, num_experts_per_tok=TOP_K, norm_topk_prob=True,
@@ -103,27 +103,58 @@ def random_blocks(rows: int, cols: int, qtype: str, rng) -> np.ndarray:
 
 def make_llama_gguf(path: Path, types: dict = LLAMA_TYPES, layers: int = 2, seed: int = 0) -> Path:
     """A tiny random Llama GGUF (hidden 256, the K-quants' block) whose weights are random blocks of the
-    given GGUF types; norms F32; the embedded SmolLM2 GGUF's tokenizer."""
+    given GGUF types (or F16/BF16/F32 floats); norms F32; the embedded SmolLM2 GGUF's tokenizer."""
+    return _dense_gguf(path, "llama", types, layers, seed, norms=("attn_norm", "ffn_norm"),
+                       keys={"rope.dimension_count": 64}, eps=1e-5)
+
+
+# a Q4_K_M-like Gemma: the tied embedding in Q6_K, as llama.cpp keeps a tied output matrix
+GEMMA_TYPES = {"token_embd": "Q6_K", "attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K", "attn_output": "Q4_K",
+               "ffn_gate": "Q4_K", "ffn_up": "Q4_K", "ffn_down": "Q6_K"}
+
+
+def make_gemma_gguf(path: Path, types: dict = GEMMA_TYPES, layers: int = 2, seed: int = 0) -> Path:
+    """A tiny random Gemma-2 GGUF (hidden 256), laid out as llama.cpp's converter writes one: a tied embedding
+    (no `output.weight`), four norms a layer, every norm stored as 1 + w (transformers subtracts the 1 when it
+    reads the file); weights random blocks of the given types; the embedded SmolLM2 GGUF's tokenizer."""
+    return _dense_gguf(path, "gemma2", types, layers, seed,
+                       norms=("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm"),
+                       keys={"attention.key_length": 64, "attention.value_length": 64, "attention.sliding_window": 8},
+                       eps=1e-6)
+
+
+def _dense_gguf(path: Path, arch: str, types: dict, layers: int, seed: int, norms: tuple, keys: dict,
+                eps: float) -> Path:
+    """A tiny dense GGUF of `arch` (hidden 256, 4 heads of 64, 2 KV heads, ff 512): each weight of the type
+    `types` gives its role (random blocks, or random F16/BF16/F32 floats), norms F32; `output.weight` only
+    where `types` has an "output"; the embedded SmolLM2 GGUF's tokenizer."""
     import gguf
 
     from layerstream.sources import embedded_model
 
     rng = np.random.default_rng(seed)
     tok = gguf.GGUFReader(embedded_model())
-    vocab = len(tok.fields["tokenizer.ggml.tokens"].data)
+    vocab = VOCAB
     hidden, ff, heads, kv, hd = 256, 512, 4, 2, 64
-    w = gguf.GGUFWriter(str(path), "llama")
-    for key, val in (("context_length", 256), ("embedding_length", hidden), ("block_count", layers),
-                     ("feed_forward_length", ff), ("attention.head_count", heads), ("attention.head_count_kv", kv),
-                     ("rope.dimension_count", hd)):
-        w.add_uint32(f"llama.{key}", val)
-    w.add_float32("llama.rope.freq_base", 10000.0)
-    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    w = gguf.GGUFWriter(str(path), arch)
+    for key, val in {"context_length": 256, "embedding_length": hidden, "block_count": layers,
+                     "feed_forward_length": ff, "attention.head_count": heads, "attention.head_count_kv": kv,
+                     **keys}.items():
+        w.add_uint32(f"{arch}.{key}", val)
+    w.add_float32(f"{arch}.rope.freq_base", 10000.0)
+    w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", eps)
     _copy_tokenizer(w, tok)
 
     def put(name: str, rows: int, cols: int, role: str):
-        qtype = types.get(role, "F32")
-        if qtype == "F32":
+        qtype = "F32" if role == "norm" else types.get(role, "F32")
+        if qtype in ("F16", "BF16"):
+            a = rng.normal(0, 0.1, size=(rows, cols)).astype(np.float32)
+            if qtype == "F16":
+                w.add_tensor(name, a.astype(np.float16))
+            else:
+                bf16 = gguf.GGMLQuantizationType.BF16
+                w.add_tensor(name, gguf.quants.quantize(a, bf16), raw_dtype=bf16)
+        elif qtype == "F32":
             w.add_tensor(name, rng.uniform(0.5, 1.5, size=(cols,)).astype(np.float32) if rows == 0
                          else rng.normal(0, 0.1, size=(rows, cols)).astype(np.float32))
         else:
@@ -132,7 +163,8 @@ def make_llama_gguf(path: Path, types: dict = LLAMA_TYPES, layers: int = 2, seed
 
     put("token_embd.weight", vocab, hidden, "token_embd")
     put("output_norm.weight", 0, hidden, "norm")
-    put("output.weight", vocab, hidden, "output")
+    if "output" in types:
+        put("output.weight", vocab, hidden, "output")
     for i in range(layers):
         put(f"blk.{i}.attn_q.weight", heads * hd, hidden, "attn_q")
         put(f"blk.{i}.attn_k.weight", kv * hd, hidden, "attn_k")
@@ -141,8 +173,8 @@ def make_llama_gguf(path: Path, types: dict = LLAMA_TYPES, layers: int = 2, seed
         put(f"blk.{i}.ffn_gate.weight", ff, hidden, "ffn_gate")
         put(f"blk.{i}.ffn_up.weight", ff, hidden, "ffn_up")
         put(f"blk.{i}.ffn_down.weight", hidden, ff, "ffn_down")
-        put(f"blk.{i}.attn_norm.weight", 0, hidden, "norm")
-        put(f"blk.{i}.ffn_norm.weight", 0, hidden, "norm")
+        for norm in norms:
+            put(f"blk.{i}.{norm}.weight", 0, hidden, "norm")
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -150,14 +182,27 @@ def make_llama_gguf(path: Path, types: dict = LLAMA_TYPES, layers: int = 2, seed
     return path
 
 
-def _copy_tokenizer(w, tok) -> None:
+# tokens of the embedded tokenizer a test GGUF keeps: its first ones, and the merges among them (parsing a
+# GGUF's vocabulary costs seconds per reader, and several readers parse each file: transformers' config,
+# tensor map and tokenizer; 4096 tokens instead of 49152 make that ten times cheaper)
+VOCAB = 4096
+
+
+def _copy_tokenizer(w, tok, vocab: int = VOCAB) -> None:
     import gguf
 
+    tokens = tok.fields["tokenizer.ggml.tokens"].contents()[:vocab]
+    kept = set(tokens)
     for key, field in tok.fields.items():   # the tokenizer, copied field by field
         if not key.startswith("tokenizer."):
             continue
         vtype = field.types[0]
         if vtype == gguf.GGUFValueType.ARRAY:
-            w.add_key_value(key, field.contents(), vtype, sub_type=field.types[-1])
+            value = field.contents()
+            if key == "tokenizer.ggml.merges":
+                value = [m for m in value if all(p in kept for p in (*m.split(" "), m.replace(" ", "")))]
+            elif len(value) == len(tok.fields["tokenizer.ggml.tokens"].data):
+                value = value[:vocab]
+            w.add_key_value(key, value, vtype, sub_type=field.types[-1])
         else:
             w.add_key_value(key, field.contents(), vtype)

@@ -227,6 +227,24 @@ def test_a_second_job_on_the_same_output_is_refused(tmp_path, model):
         run_batch(model, tmp_path / "missing.jsonl", tmp_path / "out.jsonl", progress=False)
 
 
+def kill_9_once_journaled(cmd, journal, lines: int, env=None, timeout: float = 180) -> None:
+    """Start `cmd` (a batch job) and SIGKILL it as soon as its journal holds `lines` lines."""
+    p = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and p.poll() is None:
+            if journal.exists() and journal.read_bytes().count(b"\n") >= lines:
+                break
+            time.sleep(0.005)
+        assert p.poll() is None, p.stderr.read().decode()[-3000:]
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.stderr.close()
+
+
 @pytest.mark.slow
 def test_cli_kill_9_mid_job_then_rerun_gives_the_same_bytes(tmp_path, tiny_store, model):
     from layerstream.engine.batch import run_batch
@@ -245,20 +263,7 @@ def test_cli_kill_9_mid_job_then_rerun_gives_the_same_bytes(tmp_path, tiny_store
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "layerstream", "batch", src, out, "--model", tiny_store, "--batch-size", "2",
            "--threads", "1"]
-    p = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    deadline = time.time() + 120
-    try:
-        while time.time() < deadline and p.poll() is None:
-            if journal.exists() and journal.read_bytes().count(b"\n") >= 2:   # the header and one record
-                break
-            time.sleep(0.005)
-        assert p.poll() is None, p.stderr.read().decode()[-3000:]
-        p.send_signal(signal.SIGKILL)
-        p.wait(timeout=30)
-    finally:
-        if p.poll() is None:
-            p.kill()
-        p.stderr.close()
+    kill_9_once_journaled(cmd, journal, 2, env=env)   # the header and one record
     assert not out.exists()
     done = [json.loads(line) for line in journal.read_bytes().split(b"\n")[1:-1]]   # the last: torn or empty
     finished = sum(1 for d in done if d["r"]["error"] is None)

@@ -85,3 +85,28 @@ def test_cuda_moe_streams_routed_experts(tmp_path, max_ram):
     assert (sum(read for _, _, read in calls) > 0) == (max_ram == 0)
     assert all(len(routed) == 2 for _, routed, _ in calls[-3:])   # a decode step: one token, top-2 of 8
     m.close()
+
+
+@pytest.mark.parametrize("max_ram", [0, "1GB"])
+def test_cuda_moe_experts_computed_on_the_cpu(tmp_path, max_ram):
+    """expert_device="cpu": the dense part on the GPU, the experts in host RAM (or read from disk into it) and
+    computed by the CPU; transformers' logits and tokens and its routing, and no expert on the device."""
+    from conftest import make_moe_dir
+    from test_moe import routing_of
+
+    src = make_moe_dir(tmp_path / "src", "qwen3_moe")
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).to("cuda").eval()
+    m = AutoModel.from_pretrained(src, device="cuda", max_ram=max_ram, expert_device="cpu",
+                                  store_path=tmp_path / "store", progress=False)
+    assert {u.tier for u in m.plan.units if u.kind == "expert"} == ({"disk"} if max_ram == 0 else {"ram"})
+    assert {u.tier for u in m.plan.units if u.kind == "layer"} == {"device"}
+    assert set(m.streamer.cpu_experts) == set(m.layout.experts)
+    ids = torch.tensor([[1, 17, 33, 5, 90, 64, 12]], device="cuda")
+    with torch.no_grad():
+        want_logits = ref(ids).logits
+    torch.testing.assert_close(m(ids).logits, want_logits, rtol=1e-3, atol=1e-3)
+    want, want_calls = routing_of(ref, ids, 10)
+    m.profiler.experts.clear()
+    assert m.generate(ids, max_new_tokens=10, do_sample=False).tolist() == want.tolist()
+    assert [(int(layer.split(".")[1]), routed) for layer, routed, _ in m.profiler.experts] == want_calls
+    m.close()

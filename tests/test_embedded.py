@@ -10,7 +10,7 @@ from layerstream import AutoModel, ChatSession
 
 from conftest import ROOT
 
-# every test here runs the 135M-parameter model (or splits its 538 MB GGUF): tens of seconds each
+# every test here runs the 135M-parameter model (or splits its GGUF into 538 MB of floats): tens of seconds each
 pytestmark = pytest.mark.slow
 
 PROMPT = [{"role": "user", "content": "Write a short poem about the sea."}]
@@ -49,20 +49,27 @@ def test_smollm2_matches_transformers(embedded_store, want, budget):
 
 
 def test_embedded_default_source_and_store_reuse(embedded_store, capfd):
-    """source=None is the embedded GGUF; opening it again with the store already made reuses that store:
-    nothing is split or written again (every file of the store keeps its mtime, no file is added)."""
+    """source=None is the embedded GGUF, served in place: the store holds no weights (a manifest, the config
+    and the tokenizer: a few MB against the file's 97 MB of blocks). Opening it again reuses that store: nothing
+    is indexed or written again (every file of the store keeps its mtime, no file is added)."""
+    from layerstream.sources import embedded_model
+
     def files():
         return {f.relative_to(embedded_store): f.stat().st_mtime_ns for f in embedded_store.rglob("*") if f.is_file()}
 
     before = files()
-    assert any(str(f).startswith("units") for f in before)
+    assert not any(str(f).startswith("units") for f in before)
+    extra = sum((embedded_store / f).stat().st_size for f in before)
+    assert extra < 0.05 * embedded_model().stat().st_size, extra
     capfd.readouterr()
     m = AutoModel.from_pretrained(None, store_path=embedded_store, max_ram=0, progress=False)
     err = capfd.readouterr().err
     assert f"using store {embedded_store}" in err, err
     assert m.store.path == embedded_store
     assert files() == before
-    assert m.store.manifest.source["kind"] == "gguf"
+    assert m.store.manifest.source["kind"] == "gguf" and m.store.manifest.in_place
+    assert m.store.manifest.quantization == "gguf"
+    assert {t.rsplit(".", 1)[-1] for u in m.store.manifest.units for t in u.tensors} >= {"q4_1", "q8_0"}
     assert m.store.manifest.architecture == "LlamaForCausalLM"
     assert m.store.manifest.tied == {"lm_head.weight": "model.embed_tokens.weight"}
     m.close()

@@ -210,10 +210,11 @@ def test_router_counts_choose_the_resident_experts(tmp_path):
 @pytest.mark.parametrize("qtype, compression", [("Q4_1", None), ("Q4_1", "int4"), ("Q8_0", "int8"), ("F32", None)])
 def test_moe_gguf_streams_per_expert(tmp_path, qtype, compression):
     """A Qwen3-MoE GGUF (experts stacked per layer in `ffn_*_exps`, as llama.cpp writes them): each expert's
-    slice is its own unit, only the routed experts are read, and the tokens and logits are transformers' own
-    from the same GGUF. With int4/int8 the GGUF's Q4_1/Q8_0 expert blocks are kept bit for bit (so still
-    exactly transformers' dequantized model). The experts are 64 wide, which transformers' GGUF config reader
-    misses (it keeps Qwen3-MoE's default of 768): layerstream reads the size from the file."""
+    slice is its own unit (by default served in place: byte ranges of the file), only the routed experts are
+    read, and the tokens and logits are transformers' own from the same GGUF. With int4/int8 the GGUF's
+    Q4_1/Q8_0 expert blocks are kept bit for bit (so still exactly transformers' dequantized model). The experts
+    are 64 wide, which transformers' GGUF config reader misses (it keeps Qwen3-MoE's default of 768):
+    layerstream reads the size from the file."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from gguf_tiny import MOE_FF, make_moe_gguf
@@ -231,6 +232,10 @@ def test_moe_gguf_streams_per_expert(tmp_path, qtype, compression):
     if compression:   # the GGUF's own blocks kept: the experts' tensors are stored quantized
         suffix = {"int4": ".q4", "int8": ".q8"}[compression]
         assert all(any(t.endswith(suffix) for t in u.tensors) for u in experts)
+    else:   # served in place: each expert's slices of the stacked tensors, as they lie in the file
+        assert m.store.manifest.in_place and not (tmp_path / "store" / "units").exists()
+        if qtype == "Q4_1":
+            assert all(any(t.endswith(".q4_1") for t in u.tensors) for u in experts)
     with torch.no_grad():
         torch.testing.assert_close(m(IDS).logits, ref(IDS).logits, rtol=1e-4, atol=1e-4)
     m.profiler.reset()

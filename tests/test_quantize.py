@@ -139,6 +139,8 @@ def test_gguf_k_quants_kept_exactly(tmp_path, max_ram):
     names = {t for u in m.store.manifest.units for t in u.tensors}
     for suffix in (".q4_k", ".q5_k", ".q6_k", ".q4_0", ".q5_0", ".q5_1", ".q8"):
         assert any(t.endswith(suffix) for t in names), suffix
+    embed = next(u for u in m.store.manifest.units if u.kind == "embed")
+    assert embed.tensors == ["model.embed_tokens.weight.q4_k"]   # the embedding's blocks kept too
     layers = sum(u.bytes for u in m.store.manifest.units if u.kind == "layer")
     floats = sum(p.numel() * 4 for n, p in ref.named_parameters() if ".layers." in n)
     assert layers < 0.2 * floats   # 4.5-6.6 bits per weight against 32
@@ -150,7 +152,7 @@ def test_gguf_k_quants_kept_exactly(tmp_path, max_ram):
     m.close()
 
 
-@pytest.mark.parametrize("kind", ["q4_0", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"])
+@pytest.mark.parametrize("kind", ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k"])
 def test_ggml_block_dequantization_is_gguf_pys(kind):
     """layerstream's torch dequantizer of each kept GGUF block type gives gguf-py's values bit for bit."""
     import gguf
@@ -168,6 +170,22 @@ def test_ggml_block_dequantization_is_gguf_pys(kind):
     assert got.shape == want.shape and torch.equal(got, torch.from_numpy(want))
 
 
+@pytest.mark.parametrize("kind", ["q4_0", "q4_1", "q4_k"])
+def test_4bit_gguf_blocks_as_int4_blocks_are_the_same_values(kind):
+    """A GGUF's 4-bit blocks repacked as int4 blocks of 32 (what torch's int4 kernel is built from) dequantize
+    to exactly gguf-py's values."""
+    import numpy as np
+
+    from layerstream.quant import as_int4, dequantize_ggml
+
+    from gguf_tiny import random_blocks
+
+    raw = torch.from_numpy(random_blocks(6, 512, kind.upper(), np.random.default_rng(2)).copy())
+    parts = as_int4(kind, raw)
+    assert parts[".q4"].shape == (6, 256) and parts[".scale"].shape == (6, 16)
+    assert torch.equal(dequantize("int4", parts, torch.float32), dequantize_ggml(kind, raw))
+
+
 @pytest.mark.slow
 def test_gguf_too_big_as_floats_says_how_to_keep_its_blocks(tmp_path):
     """On a disk with room for the GGUF's blocks but not for its float32 weights, the split refuses before
@@ -183,7 +201,7 @@ def test_gguf_too_big_as_floats_says_how_to_keep_its_blocks(tmp_path):
 
     g = make_llama_gguf(tmp_path / "tiny-k.gguf")
     disk = tmp_path / "disk"
-    _tmpfs(disk, "85m")
+    _tmpfs(disk, "8m")   # the float32 store needs about 13 MB, the blocks about 3
     try:
         with pytest.raises(DiskSpaceError, match=r"compression='int4' \(--quantize int4\): about"):
             split(g, disk / "float", progress=False)
@@ -191,3 +209,31 @@ def test_gguf_too_big_as_floats_says_how_to_keep_its_blocks(tmp_path):
         assert Store(store).verify() == []
     finally:
         subprocess.run(["umount", str(disk)])
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_split_quantized_by_many_threads_is_the_same_store(tmp_path, kind, monkeypatch):
+    """workers=1 (the caller alone, torch's threads as they are) and workers=3 (chunks of rows on 3 threads,
+    the next unit made while this one is written): the same unit files, manifest and journal, byte for byte;
+    torch's thread count is as it was."""
+    import layerstream.quant.blocks as q
+    from layerstream.store import PROGRESS, split
+
+    monkeypatch.setattr(q, "CHUNK", 5 * 96)   # several chunks a weight, the last one short
+    src = make_model_dir(tmp_path / "src", "llama", tie=False, layers=4)
+    threads = torch.get_num_threads()
+    one = split(src, tmp_path / "one", quantize=kind, progress=False, workers=1)
+    many = split(src, tmp_path / "many", quantize=kind, progress=False, workers=3)
+    assert torch.get_num_threads() == threads
+    files = sorted(p.relative_to(one) for p in (one / "units").iterdir())
+    assert files == sorted(p.relative_to(many) for p in (many / "units").iterdir()) and len(files) == 6
+    for f in [*files, "manifest.json", PROGRESS]:
+        assert (one / f).read_bytes() == (many / f).read_bytes(), f
+
+
+def test_split_refuses_zero_workers(tmp_path):
+    from layerstream.errors import InputError
+    from layerstream.store import split
+
+    with pytest.raises(InputError, match="workers must be at least 1"):
+        split(make_model_dir(tmp_path / "src", "llama"), tmp_path / "out", quantize="int4", workers=0)

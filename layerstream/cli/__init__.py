@@ -10,7 +10,7 @@ import os
 import sys
 
 from .batch import batch_args, cmd_batch
-from .common import gen_args, model_args
+from .common import gen_args, model_args, pipeline_args
 from .generate import cmd_chat, cmd_run
 from .plan import cmd_plan
 from .serve import cmd_serve, serve_args
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
     model_args(r)
     gen_args(r)
+    pipeline_args(r)
     c = sub.add_parser("chat", help="interactive chat that keeps the KV cache between turns")
     c.add_argument("--system", default=None, help="system prompt")
     model_args(c)
@@ -41,8 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default=None)
     s.add_argument("--quantize", default=None, choices=["int8", "int4"],
                    help="block-wise quantized linear weights (int4: GGUF Q4_1 blocks kept exactly)")
+    s.add_argument("--workers", type=int, default=None,
+                   help="threads quantizing (default: one per core); the store is the same whatever the number")
     s.add_argument("--in-place", action="store_true",
-                   help="no copy: index a safetensors checkpoint's own shards (the store holds the manifest only)")
+                   help="no copy: index a safetensors checkpoint's own shards, or a GGUF's own blocks (the store "
+                        "holds the manifest only)")
     i = sub.add_parser("info", help="describe a store")
     i.add_argument("store")
     v = sub.add_parser("verify", help="check every unit file of a store against its sha256")

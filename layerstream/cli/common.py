@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -26,9 +27,12 @@ def model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", default=None, choices=["int8", "int4"],
                    help="use a block-wise quantized store (made once from --model)")
     p.add_argument("--copy", action="store_true",
-                   help="split a safetensors model into a store of its own instead of serving it in place")
+                   help="split a safetensors or GGUF model into a store of its own (float weights) instead of "
+                        "serving it in place")
     p.add_argument("--draft", default=None, metavar="int4|PATH",
                    help="speculative decoding: a resident int4 copy of the model (or another model) drafts tokens")
+    p.add_argument("--expert-device", default=None, choices=["cpu"],
+                   help="a MoE model on a GPU: its experts stay in RAM and the CPU computes them")
     p.add_argument("--verbose", "-v", action="store_true", help="print the residency plan")
 
 
@@ -39,6 +43,15 @@ def gen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--prompt-lookup", type=int, default=None, metavar="N",
                    help="speculative decoding from the prompt itself: up to N tokens copied from it per sweep")
+
+
+def pipeline_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pipeline", type=int, default=None, metavar="N",
+                   help="split the layers over N Ray actors, each with the --max-ram / --max-gpu-memory budget "
+                        "(one GPU each on CUDA)")
+    p.add_argument("--pipeline-cpus", type=float, default=1, help="with --pipeline: CPUs per stage (default 1)")
+    p.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="with --pipeline: the Ray cluster (default: RAY_ADDRESS, else a new local Ray)")
 
 
 def gen_kwargs(a) -> dict:
@@ -63,7 +76,12 @@ def load_model(a):
     t0 = time.perf_counter()
     from ..engine import AutoModel
     log(f"imported in {time.perf_counter() - t0:.1f} s; opening {a.model or 'the embedded SmolLM2-135M-Instruct'}")
+    if getattr(a, "ray", None) and getattr(a, "pipeline", None):
+        os.environ["RAY_ADDRESS"] = a.ray
     m = AutoModel.from_pretrained(a.model, options_of(a))
+    if getattr(m, "stages", None) is not None:   # a pipeline: its stages said what they hold
+        log(m.describe())
+        return m
     if a.verbose:
         if m.plan.bytes_per_sweep:
             from ..plan import measure_read_bandwidth
@@ -105,4 +123,5 @@ def options_of(a):
     return Options(device=a.device, dtype=a.dtype, max_ram=a.max_ram, max_gpu_memory=a.max_gpu_memory,
                    prefetch=not a.no_prefetch, store_path=a.store, profiling=a.profile, lookahead=a.lookahead,
                    threads=a.threads, io=a.io, in_place=False if a.copy else None, compression=a.quantize,
-                   draft=getattr(a, "draft", None))
+                   draft=getattr(a, "draft", None), pipeline=getattr(a, "pipeline", None),
+                   pipeline_cpus=getattr(a, "pipeline_cpus", 1), expert_device=getattr(a, "expert_device", None))

@@ -16,6 +16,8 @@ def cmd_run(a) -> int:
         raise InputError("the prompt is empty")
     if a.max_new_tokens <= 0:
         raise InputError(f"--max-new-tokens must be positive, got {a.max_new_tokens}")
+    if a.ray is not None and a.pipeline is None:
+        raise InputError("--ray needs --pipeline N here (batch jobs take --ray on their own)")
     m = load_model(a)
     from transformers import TextStreamer
 

@@ -14,9 +14,12 @@ def cmd_split(a) -> int:
     from ..store import index_in_place, split
 
     if a.in_place:
-        out = index_in_place(open_source(a.source), a.out)
+        from ..store.inplace import index_gguf
+
+        src = open_source(a.source)
+        out = (index_gguf if src.kind == "gguf" else index_in_place)(src, a.out)
     else:
-        out = split(a.source, a.out, dtype=parse_dtype(a.dtype), quantize=a.quantize)
+        out = split(a.source, a.out, dtype=parse_dtype(a.dtype), quantize=a.quantize, workers=a.workers)
     log(f"store ready: {out}")
     return 0
 

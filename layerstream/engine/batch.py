@@ -56,136 +56,175 @@ def run_batch(model, in_path, out_path, batch_size: int = 8, progress: bool = Tr
     responses whose request names none (default: from the store's source). Returns a summary: requests,
     succeeded, failed, resumed (taken from the journal of an earlier run), ran, prompt_tokens and
     completion_tokens (of this run), seconds, tokens_per_s, output."""
-    src, out = check_paths(in_path, out_path)
-    if not isinstance(batch_size, int) or batch_size < 1:
+    check_batch_size(batch_size)
+    check_paths(in_path, out_path)
+    check_tokenizer(model)
+    name = model_name or default_model_name(model)
+    with Job(in_path, out_path, fingerprint(model, name), progress) as job:
+        runner = Runner(model, name, batch_size)
+        requests = job.requests()
+        inflight: dict = {}
+        while True:
+            while requests is not None and len(inflight) < 2 * batch_size:   # a few batches ahead of the engine
+                nxt = next(requests, None)
+                if nxt is None:
+                    requests = None
+                    break
+                handle = runner.submit(*nxt, job.record)
+                if handle is not None:
+                    inflight[handle.request_id] = (nxt[0], handle)
+            if not inflight:   # only when the input is exhausted
+                return job.finish()
+            runner.engine.step()
+            for rid in [rid for rid, (_, h) in inflight.items() if h.done]:
+                req, h = inflight.pop(rid)
+                job.record(req, *runner.result(req, h, job.created))
+            job.sync(runner.engine.stats["tokens"])
+
+
+def check_batch_size(batch_size) -> None:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+
+def check_tokenizer(model) -> None:
     tok = model.tokenizer
     if tok is None or not len(tok("x")["input_ids"]):
         raise InputError(f"{model.store.path} has no usable tokenizer, so requests cannot become token ids: copy "
                          f"the model's tokenizer files into the store")
-    name = model_name or default_model_name(model)
-    created = int(src.stat().st_mtime)
-    t0 = time.perf_counter()
-    journal = Journal(journal_path(out), fingerprint(model, name))
-    bar = None
-    try:
-        # first pass: count the requests and find the finished ones the journal holds for these very lines
-        total, resumable = 0, {}
-        for i, raw in _lines(src):
-            total += 1
-            entry = journal.entries.get(i)
-            if entry is not None and entry[0] == line_hash(raw) and entry[2]:
-                resumable[i] = entry[1]
-        if resumable:
-            log(f"resuming: {len(resumable)} of {total} requests already done (from {journal.path}), "
-                f"{total - len(resumable)} to run")
-        job = _Job(model, tok, name, created, journal, resumable, batch_size)
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=total, initial=len(resumable), unit="req", desc="batch", file=sys.stderr,
-                       dynamic_ncols=True, smoothing=0.1)
-        job.run(_lines(src), bar)
-        if bar is not None:
-            bar.close()
-            bar = None
-        n_out = write_output(out, journal, job.final, created)
-        journal.remove()
-    except KeyboardInterrupt:
-        if bar is not None:
-            bar.close()
-        log(f"interrupted: {journal.path} keeps the finished requests; run the same command again to resume")
-        raise
-    finally:
-        journal.close()
-    dt = time.perf_counter() - t0
-    return {"requests": total, "succeeded": job.ok, "failed": job.failed, "resumed": job.resumed, "ran": job.ran,
-            "prompt_tokens": job.prompt_tokens, "completion_tokens": job.completion_tokens, "seconds": dt,
-            "tokens_per_s": job.completion_tokens / dt if dt else 0.0, "output": str(out), "records": n_out}
 
 
-class _Job:
-    """One pass over the input: parse each line, submit requests (at most a few batches ahead of the
-    engine), journal each record as it is made."""
+class Job:
+    """The bookkeeping of one job, whatever runs its requests (one engine here, Ray replicas in
+    `layerstream.ray`): the input's lines checked in order, the journal (its only writer), the counts, the
+    progress bar and the output. Use as a context manager; `finish()` writes OUT and returns the summary."""
 
-    def __init__(self, model, tok, name, created, journal, resumable, batch_size):
-        self.model, self.tok, self.name, self.created = model, tok, name, created
-        self.journal, self.resumable = journal, resumable
-        self.engine = Engine(model, max_batch=batch_size)
-        self.parser = OpenAIRequests(self.engine, tok, name)
-        self.context = self.engine.context
-        self.ahead = 2 * batch_size
-        self.final: dict[int, int] = dict(resumable)   # line index -> the journal offset of its record
+    def __init__(self, in_path, out_path, header: dict, progress: bool = True):
+        self.src, self.out = check_paths(in_path, out_path)
+        self.created = int(self.src.stat().st_mtime)
+        self.t0 = time.perf_counter()
+        self.journal = Journal(journal_path(self.out), header)
+        self.bar = None
         self.seen: set[str] = set()
-        self.inflight: dict = {}
-        self.ok = self.failed = self.ran = self.prompt_tokens = self.completion_tokens = 0
-        self.resumed = 0
-
-    def run(self, lines, bar):
-        t0 = time.perf_counter()
-        exhausted = False
-        while True:
-            while not exhausted and len(self.inflight) < self.ahead:
-                nxt = next(lines, None)
-                if nxt is None:
-                    exhausted = True
-                    break
-                if self._take(*nxt) and bar is not None:
-                    bar.update(1)
-            if not self.inflight:   # only when the input is exhausted
-                self.journal.sync()
-                return
-            self.engine.step()
-            finished = [rid for rid, req in self.inflight.items() if req["handle"].done]
-            for rid in finished:
-                req = self.inflight.pop(rid)
-                c = req["handle"].result()
-                self._record(req, success(req, c, self.created))
-                self.ok += 1
-                self.ran += 1
-                self.prompt_tokens += c.prompt_tokens
-                self.completion_tokens += c.completion_tokens
-            self.journal.sync()
-            if bar is not None:
-                if finished:
-                    bar.update(len(finished))
-                dt = time.perf_counter() - t0
-                bar.set_postfix_str(f"{self.engine.stats['tokens'] / dt if dt else 0.0:.1f} tok/s", refresh=False)
-
-    def _take(self, i: int, raw: bytes) -> bool:
-        """Handle one input line: resumed, an error record, or submitted. True when it is settled now (an error
-        record for a line the progress bar has not counted yet)."""
-        h = line_hash(raw)
-        digest = hashlib.sha256(f"{i}\n".encode() + raw).hexdigest()[:24]
-        req = {"i": i, "h": h, "digest": digest, "custom_id": None}
+        self.ok = self.failed = self.ran = self.prompt_tokens = self.completion_tokens = self.resumed = 0
         try:
-            obj = envelope(raw, req)
-            if req["custom_id"] in self.seen:
-                raise BadLine("duplicate_custom_id", f"custom_id {req['custom_id']!r} is used by an earlier line; "
-                                                     f"each request needs its own")
-            self.seen.add(req["custom_id"])
+            # first pass: count the requests and find the finished ones the journal holds for these very lines
+            self.total, self.resumable = 0, {}
+            for i, raw in _lines(self.src):
+                self.total += 1
+                entry = self.journal.entries.get(i)
+                if entry is not None and entry[0] == line_hash(raw) and entry[2]:
+                    self.resumable[i] = entry[1]
+            if self.resumable:
+                log(f"resuming: {len(self.resumable)} of {self.total} requests already done (from "
+                    f"{self.journal.path}), {self.total - len(self.resumable)} to run")
+            self.final: dict[int, int] = dict(self.resumable)   # line index -> the journal offset of its record
+            if progress:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=self.total, initial=len(self.resumable), unit="req", desc="batch",
+                                file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+        except BaseException:
+            self.journal.close()
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if self.bar is not None:
+            self.bar.close()
+        if kind is KeyboardInterrupt:
+            log(f"interrupted: {self.journal.path} keeps the finished requests; run the same command again to "
+                f"resume")
+        self.journal.close()
+
+    def requests(self):
+        """(req, obj) for each line to run, in input order: `req` the line's identity (index, hash, digest,
+        custom_id, kind), `obj` its request object. Lines that are not requests are recorded as errors here
+        and resumed ones counted; a duplicate custom_id is known only in order, so this runs in one place."""
+        for i, raw in _lines(self.src):
+            h = line_hash(raw)
+            digest = hashlib.sha256(f"{i}\n".encode() + raw).hexdigest()[:24]
+            req = {"i": i, "h": h, "digest": digest, "custom_id": None}
+            try:
+                obj = envelope(raw, req)
+                if req["custom_id"] in self.seen:
+                    raise BadLine("duplicate_custom_id", f"custom_id {req['custom_id']!r} is used by an earlier "
+                                                         f"line; each request needs its own")
+                self.seen.add(req["custom_id"])
+            except BadLine as e:
+                if req["custom_id"] is not None and e.code != "duplicate_custom_id":
+                    self.seen.add(req["custom_id"])   # a malformed request still claims its custom_id
+                self.record(req, failure(req, e))
+                continue
             if i in self.resumable:
                 self.resumed += 1
                 self.ok += 1
-                return False
+                continue
+            yield req, obj
+
+    def record(self, req: dict, record: dict, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
+        """Journal a line's record (made durable by the next `sync`) and count it."""
+        self.final[req["i"]] = self.journal.append(req["i"], req["h"], record)
+        if record["error"] is None:
+            self.ok += 1
+            self.ran += 1
+            self.prompt_tokens += prompt_tokens
+            self.completion_tokens += completion_tokens
+        else:
+            self.failed += 1
+        if self.resumable.pop(req["i"], None) is None and self.bar is not None:   # else the bar counted it
+            self.bar.update(1)
+
+    def sync(self, tokens: int | None = None) -> None:
+        """fsync the journal; the bar's tokens/s from `tokens` generated so far (default: of finished requests)."""
+        self.journal.sync()
+        if self.bar is not None:
+            dt = time.perf_counter() - self.t0
+            tokens = self.completion_tokens if tokens is None else tokens
+            self.bar.set_postfix_str(f"{tokens / dt if dt else 0.0:.1f} tok/s", refresh=False)
+
+    def finish(self) -> dict:
+        """Write OUT from the journal, remove the journal, and return the summary."""
+        self.journal.sync()
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        n_out = write_output(self.out, self.journal, self.final, self.created)
+        self.journal.remove()
+        dt = time.perf_counter() - self.t0
+        return {"requests": self.total, "succeeded": self.ok, "failed": self.failed, "resumed": self.resumed,
+                "ran": self.ran, "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "seconds": dt, "tokens_per_s": self.completion_tokens / dt if dt else 0.0, "output": str(self.out),
+                "records": n_out}
+
+
+class Runner:
+    """One engine running requests: a request object to a submitted handle, a finished handle to its record."""
+
+    def __init__(self, model, name: str, batch_size: int):
+        self.engine = Engine(model, max_batch=batch_size)
+        self.parser = OpenAIRequests(self.engine, model.tokenizer, name)
+
+    def submit(self, req: dict, obj: dict, refused):
+        """The handle of the request `obj` submitted to the engine, or None after `refused(req, record)` for a
+        request whose body is invalid."""
+        try:
             prompt, params = self.parser.request(obj, req)
             try:
-                req["handle"] = self.engine.submit(prompt, params, request_id=f"line-{i}")
+                return self.engine.submit(prompt, params, request_id=f"line-{req['i']}")
             except InputError as e:
                 raise BadLine("invalid_request", str(e), 400) from None
-            self.inflight[req["handle"].request_id] = req
-            return False
         except BadLine as e:
-            if req["custom_id"] is not None and req["custom_id"] not in self.seen and e.code != "duplicate_custom_id":
-                self.seen.add(req["custom_id"])   # a malformed request still claims its custom_id
-            self._record(req, failure(req, e))
-            self.failed += 1
-            counted = i in self.resumable   # the bar counted it as done already
-            self.resumable.pop(i, None)
-            return not counted
+            refused(req, failure(req, e))
+            return None
 
-    def _record(self, req, record):
-        self.final[req["i"]] = self.journal.append(req["i"], req["h"], record)
+    def result(self, req: dict, handle, created: int) -> tuple[dict, int, int]:
+        """A finished request's record, prompt tokens and completion tokens."""
+        c = handle.result()
+        return success(req, c, created), c.prompt_tokens, c.completion_tokens
+
 
 def _lines(path: Path):
     """(index, bytes) of each non-blank line of a file (index: the 0-based line number; line ends stripped)."""

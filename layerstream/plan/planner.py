@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import BudgetError, InputError
-from ..quant import float_bytes, stored_names
+from ..quant import INT4_GGML, float_bytes, stored_names
 from ..store import Store
 from ..utils import available_ram, fmt_bytes
 from .heat import EXPERT_COUNTS, read_expert_counts
@@ -66,6 +66,8 @@ class Plan:
     kv_per_token: int = 0               # bytes of keys and values per token of one sequence, every layer
     kv_budget: int | None = None        # bytes the KV cache of all sequences in flight may take
     prefix_budget: int = 0              # of which finished requests' KV may keep for reuse (prefix cache)
+    staging: int = 1                    # accelerators: pinned staging buffers per size of part read from disk
+    expert_device: str | None = None    # "cpu": experts computed by the CPU in host RAM (runtime/experts.py)
     _by_name: dict | None = field(default=None, repr=False)
 
     def tier(self, name: str) -> str:
@@ -108,7 +110,22 @@ class Plan:
         sizes = sorted((sum(self.unit_bytes[n] * (self.tier(n) != self.compute_tier) + self.dequant_bytes.get(n, 0)
                             for n in self.parts(u)) for u in self.streamed), reverse=True)
         experts = [u.bytes + self.dequant_bytes.get(u.name, 0) for u in self.units if u.kind == "expert"]
+        if self.expert_device == "cpu" and self.compute_tier == "device":
+            experts = []   # computed where they lie, in host RAM: no device buffers (host_inflight_bytes)
         return sum(sizes[: self.lookahead + 1]) + (2 * self.expert_topk * max(experts) if experts else 0)
+
+    @property
+    def host_inflight_bytes(self) -> int:
+        """Host RAM the loads in flight take (what a RAM budget must hold beside the resident units). On a CPU,
+        the in-flight buffers. On an accelerator those are device memory (in the GPU budget); in host RAM only
+        the pinned staging buffers that disk reads go through, one per size of the parts read from disk (the
+        loader reads one part at a time and its pool keeps them by size), and those of the routed experts on
+        disk. A RAM-resident unit is copied to the device from its own pinned memory: it costs its bytes."""
+        if self.compute_tier == "ram":
+            return self.inflight_bytes
+        sizes = {self.unit_bytes[n] for u in self.streamed for n in self.parts(u) if self.tier(n) == "disk"}
+        experts = [u.bytes for u in self.units if u.kind == "expert" and u.tier == "disk"]
+        return self.staging * sum(sizes) + (2 * self.expert_topk * max(experts) if experts else 0)
 
     def describe(self) -> str:
         lines = [f"plan on {self.device}: {len(self.units)} units, "
@@ -124,7 +141,9 @@ class Plan:
         lines.append(f"  streamed per sweep: {fmt_bytes(self.bytes_per_sweep)}"
                      + (f" ({fmt_bytes(self.bytes_per_sweep - cb)} from disk, {fmt_bytes(cb)} through the page cache)"
                         if cb else " from disk") + "; "
-                     f"in-flight buffers: {fmt_bytes(self.inflight_bytes)} (lookahead {self.lookahead})")
+                     f"in-flight buffers: {fmt_bytes(self.inflight_bytes)} (lookahead {self.lookahead})"
+                     + (f", pinned staging in RAM {fmt_bytes(self.host_inflight_bytes)}"
+                        if self.compute_tier == "device" else ""))
         if self.cached:
             lines.append(f"  page cache: {len(self.cached)} streamed units ({fmt_bytes(cb)}) read through it, "
                          f"the rest with O_DIRECT  {_compact(self.cached)}")
@@ -201,10 +220,11 @@ def _choose(cands: list[UnitPlan], budget: int) -> list[UnitPlan]:
 
 
 def make_plan(store: Store, device: str = "cpu", max_ram=None, max_gpu_memory=None, lookahead: int = 2,
-              packed: bool = False) -> Plan:
+              packed: bool = False, expert_device: str | None = None) -> Plan:
     """Each unit's tier for these budgets. packed: int4 units can compute on their blocks (bfloat16 compute on a
     CPU, torch's int4 kernel): they stay packed even where they would fit as floats (smaller, and faster than
-    bfloat16 matmuls on a CPU: docs/quantization.md)."""
+    bfloat16 matmuls on a CPU: docs/quantization.md). expert_device="cpu": on an accelerator, experts are never
+    placed on the device nor copied to it; they stay in RAM (or on disk) and the CPU computes them."""
     m = store.manifest
     unit_bytes = {u.name: u.bytes for u in m.units}
     tied_embed = any(owner.startswith(_embed_prefix(store)) for owner in m.tied.values())
@@ -212,7 +232,8 @@ def make_plan(store: Store, device: str = "cpu", max_ram=None, max_gpu_memory=No
     for u in m.units:
         load = [u.name] + (["embed"] if u.kind == "head" and tied_embed else [])
         units.append(UnitPlan(u.name, u.kind, u.bytes, load, tied_embed=u.kind == "embed" and tied_embed))
-    plan = Plan(device, units, unit_bytes, 0, None, lookahead, dequant_bytes=_dequant_bytes(store))
+    plan = Plan(device, units, unit_bytes, 0, None, lookahead, dequant_bytes=_dequant_bytes(store),
+                expert_device=expert_device)
     n_experts = sum(1 for u in units if u.kind == "expert" and u.name.startswith(
         next((x.name for x in units if x.kind == "expert"), "\0").rsplit(".", 1)[0] + "."))
     if n_experts:
@@ -224,7 +245,8 @@ def make_plan(store: Store, device: str = "cpu", max_ram=None, max_gpu_memory=No
         if counts:
             plan.notes.append(f"experts ranked by how often the router chose them in earlier runs "
                               f"({sum(counts.values())} expert calls recorded in {EXPERT_COUNTS})")
-    inflight = plan.inflight_bytes  # everything streamed: the largest possible in-flight set
+    # everything streamed: the largest possible in-flight set in host RAM (on an accelerator, its staging)
+    inflight = plan.host_inflight_bytes
     if max_ram is None:
         plan.ram_budget = max(0, available_ram() - RAM_MARGIN)
         plan.notes.append(f"ram budget by default: free RAM minus {fmt_bytes(RAM_MARGIN)}")
@@ -244,7 +266,7 @@ def make_plan(store: Store, device: str = "cpu", max_ram=None, max_gpu_memory=No
         inflight = plan.inflight_bytes
     if sum(unit_bytes.values()) > plan.ram_budget or plan.dequant_bytes:
         resident_budget = max(0, plan.ram_budget - inflight - reserve)
-        if plan.ram_budget < inflight:
+        if plan.ram_budget < inflight and device == "cpu":
             plan.notes.append(f"the budget is below the in-flight buffers ({fmt_bytes(inflight)}): they come on top")
     if device == "cpu":
         _assign(plan, units, "ram", resident_budget, plan.ram_budget - reserve)
@@ -254,7 +276,8 @@ def make_plan(store: Store, device: str = "cpu", max_ram=None, max_gpu_memory=No
 
     # accelerator: device tier first, then pinned RAM
     largest = max(sum(unit_bytes[n] for n in u.load) for u in units if u.kind != "expert")
-    experts = [u.bytes for u in units if u.kind == "expert"]
+    cpu_experts = expert_device == "cpu"
+    experts = [] if cpu_experts else [u.bytes for u in units if u.kind == "expert"]
     need_inflight = largest * (lookahead + 1) + (2 * plan.expert_topk * max(experts) if experts else 0)
     if max_gpu_memory is None:
         free = device_free(device)
@@ -262,17 +285,27 @@ def make_plan(store: Store, device: str = "cpu", max_ram=None, max_gpu_memory=No
         plan.notes.append(f"gpu budget by default: free device memory minus {fmt_bytes(GPU_MARGIN)}")
     else:
         plan.gpu_budget = max_gpu_memory
-    if plan.gpu_budget < need_inflight and sum(unit_bytes.values()) > plan.gpu_budget:
+    if plan.gpu_budget < need_inflight and \
+            sum(u.bytes for u in units if not (cpu_experts and u.kind == "expert")) > plan.gpu_budget:
         raise BudgetError(f"max_gpu_memory {fmt_bytes(plan.gpu_budget)} cannot hold the units in flight: "
                           f"{lookahead + 1} x {fmt_bytes(largest)}"
                           + (f" + routed experts {fmt_bytes(need_inflight - largest * (lookahead + 1))}" if experts
                              else "") + f" = {fmt_bytes(need_inflight)} needed at least "
                           f"(raise the budget or lower lookahead)")
-    on_device = _choose(units, plan.gpu_budget) if sum(unit_bytes.values()) <= plan.gpu_budget else \
-        _choose(units, plan.gpu_budget - need_inflight)
+    cands = [u for u in units if not (cpu_experts and u.kind == "expert")]
+    on_device = _choose(cands, plan.gpu_budget) if sum(u.bytes for u in cands) <= plan.gpu_budget else \
+        _choose(cands, plan.gpu_budget - need_inflight)
     for u in on_device:
         u.tier = "device"
     _assign(plan, [u for u in units if u.tier == "disk"], "ram", resident_budget, plan.ram_budget)
+    # a second staging buffer per size lets a read fill one while the other's copy to the device runs: taken
+    # where the buffers come on top of the budget anyway (max_ram=0), or where the budget has room left for it
+    one = plan.host_inflight_bytes
+    if one and (plan.ram_budget < one or plan.ram_budget - plan.resident("ram") >= 2 * one):
+        plan.staging = 2
+    if plan.ram_budget < plan.resident("ram") + plan.host_inflight_bytes:
+        plan.notes.append(f"the budget is below the pinned staging buffers ({fmt_bytes(plan.host_inflight_bytes)}): "
+                          f"they come on top")
     _kv(plan, store)
     return plan
 
@@ -318,12 +351,12 @@ def _cache_tier(plan: Plan) -> None:
 
 
 def _assign(plan: Plan, cands: list[UnitPlan], tier: str, first: int, budget: int) -> None:
-    """Make `first` bytes of `cands` resident in `tier`; then, while the real in-flight buffers (smaller
-    than the worst case assumed, once the largest units are resident) leave room, take more."""
+    """Make `first` bytes of `cands` resident in `tier`; then, while the real in-flight buffers in host RAM
+    (smaller than the worst case assumed, once the largest units are resident) leave room, take more."""
     for u in _choose(cands, first):
         u.tier = tier
     for _ in range(3):
-        room = budget - plan.inflight_bytes
+        room = budget - plan.host_inflight_bytes
         if room <= plan.resident(tier):
             return
         before = [u.tier for u in cands]
@@ -331,7 +364,7 @@ def _assign(plan: Plan, cands: list[UnitPlan], tier: str, first: int, budget: in
             u.tier = "disk"
         for u in _choose(cands, room):
             u.tier = tier
-        if plan.resident(tier) + plan.inflight_bytes > budget:
+        if plan.resident(tier) + plan.host_inflight_bytes > budget:
             for u, t in zip(cands, before):
                 u.tier = t
             return
@@ -354,7 +387,7 @@ def _int4_units(store: Store) -> set[str]:
     out = set()
     for u in store.manifest.units:
         kinds = {kind for kind, _ in stored_names(u.tensors).values()}
-        if kinds == {"int4"} and u.kind != "expert":
+        if kinds and kinds <= {"int4", *INT4_GGML} and u.kind != "expert":   # a GGUF's 4-bit blocks in place too
             out.add(u.name)
     return out
 
@@ -387,7 +420,7 @@ def choose_io(io: str, plan: Plan) -> tuple[bool, list[str]]:
     if io != "auto":
         return io == "direct", []   # an explicit choice applies to every streamed unit
     streamed = plan.bytes_per_sweep
-    room = available_ram() - plan.inflight_bytes - plan.resident("ram")   # host RAM on any device
+    room = available_ram() - plan.host_inflight_bytes - plan.resident("ram")   # host RAM on any device
     if not (streamed > 0 and streamed > 0.8 * max(0, room)):
         return False, []
     return True, list(plan.cached)

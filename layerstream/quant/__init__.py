@@ -13,8 +13,9 @@ from .blocks import (
                      quantize,
                      stored_names,
 )
-from .gguf import GGML, KEPT_GGUF, dequantize_ggml
+from .gguf import GGML, INT4_GGML, KEPT_GGUF, as_int4, dequantize_ggml
 from .linear import Int4PackedLinear
 
-__all__ = ["BLOCK", "GGML", "KEPT_GGUF", "KINDS", "SUFFIXES", "Int4PackedLinear", "dequantize", "dequantize_ggml",
-           "float_bytes", "float_shape", "from_gguf", "normalize", "quantizable", "quantize", "stored_names"]
+__all__ = ["BLOCK", "GGML", "INT4_GGML", "KEPT_GGUF", "KINDS", "SUFFIXES", "Int4PackedLinear", "as_int4", "dequantize",
+           "dequantize_ggml", "float_bytes", "float_shape", "from_gguf", "normalize", "quantizable", "quantize",
+           "stored_names"]

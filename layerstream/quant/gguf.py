@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 
-# GGUF block types kept bit for bit in a quantized store (besides Q4_1 and Q8_0, which map onto int4 and
-# int8 in blocks.py): (values per block, bytes per block). Stored as `<name>.<type>` (uint8 [rows, bytes per row])
-# and dequantized with torch, as gguf-py (and so transformers) computes them, in float32.
-GGML = {"q4_0": (32, 18), "q5_0": (32, 22), "q5_1": (32, 24), "q4_k": (256, 144), "q5_k": (256, 176),
-        "q6_k": (256, 210)}
-KEPT_GGUF = {"Q4_1", "Q8_0", *(k.upper() for k in GGML)}   # every GGUF block type a quantized store keeps
+# GGUF block types kept bit for bit: (values per block, bytes per block). Stored as `<name>.<type>` (uint8
+# [rows, bytes per row], the file's own bytes) and dequantized with torch, as gguf-py (and so transformers)
+# computes them, in float32. A split with compression="int4" stores Q4_1 and Q8_0 as int4 and int8 blocks
+# (blocks.py: the same values, split into codes and scales); a GGUF served in place keeps them as they lie.
+GGML = {"q4_0": (32, 18), "q4_1": (32, 20), "q5_0": (32, 22), "q5_1": (32, 24), "q8_0": (32, 34),
+        "q4_k": (256, 144), "q5_k": (256, 176), "q6_k": (256, 210)}
+KEPT_GGUF = {k.upper() for k in GGML}   # every GGUF block type kept as it is
 
 
 def _f16(b: torch.Tensor) -> torch.Tensor:
@@ -45,6 +46,10 @@ def dequantize_ggml(kind: str, raw: torch.Tensor) -> torch.Tensor:
     if kind == "q4_0":
         q = _nibbles(b[:, 2:], 32).reshape(-1, 32).float() - 8
         w = _f16(b[:, :2]) * q
+    elif kind == "q4_1":
+        w = _f16(b[:, :2]) * _nibbles(b[:, 4:], 32).reshape(-1, 32).float() + _f16(b[:, 2:4])
+    elif kind == "q8_0":
+        w = _f16(b[:, :2]) * b[:, 2:].contiguous().view(torch.int8).float()
     elif kind in ("q5_0", "q5_1"):
         off = 2 if kind == "q5_0" else 4
         low = _nibbles(b[:, off + 4:], 32).reshape(-1, 32)
@@ -69,3 +74,30 @@ def dequantize_ggml(kind: str, raw: torch.Tensor) -> torch.Tensor:
     else:
         raise ValueError(kind)
     return w.reshape(rows, -1)
+
+
+INT4_GGML = ("q4_0", "q4_1", "q4_k")   # 4-bit block types torch's int4 kernel can take (`as_int4`)
+
+
+def as_int4(kind: str, raw: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """A GGUF tensor's 4-bit blocks (Q4_0, Q4_1, Q4_K; uint8 [rows, bytes per row]) as int4 blocks of 32
+    (`.q4` codes in GGUF Q4_1's nibble order, `.scale` and `.min` in float32, w = q * scale + min): the same
+    values, in the layout torch's int4 kernel is built from (`Int4PackedLinear`). None for other types: 5, 6
+    and 8-bit blocks have no torch kernel that takes them as they are."""
+    if kind not in INT4_GGML:
+        return None
+    rows = raw.shape[0]
+    b = raw.reshape(rows, -1, GGML[kind][1])
+    if kind == "q4_0":
+        d = _f16(b[..., :2])
+        q, scale, low = _nibbles(b[..., 2:], 32), d, -8 * d
+    elif kind == "q4_1":
+        q, scale, low = _nibbles(b[..., 4:], 32), _f16(b[..., :2]), _f16(b[..., 2:4])
+    else:   # eight sub-blocks of 32 per block of 256, each with a six-bit scale and min
+        sc, mn = _k_scales(b[..., 4:16].reshape(-1, 12))
+        q = _nibbles(b[..., 16:], 64)
+        scale = _f16(b[..., :2]) * sc.reshape(rows, -1, 8)
+        low = -(_f16(b[..., 2:4]) * mn.reshape(rows, -1, 8))
+    q = q.reshape(rows, -1, 32)
+    return {".q4": (q[..., :16] | (q[..., 16:] << 4)).reshape(rows, -1), ".scale": scale.reshape(rows, -1),
+            ".min": low.reshape(rows, -1)}

@@ -7,24 +7,37 @@ from torch import nn
 
 from ..errors import InputError
 from ..plan import UnitPlan
+from ..quant import dequantize, stored_names
 from ..store import tensor_views
 
 
 class EmbeddingRows:
-    """Mixed into `Streamer`: hooks the embedding module to gather only the rows its ids need."""
+    """Mixed into `Streamer`: hooks the embedding module to gather only the rows its ids need. A quantized
+    embedding (a GGUF's blocks) is gathered as blocks, the rows of each of its parts, and only those rows are
+    dequantized."""
 
     def _embed_setup(self, emb: UnitPlan, module: nn.Module):
-        (slot,) = self.store.slots("embed")
-        weight_name = slot.name
-        rows, hidden = slot.shape
+        slots = {s.name: s for s in self.store.slots("embed")}
+        quant = stored_names(list(slots))
+        if quant:
+            ((weight_name, (kind, names)),) = quant.items()
+            parts = {suffix: slots[n] for suffix, n in names.items()}
+        else:
+            ((weight_name, slot),) = slots.items()
+            kind, parts = None, {"": slot}
+        rows = next(iter(parts.values())).shape[0]
         if emb.tier == "disk" and self.reader.verify != "never":
             self.store.check_streaming("embed")   # checked once before any row is used, 16 MB at a time
 
         def gather(uniq: torch.Tensor) -> torch.Tensor:
-            if emb.tier == "ram":   # accelerator with the embedding in host RAM
-                host = tensor_views(self.ram_units["embed"], [slot])[weight_name]
-                return host[uniq]
-            return self.reader.read_rows("embed", weight_name, slot, uniq.tolist())
+            if emb.tier != "disk":   # resident (in host RAM for an accelerator, or kept as blocks)
+                host = tensor_views(self.ram_units["embed"], list(parts.values()))
+                got = {sf: host[sl.name][uniq.to(host[sl.name].device)] for sf, sl in parts.items()}
+            else:
+                got = {sf: self.reader.read_rows("embed", sl.name, sl, uniq.tolist()) for sf, sl in parts.items()}
+            if kind is None:
+                return got[""]
+            return dequantize(kind, got, self.dtype)
 
         state = {}
 

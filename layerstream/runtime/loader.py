@@ -72,9 +72,7 @@ class Loader:
             self.reader.read(p, buf[off:off + n])
             return None
         if tier == "disk":
-            st = self.staging.acquire(n)
-            if st[1] is not None:
-                st[1].synchronize()
+            st = self.staging.acquire_idle(n, self.plan.staging)   # two: this read overlaps the last copy
             self.reader.read(p, st[0])
             src = st[0]
         else:

@@ -102,6 +102,7 @@ class BufferPool:
     def __init__(self, device: torch.device, pin: bool, profiler: Profiler):
         self.device, self.pin, self.prof = device, pin, profiler
         self.free: dict[int, list] = defaultdict(list)
+        self.made: dict[int, int] = defaultdict(int)   # buffers of each size acquire_idle has made
         self.lock = threading.Lock()    # the loader acquires, the compute thread releases
 
     def acquire(self, size: int):
@@ -110,6 +111,27 @@ class BufferPool:
                 return self.free[size].pop()
             self.prof.allocations += 1
         return [aligned_empty(size, self.device, self.pin), None]
+
+    def acquire_idle(self, size: int, most: int):
+        """A buffer of `size` whose last use has finished, waiting as little as possible: a free one whose
+        event has completed, else a new one while fewer than `most` of this size exist, else the free one
+        used longest ago, once its event completes. Pinned staging: with two, a read fills one while the
+        other's copy to the device runs."""
+        with self.lock:
+            free = self.free[size]
+            for i, e in enumerate(free):
+                if e[1] is None or e[1].query():
+                    return free.pop(i)
+            if free and self.made[size] >= most:
+                e = free.pop(0)
+            else:
+                e = None
+                self.made[size] += 1
+                self.prof.allocations += 1
+        if e is None:
+            return [aligned_empty(size, self.device, self.pin), None]
+        e[1].synchronize()
+        return e
 
     def release(self, entry) -> None:
         with self.lock:

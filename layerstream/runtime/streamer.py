@@ -16,7 +16,7 @@ from torch import nn
 
 from ..arch import Layout
 from ..plan import Plan
-from ..quant import Int4PackedLinear, dequantize, stored_names
+from ..quant import INT4_GGML, Int4PackedLinear, as_int4, dequantize, stored_names
 from ..store import Store, aligned_empty, tensor_views
 from .embedding import EmbeddingRows
 from .experts import ExpertRouting
@@ -94,6 +94,8 @@ class Streamer(ExpertRouting, EmbeddingRows):
         for base, (kind, names) in quant.items():
             mod_name, attr = base.rsplit(".", 1)
             parts = {s: views[n] for s, n in names.items()}
+            if kind in INT4_GGML:   # a GGUF's 4-bit blocks as they lie in the file: the same values as int4 blocks
+                kind, parts = "int4", as_int4(kind, parts["." + kind])
             if kind != "int4" or attr != "weight" or not Int4PackedLinear.supported(mods[mod_name], parts, self.dtype):
                 return False   # this unit goes through the loader (dequantized each use)
             todo.append((mod_name, parts))
@@ -135,7 +137,7 @@ class Streamer(ExpertRouting, EmbeddingRows):
         emb = next((u for u in self.plan.units if u.kind == "embed"), None)
         emb_mod = mods[self.lay.embed_module]
         self.handles.append(emb_mod.register_forward_pre_hook(self._sweep_start, with_kwargs=True))
-        if emb is not None and emb.tier != self.plan.compute_tier:
+        if emb is not None and (emb.tier != self.plan.compute_tier or "embed" in self.plan.dequant_bytes):
             self._embed_setup(emb, emb_mod)
         for u in self.lay.units:
             if u.name not in streamed:

@@ -161,20 +161,32 @@ class GGUFSource:
             if len(ts) > 1:
                 return None
             raw = torch.from_numpy(np.array(ts[0].data))
-            rows = raw.shape[0]
             if raw.dim() != 2:
                 return None
-            perm = self.processor.process(weights=np.arange(rows, dtype=np.float64).reshape(rows, 1),
-                                          name=ts[0].name, tensor_key_mapping={}, parsed_parameters={}).weights
-            perm = np.asarray(perm).reshape(-1)
-            if perm.shape != (rows,) or not np.array_equal(np.sort(perm), np.arange(rows)):
+            perm = self.row_permutation(ts[0])
+            if perm is None:
                 return None   # the processor does more than reorder rows: go through the float weight
-            raws = [raw[torch.from_numpy(perm.astype(np.int64))]]
+            raws = [raw[torch.from_numpy(perm)]]
         if ggml in ("Q4_1", "Q8_0"):
             parts = [from_gguf(r, ggml, r.shape[0])[1] for r in raws]
         else:
             parts = [{"." + ggml.lower(): r.contiguous()} for r in raws]
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def row_permutation(self, t):
+        """How transformers' tensor processor orders the rows of GGUF tensor `t`: new row k = old row perm[k]
+        (int64; the identity for most tensors, Llama's q/k interleaving undone for others). None where it does
+        more than reorder rows (Gemma's norms, stored as 1 + w; a transpose): the tensor is then computed."""
+        import numpy as np
+
+        rows = int(t.data.shape[0])
+        self._mapping()   # (makes the processor)
+        probe = np.arange(rows, dtype=np.float64).reshape(rows, 1)
+        perm = np.asarray(self.processor.process(weights=probe, name=t.name, tensor_key_mapping={},
+                                                 parsed_parameters={}).weights)
+        if perm.shape != (rows, 1) or not np.array_equal(np.sort(perm[:, 0]), np.arange(rows)):
+            return None
+        return perm[:, 0].astype(np.int64)
 
     def save_extras(self, out: Path) -> None:
         from transformers import AutoTokenizer, GenerationConfig

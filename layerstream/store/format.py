@@ -108,10 +108,10 @@ class Store:
                 try:
                     st = os.stat(f)
                 except OSError:
-                    raise StoreError(f"{f}: source shard of this in-place store is missing; restore it or index "
+                    raise StoreError(f"{f}: source file of this in-place store is missing; restore it or index "
                                      f"the model again (`layerstream split --in-place SRC {self.path}`)") from None
                 if (st.st_size, st.st_mtime_ns) != (size, mtime):
-                    raise StoreError(f"{f}: source shard changed since it was indexed (size or mtime); index the "
+                    raise StoreError(f"{f}: source file changed since it was indexed (size or mtime); index the "
                                      f"model again (`layerstream split --in-place SRC {self.path}`)")
             return
         for u in self.manifest.units:

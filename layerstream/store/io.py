@@ -109,6 +109,11 @@ class UnitLayout:
     # tensors made of pieces: (buffer offset of the joined tensor, [(buffer offset of a piece, bytes)]),
     # copied end to end after the reads
     joins: list[tuple[int, list[tuple[int, int]]]] = field(default_factory=list)
+    # tensors whose rows the model takes in another order than the file holds them (a GGUF's attention q/k
+    # rows, which llama.cpp's converter interleaves): (buffer offset of the reordered tensor, buffer offset of
+    # the rows as read, rows, bytes per row, order), reordered after the reads; order is [a, b, c] (rows seen
+    # as [a, b, c], the last two swapped) or the list of source rows
+    perms: list[tuple[int, int, int, int, list]] = field(default_factory=list)
 
 
 def aligned_empty(size: int, device="cpu", pin: bool = False) -> torch.Tensor:
@@ -120,17 +125,24 @@ def aligned_empty(size: int, device="cpu", pin: bool = False) -> torch.Tensor:
     return raw[off: off + size]
 
 
-def make_layout(ranges: list[tuple[Path, int, int]], slots: list[tuple[TensorSlot, int | list]]) -> UnitLayout:
-    """slots: (slot, range index) with begin/end inside that range; or (slot, [(range index, begin, end)
-    ...]) for a tensor joined from pieces (its slot's begin/end are then unused)."""
+def make_layout(ranges: list[tuple[Path, int, int]], slots: list[tuple]) -> UnitLayout:
+    """slots: (slot, range index) with begin/end inside that range, or (slot, range index, order) for rows
+    reordered after the read (`UnitLayout.perms`); or (slot, [(range index, begin, end) ...]) for a tensor
+    joined from pieces (its slot's begin/end are then unused)."""
     reads, data, off = [], [], 0
     for path, b, e in ranges:
         a0, a1 = b - b % ALIGN, -(-e // ALIGN) * ALIGN
         reads.append((path, a0, a1, off))
         data.append((off + b - a0, e - b))
         off += a1 - a0
-    out, where, joins = [], {}, []
-    for slot, ri in slots:
+    out, where, joins, perms = [], {}, [], []
+    for slot, ri, *order in slots:
+        if order and order[0] is not None:   # reordered rows, at the end of the buffer
+            size = slot.end - slot.begin
+            perms.append((off, data[ri][0] + slot.begin, slot.shape[0], size // slot.shape[0], order[0]))
+            out.append(TensorSlot(slot.name, slot.dtype, slot.shape, off, off + size))
+            off += -(-size // 64) * 64
+            continue
         if isinstance(ri, list):   # joined after the reads, at the end of the buffer
             pieces = [(data[r][0] + b, e - b) for r, b, e in ri]
             size = sum(n for _, n in pieces)
@@ -142,19 +154,20 @@ def make_layout(ranges: list[tuple[Path, int, int]], slots: list[tuple[TensorSlo
         base = data[ri][0]
         out.append(TensorSlot(slot.name, slot.dtype, slot.shape, base + slot.begin, base + slot.end))
         where[slot.name] = (ranges[ri][0], ranges[ri][1] + slot.begin)
-    return UnitLayout(reads, data, out, off, where, joins)
+    return UnitLayout(reads, data, out, off, where, joins, perms)
 
 
-def in_place_slots(slots: dict) -> list[tuple[TensorSlot, int | list]]:
-    """A manifest's in-place slot entries as make_layout takes them."""
+def in_place_slots(slots: dict) -> list[tuple]:
+    """A manifest's in-place slot entries as make_layout takes them: [dtype, shape, range index, begin, end]
+    (and an order of the rows, when the model takes them reordered), or [dtype, shape, pieces]."""
     out = []
     for n, entry in slots.items():
         dt, shape, *rest = entry
         if len(rest) == 1:   # pieces
             out.append((TensorSlot(n, DTYPES[dt], tuple(shape), 0, 0), [tuple(p) for p in rest[0]]))
         else:
-            ri, b, e = rest
-            out.append((TensorSlot(n, DTYPES[dt], tuple(shape), b, e), ri))
+            ri, b, e, *order = rest
+            out.append((TensorSlot(n, DTYPES[dt], tuple(shape), b, e), ri, *order))
     return out
 
 
@@ -217,4 +230,36 @@ def read_layout(layout: UnitLayout, dest: torch.Tensor, direct: bool = False, po
         for src, n in pieces:
             dest[off: off + n].copy_(dest[src: src + n])
             off += n
+    for off, src, rows, width, order in layout.perms:   # rows the model takes in another order
+        reorder_rows(dest[src: src + rows * width].view(rows, width), dest[off: off + rows * width].view(rows, width),
+                     order)
     return sum(got)
+
+
+def reorder_rows(src: torch.Tensor, out: torch.Tensor, order: list) -> None:
+    """out = src's rows in `order`: [a, b, c] (rows seen as [a, b, c], the last two swapped: how llama.cpp's
+    converter interleaves each attention head's q/k rows, undone) or the list of source rows."""
+    if len(order) == 3 and len(order) != src.shape[0]:
+        a, b, c = order
+        out.view(a, c, b, -1).copy_(src.view(a, b, c, -1).transpose(1, 2))
+    else:
+        torch.index_select(src, 0, torch.tensor(order, dtype=torch.long), out=out)
+
+
+def row_order(perm) -> list | None:
+    """A row permutation (new row k = old row perm[k]) as `reorder_rows` takes it: None for the identity,
+    [a, b, c] where it is that swap, else the list itself."""
+    import numpy as np
+
+    perm = np.asarray(perm).reshape(-1)
+    rows = len(perm)
+    if np.array_equal(perm, np.arange(rows)):
+        return None
+    divisors = [d for d in range(1, rows + 1) if rows % d == 0]
+    for a in divisors:
+        for b in (d for d in divisors if (rows // a) % d == 0):
+            c = rows // a // b
+            swapped = np.arange(rows).reshape(a, b, c).transpose(0, 2, 1).reshape(-1)
+            if b > 1 and c > 1 and np.array_equal(perm, swapped):
+                return [a, b, c]
+    return [int(x) for x in perm]

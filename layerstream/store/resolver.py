@@ -8,14 +8,16 @@ from ..errors import SourceError, StoreError
 from ..sources import download_hub, embedded_model, looks_like_hub_id, open_source
 from ..utils import log
 from .format import Store
+from .inplace import index_gguf
 from .writer import _source_dtype, _units_of, default_store_path, index_in_place, split
 
 
 def resolve(source=None, store_path=None, dtype=None, progress=True, in_place=None, quantize=None) -> Path:
     """A store path for any source: an existing store, or one made now (or reused from the cache).
 
-    in_place: serve a safetensors source from its own shards (None: whenever it needs no dtype conversion);
-    otherwise the source is split into a store of its own."""
+    in_place: serve a safetensors source from its own shards (None: whenever it needs no dtype conversion), a
+    GGUF from its own blocks (None: unless a quantization is asked; its blocks are dequantized to the compute
+    dtype as they load); otherwise the source is split into a store of its own."""
     if source is None:
         source = embedded_model()
     if Store.is_store(source):
@@ -27,7 +29,11 @@ def resolve(source=None, store_path=None, dtype=None, progress=True, in_place=No
     from ..quant import normalize
 
     quant = normalize(quantize)
-    out = Path(store_path) if store_path is not None else default_store_path(src, quant, dtype)
+    # a GGUF is served as it is (its blocks dequantized to the compute dtype as they load) unless a copy
+    # (in_place=False: float weights, in `dtype` or float32) or a quantization is asked
+    gguf_in_place = src.kind == "gguf" and in_place is not False and quant is None
+    out = Path(store_path) if store_path is not None else \
+        default_store_path(src, quant, None if gguf_in_place else dtype, in_place=gguf_in_place)
     if Store.is_store(out):
         m = Store(out).manifest
         if m.quantization != quant and quantize is not None:
@@ -44,8 +50,10 @@ def resolve(source=None, store_path=None, dtype=None, progress=True, in_place=No
         _units_of(src)
         in_place = not src.fp8_block and not src.needs_conversion() and \
             (dtype is None or _source_dtype(src, names) == dtype)
+    if gguf_in_place:
+        return index_gguf(src, out, progress=progress)
     if in_place:
         if src.kind != "safetensors":
-            raise SourceError(f"{src.path}: only safetensors checkpoints can be served in place; split it")
+            raise SourceError(f"{src.path}: only safetensors and GGUF files can be served in place; split it")
         return index_in_place(src, out, progress=progress)
     return split(src, out, dtype=dtype, progress=progress)

@@ -17,19 +17,21 @@ from pathlib import Path
 
 import torch
 
-from ..errors import DiskSpaceError, SourceError, StoreError
+from ..errors import DiskSpaceError, InputError, SourceError, StoreError
 from ..sources import SafetensorsSource, open_source
 from ..utils import cache_dir, fmt_bytes, log
 from .format import MANIFEST, Manifest, Store, UnitInfo
-from .io import aligned_empty, atomic_write_bytes, fsync_dir, read_header
+from .io import atomic_write_bytes, fsync_dir, read_header
 
 PROGRESS = "split-progress.jsonl"
 
 
-def default_store_path(src, quant: str | None = None, dtype: torch.dtype | None = None) -> Path:
-    """Where a source's store goes by default: one per source, quantization and requested dtype."""
+def default_store_path(src, quant: str | None = None, dtype: torch.dtype | None = None, in_place: bool = False) -> Path:
+    """Where a source's store goes by default: one per source, quantization and requested dtype (a GGUF served in
+    place: `-gguf`, apart from the float store that earlier versions split it into)."""
     return cache_dir() / "stores" / (f"{src.name}-{src.identity}" + (f"-{quant}" if quant else "")
-                                     + (f"-{str(dtype).replace('torch.', '')}" if dtype is not None else ""))
+                                     + (f"-{str(dtype).replace('torch.', '')}" if dtype is not None else "")
+                                     + ("-gguf" if in_place else ""))
 
 
 def _write_unit(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[int, str, str]:
@@ -49,19 +51,21 @@ def _write_unit(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[int, str,
     return len(data), hashlib.sha256(data).hexdigest(), xxhash.xxh3_64_hexdigest(data)
 
 
-def _unit_tensors(src, u, dtype: torch.dtype, quant: str | None) -> dict[str, torch.Tensor]:
+def _unit_tensors(src, u, dtype: torch.dtype, quant: str | None, pool=None) -> dict[str, torch.Tensor]:
     """The tensors a unit's file holds: floats in the store dtype; with `quant`, the linear weights of the
-    decoder layers and an untied head as int8/int4 blocks (a GGUF's own Q4_1/Q8_0 blocks kept exactly)."""
+    decoder layers and an untied head as int8/int4 blocks (a GGUF's own blocks kept exactly, the embedding's too),
+    their chunks of rows quantized by `pool`'s threads when given."""
     from ..quant import quantizable, quantize
 
     tensors = {}
     quantized = quant is not None and u.kind != "embed"
     for n in u.params:
-        parts = src.get_quantized(n, quant) if quantized else None
+        # a GGUF's own blocks are kept wherever they are, its embedding's too (gathered as blocks, row by row)
+        parts = src.get_quantized(n, quant) if quant is not None else None
         if parts is None:
             t = src.get(n)
             if quantized and t.is_floating_point() and quantizable(n, t.shape, quant):
-                parts = quantize(t, quant)
+                parts = quantize(t, quant, pool=pool)
         if parts is not None:
             tensors.update({n + suffix: v.contiguous() for suffix, v in parts.items()})
         else:
@@ -87,12 +91,25 @@ def _units_of(src):
     return skeleton, lay, names
 
 
-def split(source, out=None, dtype: torch.dtype | None = None, progress: bool = True, quantize=None) -> Path:
+def cores() -> int:
+    """The CPUs this process may run on (its affinity mask, which a container's cpuset narrows)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def split(source, out=None, dtype: torch.dtype | None = None, progress: bool = True, quantize=None,
+          workers: int | None = None) -> Path:
     """Split `source` (a path or a source object) into a store at `out`; resumes an interrupted split.
-    quantize: "int8" / "int4" (or "8bit" / "4bit") for block-wise quantized linear weights."""
+    quantize: "int8" / "int4" (or "8bit" / "4bit") for block-wise quantized linear weights.
+    workers: threads quantizing (default: one per core); the store is the same bytes whatever the number."""
     from ..quant import normalize
 
     quant = normalize(quantize)
+    workers = cores() if workers is None else int(workers)
+    if workers < 1:
+        raise InputError(f"workers must be at least 1, not {workers}")
     from tqdm import tqdm
 
     src = source if hasattr(source, "get") else open_source(source)
@@ -112,7 +129,7 @@ def split(source, out=None, dtype: torch.dtype | None = None, progress: bool = T
 
     def est(n: str, quant=quant, per_weight=per_weight) -> float:
         k = src.numel(n)
-        if quant and n not in embed_params and kept_bytes(n) is not None:
+        if quant and kept_bytes(n) is not None:
             return kept_bytes(n)
         if per_weight and n not in embed_params and (n.endswith(".weight") or ".experts." in n) and k > 4096:
             return k * per_weight
@@ -152,23 +169,22 @@ def split(source, out=None, dtype: torch.dtype | None = None, progress: bool = T
         hint = ""
         if kept:
             small = int(sum(est(n, "int4", 0.625) for n in names))
-            hint = (f"; or keep this GGUF's {', '.join(sorted(kept))} blocks as they are with compression='int4' "
+            hint = (f"; or keep this GGUF's {', '.join(sorted(kept))} blocks as they are: serve it in place (the "
+                    f"default without a dtype; `layerstream split --in-place`), no copy, or with compression='int4' "
                     f"(--quantize int4): about {fmt_bytes(small)}")
         raise DiskSpaceError(f"{out}: the store needs {fmt_bytes(need - have)} more but only {fmt_bytes(free)} is "
                              f"free; free space or choose another output directory (--out / store_path){hint}")
     if kept:
         log(f"note: {src.path.name} holds {', '.join(sorted(kept))} blocks; this store holds them as {store_dtype}. "
-            f"compression='int4' (--quantize int4) keeps them as they are (the embedding is kept as floats)")
+            f"Served in place (the default without a dtype; `layerstream split --in-place`) they stay as they are")
     log(f"splitting {src.path} -> {out} ({len(lay.units)} units, {fmt_bytes(need)}, {store_dtype}"
         + (f"; resuming, {len(done)} done" if done else "") + ")")
 
     bar = tqdm(total=need, unit="B", unit_scale=True, desc="split", disable=not progress, file=sys.stderr)
     bar.update(have)
-    with open(prog, "a") as progf:
-        for u in lay.units:
-            if u.name in done:
-                continue
-            tensors = _unit_tensors(src, u, store_dtype, quant)
+    todo = [u for u in lay.units if u.name not in done]
+    with open(prog, "a") as progf, _Quantizers(workers if quant else 1) as pool:
+        for u, tensors in pool.units(todo, lambda u: _unit_tensors(src, u, store_dtype, quant, pool.chunks)):
             rel = f"units/{u.name}.safetensors"
             size, sha, xx = _write_unit(out / rel, tensors)
             rec = {"name": u.name, "kind": u.kind, "file": rel, "bytes": size, "sha256": sha, "xxh3": xx,
@@ -198,6 +214,48 @@ def split(source, out=None, dtype: torch.dtype | None = None, progress: bool = T
     return out
 
 
+class _Quantizers:
+    """The threads of a quantizing split: `workers` threads quantize the chunks of rows of one unit's weights
+    (each with cores // workers torch threads: the search's small ops gain more from threads of their own
+    than from torch's), and one more makes the next unit while the caller writes this one. At most two units
+    are in flight, quantized (0.3-0.5x their float size) but for the tensor being quantized. With one worker
+    there are no threads: the caller makes each unit itself, as a split without quantization does."""
+
+    def __init__(self, workers: int):
+        self.workers, self.chunks, self.ahead, self.before = workers, None, None, torch.get_num_threads()
+
+    def __enter__(self):
+        if self.workers > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            intra = max(1, cores() // self.workers)
+            self.chunks = ThreadPoolExecutor(self.workers, thread_name_prefix="quantize",
+                                             initializer=torch.set_num_threads, initargs=(intra,))
+            self.ahead = ThreadPoolExecutor(1, thread_name_prefix="split-ahead")
+        return self
+
+    def units(self, todo: list, make):
+        """(unit, make(unit)) in order; with threads, the next unit is made while the caller handles this one."""
+        if self.ahead is None:
+            for u in todo:
+                yield u, make(u)
+            return
+        nxt = self.ahead.submit(make, todo[0]) if todo else None
+        for i, u in enumerate(todo):
+            tensors = nxt.result()
+            nxt = self.ahead.submit(make, todo[i + 1]) if i + 1 < len(todo) else None
+            yield u, tensors
+
+    def __exit__(self, *exc):
+        # on an error or a kill's KeyboardInterrupt: queued chunks are cancelled, running ones (ms) end
+        for ex in (self.ahead, self.chunks):
+            if ex is not None:
+                ex.shutdown(wait=False, cancel_futures=True)
+        if self.chunks is not None:
+            torch.set_num_threads(self.before)   # the workers' setting is also the default of later threads
+        return False
+
+
 def _source_dtype(src, names) -> torch.dtype | None:
     dtypes = set()
     for f in src.files:
@@ -210,9 +268,7 @@ def index_in_place(src: SafetensorsSource, out, progress: bool = True) -> Path:
     """A store that points into the source's own shards: no second copy of the model on disk. Each unit is
     a list of byte ranges of the shards (contiguous tensors merged); its xxh3 is computed now, by reading
     the model once."""
-    from tqdm import tqdm
-
-    from .io import DTYPE_NAMES, in_place_slots, layout_xxh3, make_layout, read_layout
+    from .inplace import finish_in_place, place_unit
 
     out = Path(out)
     skeleton, lay, names = _units_of(src)
@@ -241,46 +297,8 @@ def index_in_place(src: SafetensorsSource, out, progress: bool = True) -> Path:
         size = (slot.end - slot.begin) // slot.shape[0]
         return f, slot.begin + row * size, slot.begin + (row + 1) * size, tuple(slot.shape[1:]), slot.dtype
 
-    units, total = [], 0
-    for u in lay.units:
-        where = {n: [locate(k, row) for k, row in pieces[n]] for n in u.params}
-        ranges, placed = [], {}
-        for f, b, e, *_ in sorted({p for ps in where.values() for p in ps}, key=lambda p: (str(p[0]), p[1])):
-            if ranges and ranges[-1][0] == str(f) and ranges[-1][2] >= b:
-                ranges[-1][2] = max(ranges[-1][2], e)
-            else:
-                ranges.append([str(f), b, e])
-            placed[(f, b)] = len(ranges) - 1
-        slots = {}
-        for n in u.params:
-            ps = [(placed[(f, b)], b - ranges[placed[(f, b)]][1], e - ranges[placed[(f, b)]][1])
-                  for f, b, e, *_ in where[n]]
-            shape, dt = list(where[n][0][3]), DTYPE_NAMES[where[n][0][4]]
-            if len(ps) > 1:   # joined along the first dimension
-                shape[0] = sum(p[3][0] for p in where[n])
-                if all(q[0] == p[0] and q[1] == p[2] for p, q in zip(ps, ps[1:])):
-                    ps = [(ps[0][0], ps[0][1], ps[-1][2])]   # already end to end in the shard (gate, then up)
-            slots[n] = [dt, shape, *ps[0]] if len(ps) == 1 else [dt, shape, [list(p) for p in ps]]
-        size = sum(e - b for _, b, e in ranges)
-        units.append(UnitInfo(u.name, u.kind, "", size, "", "", sorted(u.params), ranges, slots))
-        total += size
-    log(f"indexing {src.path} in place -> {out} ({len(units)} units, {fmt_bytes(total)}, {dtype}; no copy)")
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="checksum", disable=not progress, file=sys.stderr)
-    for u in units:
-        lt = make_layout([(Path(f), b, e) for f, b, e in u.ranges], in_place_slots(u.slots))
-        buf = aligned_empty(lt.size)
-        read_layout(lt, buf)
-        u.xxh3 = layout_xxh3(lt, buf)
-        bar.update(u.bytes)
-    bar.close()
-    out.mkdir(parents=True, exist_ok=True)
-    src.config.save_pretrained(out)
-    src.save_extras(out)
-    files = {str(f): [f.stat().st_size, f.stat().st_mtime_ns] for f in src.files}
-    arch = (getattr(src.config, "architectures", None) or [type(skeleton).__name__])[0]
-    manifest = Manifest(architecture=arch, model_type=src.config.model_type, dtype=str(dtype).replace("torch.", ""),
-                        source={"kind": src.kind, "path": str(src.path), "identity": src.identity}, units=units,
-                        tied=lay.tied, in_place=True, source_files=files)
-    fsync_dir(out)
-    atomic_write_bytes(out / MANIFEST, manifest.to_json().encode())
-    return out
+    units = [place_unit(u.name, u.kind, {n: [locate(k, row) for k, row in pieces[n]] for n in u.params})
+             for u in lay.units]
+    log(f"indexing {src.path} in place -> {out} ({len(units)} units, {fmt_bytes(sum(u.bytes for u in units))}, "
+        f"{dtype}; no copy)")
+    return finish_in_place(src, out, skeleton, lay, units, dtype, list(src.files), progress=progress)

@@ -211,6 +211,64 @@ def test_gpu_then_pinned_ram_then_disk(tmp_path):
     assert plan.resident("device") <= HEAD + LAYER
 
 
+def test_gpu_ram_tier_costs_its_bytes_and_the_staging_of_disk_reads(tmp_path):
+    """On an accelerator the in-flight buffers are device memory (in the GPU budget); host RAM holds the
+    RAM-resident units and one pinned staging buffer per size of the parts read from disk. tests/test_cuda.py's
+    `mixed` case: max_ram of 2 layers = 1 resident layer + the staging of a layer (the RAM budget was charged
+    with the 3 device-side loads and no layer stayed in RAM)."""
+    store = fake_store(tmp_path)
+    plan = make_plan(store, "cuda", max_ram=2 * LAYER, max_gpu_memory=3 * LAYER + 2 * LAYER)
+    t = tiers(plan)
+    assert [n for n, v in t.items() if v == "device"] == ["layer.3", "head"]
+    assert [n for n, v in t.items() if v == "ram"] == ["layer.2"]
+    assert {t[f"layer.{i}"] for i in range(6)} == {"device", "ram", "disk"}
+    assert plan.host_inflight_bytes == LAYER and plan.inflight_bytes == 3 * LAYER
+    assert plan.resident("ram") + plan.host_inflight_bytes <= plan.ram_budget
+    assert "pinned staging in RAM 1.0 KB" in plan.describe()
+    # everything but the head in RAM: nothing read from disk, no staging
+    plan = make_plan(store, "cuda", max_ram=7 * LAYER + EMBED, max_gpu_memory=3 * LAYER + HEAD)
+    assert plan.host_inflight_bytes == 0 and plan.resident("ram") == 6 * LAYER + EMBED
+    # on a CPU the in-flight buffers are host RAM: the same budget keeps nothing resident
+    assert make_plan(store, "cpu", max_ram=2 * LAYER).resident("ram") == 0
+
+
+def test_gpu_second_staging_buffer_only_where_it_costs_no_resident_unit(tmp_path):
+    """A second pinned staging buffer per size (a read fills one while the other's copy runs) where the buffers
+    come on top of the budget anyway (max_ram=0) or where the budget has room left for it; not at the price
+    of a RAM-resident unit."""
+    store = fake_store(tmp_path)
+    gpu = 3 * LAYER + 2 * LAYER
+    plan = make_plan(store, "cuda", max_ram=0, max_gpu_memory=gpu)
+    assert plan.staging == 2 and plan.host_inflight_bytes == 2 * LAYER and plan.resident("ram") == 0
+    assert any("below the pinned staging buffers (2.0 KB)" in n for n in plan.notes)
+    everything = make_plan(store, "cuda", max_ram=0, max_gpu_memory=10**6)   # nothing read from disk: no note
+    assert everything.host_inflight_bytes == 0 and not any("below the" in n for n in everything.notes)
+    plan = make_plan(store, "cuda", max_ram=2 * LAYER, max_gpu_memory=gpu)   # the mixed case: 1 layer + 1 buffer
+    assert plan.staging == 1 and plan.resident("ram") == LAYER
+    plan = make_plan(store, "cuda", max_ram=4 * LAYER, max_gpu_memory=gpu)
+    assert plan.resident("ram") + plan.host_inflight_bytes <= plan.ram_budget
+    assert make_plan(store, "cpu", max_ram=0).staging == 1
+
+
+def test_gpu_experts_on_the_cpu_stay_in_ram_and_take_no_device_buffers(tmp_path):
+    """expert_device="cpu": the dense part takes the GPU, the experts RAM (then disk); the GPU holds no
+    buffers for routed experts, so a budget of the dense loads in flight is enough."""
+    store = fake_store(tmp_path, layers=3, experts=8, topk=2)
+    dense = 3 * LAYER + HEAD   # the untied embedding is read by rows
+    with pytest.raises(BudgetError, match="routed experts"):
+        make_plan(store, "cuda", max_ram=10**6, max_gpu_memory=3 * LAYER)
+    plan = make_plan(store, "cuda", max_ram=10**6, max_gpu_memory=3 * LAYER, expert_device="cpu")
+    t = tiers(plan)
+    assert {v for n, v in t.items() if ".expert." in n} == {"ram"} and plan.inflight_bytes == 3 * LAYER
+    plan = make_plan(store, "cuda", max_ram=10**6, max_gpu_memory=dense + 3 * LAYER, expert_device="cpu")
+    t = tiers(plan)
+    assert all(v == "device" for n, v in t.items() if ".expert." not in n and n != "embed")
+    assert {v for n, v in t.items() if ".expert." in n} == {"ram"}
+    plan = make_plan(store, "cuda", max_ram=0, max_gpu_memory=dense + 3 * LAYER, expert_device="cpu")
+    assert {v for n, v in tiers(plan).items() if ".expert." in n} == {"disk"}
+    assert plan.host_inflight_bytes == 2 * 2 * 100   # the routed experts read into host memory
+
+
 # ------------------------------------------------------------------ choose_io
 
 def test_choose_io_explicit_modes(tmp_path):

@@ -162,3 +162,18 @@ def test_normalize():
 ])
 def test_quantizable(name, shape, kind, want):
     assert quantizable(name, shape, kind) is want
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_chunks_quantized_by_a_pool_of_threads_give_the_same_bytes(kind, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import layerstream.quant.blocks as q
+
+    monkeypatch.setattr(q, "CHUNK", 3 * 256)   # 3 rows a chunk: 6 chunks, the last one short
+    w = weight(rows=17)
+    alone = quantize(w, kind)
+    with ThreadPoolExecutor(4) as pool:
+        pooled = quantize(w, kind, pool=pool)
+    assert alone.keys() == pooled.keys()
+    assert all(torch.equal(alone[k], pooled[k]) for k in alone)

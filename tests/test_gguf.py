@@ -1,0 +1,149 @@
+"""Quantized GGUF files served as they are: by default a GGUF's blocks are read in place from the file (no copy,
+the embedding's included), and the output is transformers' own on the same file."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from layerstream import AutoModel
+from layerstream.errors import StoreError
+
+from gguf_tiny import make_gemma_gguf, make_llama_gguf
+
+# every test reads a GGUF (parsing its 49k-token vocabulary takes seconds) and indexes or splits it
+pytestmark = pytest.mark.slow
+
+IDS = torch.tensor([[1, 7, 3, 99, 45, 12, 500, 4000]])
+TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "config.json", "generation_config.json"}
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma"])
+def gguf_model(request, tmp_path_factory):
+    """(family, GGUF path, its default store (made by opening the file with no options), transformers' logits
+    and greedy tokens on IDS from the same file)."""
+    d = tmp_path_factory.mktemp(request.param)
+    g = {"llama": make_llama_gguf, "gemma": make_gemma_gguf}[request.param](d / f"tiny-{request.param}.gguf")
+    ref = AutoModelForCausalLM.from_pretrained(g.parent, gguf_file=g.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = ref(IDS).logits
+    tokens = ref.generate(IDS, max_new_tokens=8, do_sample=False)
+    AutoModel.from_pretrained(g, store_path=d / "store", progress=False).close()
+    return request.param, g, d / "store", logits, tokens
+
+
+def store_files(store):
+    return {f.relative_to(store): f.stat().st_size for f in store.rglob("*") if f.is_file()}
+
+
+@pytest.mark.parametrize("max_ram", [None, 0])
+def test_quantized_gguf_served_in_place_by_default(gguf_model, tmp_path, max_ram):
+    """With no options, a K-quant GGUF (Llama: Q4_K, Q5_K, Q6_K, Q4_0, Q5_0, Q5_1, Q8_0; Gemma: Q4_K and Q6_K,
+    its embedding tied) is served from the file itself: the store holds a manifest and the tokenizer, and, for
+    Gemma, its norms as transformers computes them (the file holds 1 + w): a few KB beside the file. Resident
+    and streamed, the logits and greedy tokens are transformers' own from the same file."""
+    family, g, store, logits, tokens = gguf_model
+    m = AutoModel.from_pretrained(store, max_ram=max_ram, progress=False)
+    man = m.store.manifest
+    assert man.in_place and man.quantization == "gguf" and str(g) in man.source_files
+    files = store_files(store)
+    weights = sum(size for f, size in files.items() if f.name not in TOKENIZER_FILES)
+    assert weights < 0.01 * g.stat().st_size, files   # no copy of the weights: the manifest (+ Gemma's norms)
+    extras = {f for f in files if f.parts[0] == "extras"}
+    if family == "gemma":
+        from safetensors import safe_open
+
+        computed = [k for f in extras for k in safe_open(store / f, "pt").keys()]
+        assert computed and all(k.endswith("norm.weight") for k in computed), computed
+    else:
+        assert not extras
+        # Llama's q/k rows, which llama.cpp's converter interleaves, are reordered as they load (an order in the
+        # manifest, [heads, head_dim / 2, 2]): not written out again
+        layer = next(u for u in man.units if u.kind == "layer")
+        q = layer.slots["model.layers.0.self_attn.q_proj.weight.q4_k"]
+        assert q[-1] == [4, 32, 2], q
+    embed = next(u for u in man.units if u.kind == "embed")
+    assert len(embed.tensors) == 1 and embed.tensors[0].endswith((".q4_k", ".q6_k"))   # the embedding as blocks
+    with torch.no_grad():
+        torch.testing.assert_close(m(IDS).logits, logits, rtol=1e-4, atol=1e-4)
+    assert m.generate(IDS, max_new_tokens=8, do_sample=False).tolist() == tokens.tolist()
+    if max_ram == 0 and family == "llama":   # an untied embedding: only the batch's rows are read, as blocks
+        per_sweep = sum(u.bytes for u in man.units if u.kind != "embed")
+        # (within one unit: the first sweep's first unit may be read ahead before the count starts)
+        assert 0.7 * per_sweep < m.last_stats["bytes_per_token"] < per_sweep + 0.1 * embed.bytes, \
+            (m.last_stats, per_sweep, embed.bytes)
+    m.close()
+
+
+def test_gguf_store_refuses_a_changed_file(gguf_model, tmp_path):
+    """An in-place store reads the GGUF itself: once the file changes (here: its recorded mtime no longer
+    matches), opening the store says so and how to index it again, instead of reading other bytes than it
+    checked."""
+    import json
+    import shutil
+
+    _, g, store, *_ = gguf_model
+    moved = tmp_path / "store"
+    shutil.copytree(store, moved)
+    man = json.loads((moved / "manifest.json").read_text())
+    man["source_files"][str(g)][1] -= 1
+    (moved / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(StoreError, match=f"{g}: source file changed since it was indexed"):
+        AutoModel.from_pretrained(moved, max_ram=0, progress=False)
+
+
+@pytest.mark.parametrize("gguf_model", ["llama"], indirect=True)
+def test_gguf_float_store_on_request(gguf_model, tmp_path):
+    """A float store stays available: with in_place=False (`--copy`) the GGUF is split into float weights
+    (float32, or the dtype asked), dequantized as transformers dequantizes them (its size is the floats')."""
+    family, g, _, logits, _ = gguf_model
+    m = AutoModel.from_pretrained(g, in_place=False, store_path=tmp_path / "store", max_ram=0, progress=False)
+    assert not m.store.manifest.in_place and not m.store.manifest.quantization
+    assert sum(u.bytes for u in m.store.manifest.units) > 4 * g.stat().st_size
+    with torch.no_grad():
+        torch.testing.assert_close(m(IDS).logits, logits, rtol=1e-4, atol=1e-4)
+    m.close()
+
+
+def test_4bit_gguf_blocks_run_torch_int4_kernel_in_bf16(tmp_path):
+    """Q4_0, Q4_1 and Q4_K blocks, resident on the CPU with bfloat16 compute, run torch's int4 kernel on the
+    file's blocks repacked once at load (no float weight made, none dequantized per sweep): as close to
+    transformers' float32 logits as bf16 compute on the dequantized weights is."""
+    from layerstream.quant import Int4PackedLinear
+
+    types = {"token_embd": "Q4_K", "output": "Q4_K", "attn_q": "Q4_K", "attn_k": "Q4_0", "attn_v": "Q4_1",
+             "attn_output": "Q4_K", "ffn_gate": "Q4_K", "ffn_up": "Q4_0", "ffn_down": "Q4_K"}
+    g = make_llama_gguf(tmp_path / "tiny-q4.gguf", types=types)
+    ref = AutoModelForCausalLM.from_pretrained(g.parent, gguf_file=g.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = ref(IDS).logits
+    store = tmp_path / "store"
+    streamed = AutoModel.from_pretrained(g, store_path=store, max_ram=0, dtype=torch.bfloat16, progress=False)
+    m = AutoModel.from_pretrained(store, dtype=torch.bfloat16, progress=False)
+    packed = [n for n, mod in m.model.named_modules() if isinstance(mod, Int4PackedLinear)]
+    assert len(packed) == 2 * 7 + 1, packed   # every linear weight of both layers, and the head
+    with torch.no_grad():
+        err_dequant = (streamed(IDS).logits.float() - want).abs().max()
+        got = m(IDS).logits.float()
+    err_packed = (got - want).abs().max()
+    assert err_packed <= 2 * err_dequant + 1e-3, (err_packed, err_dequant)
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.85
+    streamed.close()
+    m.close()
+
+
+def test_float_gguf_tensors_served_in_place(tmp_path):
+    """F16 and BF16 tensors of a GGUF (gguf-py reads BF16 as bytes) are served in place as they are, Llama's
+    interleaved q/k rows reordered whatever their dtype, and converted to the compute dtype as they load."""
+    types = {**{k: "Q8_0" for k in ("token_embd", "output", "attn_v", "attn_output", "ffn_gate", "ffn_up",
+                                    "ffn_down")}, "attn_q": "BF16", "attn_k": "F16"}
+    g = make_llama_gguf(tmp_path / "tiny-f.gguf", types=types)
+    ref = AutoModelForCausalLM.from_pretrained(g.parent, gguf_file=g.name, dtype=torch.float32).eval()
+    m = AutoModel.from_pretrained(g, store_path=tmp_path / "store", max_ram=0, progress=False)
+    layer = next(u for u in m.store.manifest.units if u.kind == "layer")
+    assert layer.slots["model.layers.0.self_attn.q_proj.weight"][:2] == ["BF16", [256, 256]]
+    assert layer.slots["model.layers.0.self_attn.k_proj.weight"][0] == "F16"
+    assert not (tmp_path / "store" / "extras").exists() or not any((tmp_path / "store" / "extras").iterdir())
+    with torch.no_grad():
+        torch.testing.assert_close(m(IDS).logits, ref(IDS).logits, rtol=1e-4, atol=1e-4)
+    m.close()
