@@ -19,7 +19,6 @@ Run:  .venv/bin/python bench/quant.py [--split-layers 2] [--split-kinds int8,int
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import sys
 
@@ -152,7 +151,7 @@ def split_speed(layers: int, kind: str, workers: int, threads: int) -> dict:
 
 
 def split_table(layers: int, kinds: list[str], wait_quiet: float, timeout: float) -> None:
-    from layerstream.store.writer import cores
+    from layerstream.utils import cores
 
     n = cores()
     harness.run_child(harness.self_cmd(__file__, "--make", layers))   # written once, not timed
@@ -219,7 +218,9 @@ def main() -> int:
     print()
     harness.table(["setting", "tok/s", "store", "top-1", "KL", "linear layers on the int4 kernel"], rows)
     print(f"(top-1 and KL over {tokens} tokens of a fixed text, against the fp32 model)")
-    for threads in sorted({1, os.cpu_count() or 1}):
+    from layerstream.utils import cores
+
+    for threads in sorted({1, cores()}):
         c = harness.run_child(harness.self_cmd(__file__, "--speed", threads), wait_quiet=a.wait_quiet)
         r = c.result
         if r is None:

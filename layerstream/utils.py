@@ -73,6 +73,14 @@ def available_ram() -> int:
     return max(avail, 0)
 
 
+def cores() -> int:
+    """The CPUs this process may run on (its affinity mask, which a container's cpuset narrows)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def peak_rss() -> int:
     """Peak resident set size of this process in bytes."""
     import resource

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 import weakref
@@ -16,7 +15,7 @@ from ..options import Options
 from ..plan import choose_io, make_plan, record_expert_counts
 from ..runtime import Profiler, Streamer
 from ..store import Store, resolve
-from ..utils import log
+from ..utils import cores, log
 
 DTYPE_ALIASES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
                  "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "auto": None}
@@ -94,7 +93,7 @@ class StreamedModel:
         # a CPU's cores compute (one reader: a page-cache read is a memory copy); an accelerator's are free to
         # fill its pinned staging buffers in parallel (one reader copied 5.4 GB/s out of the page cache on an H200 box)
         readers = opts.readers or (4 if self.direct or self.fadvise else
-                                   1 if self.device.type == "cpu" else min(8, os.cpu_count() or 1))
+                                   1 if self.device.type == "cpu" else min(8, cores()))
         self.streamer = Streamer(self.model, self.layout, self.store, self.plan, self.device, self.dtype,
                                  opts.prefetch, self.profiler, opts.verify, progress=bar.update if bar else None,
                                  direct=self.direct, readers=readers, fadvise=self.fadvise)

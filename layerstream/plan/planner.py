@@ -227,7 +227,7 @@ def make_plan(store: Store, device: str = "cpu", max_ram=None, max_gpu_memory=No
     placed on the device nor copied to it; they stay in RAM (or on disk) and the CPU computes them."""
     m = store.manifest
     unit_bytes = {u.name: u.bytes for u in m.units}
-    tied_embed = any(owner.startswith(_embed_prefix(store)) for owner in m.tied.values())
+    tied_embed = head_tied_to_embedding(store)
     units = []
     for u in m.units:
         load = [u.name] + (["embed"] if u.kind == "head" and tied_embed else [])
@@ -401,9 +401,11 @@ def _experts_per_token(store: Store) -> int:
     return 1
 
 
-def _embed_prefix(store: Store) -> str:
+def head_tied_to_embedding(store: Store) -> bool:
+    """Whether the head's weight is the embedding's (tied): then whoever runs the head loads the embedding."""
     emb = next((u for u in store.manifest.units if u.kind == "embed"), None)
-    return emb.tensors[0].rsplit(".", 1)[0] if emb and emb.tensors else "\0"
+    prefix = emb.tensors[0].rsplit(".", 1)[0] if emb and emb.tensors else "\0"
+    return any(owner.startswith(prefix) for owner in store.manifest.tied.values())
 
 
 def choose_io(io: str, plan: Plan) -> tuple[bool, list[str]]:

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..errors import InputError, LayerstreamError
 from ..options import Options
-from ..plan.planner import _embed_prefix
+from ..plan import head_tied_to_embedding
 from ..utils import log
 from . import RESTARTS, connect, failed_for_good
 
@@ -70,7 +70,7 @@ def stage_ranges(store, n: int) -> list[tuple[int, int]]:
 def stage_store(store, a: int, b: int, first: bool, last: bool):
     """A view of `store` whose manifest lists only a stage's units: layers a..b-1 (and their experts), the
     embedding in the first stage, the head in the last (and the embedding when the head is tied to it)."""
-    tied = any(owner.startswith(_embed_prefix(store)) for owner in store.manifest.tied.values())
+    tied = head_tied_to_embedding(store)
 
     def mine(name: str) -> bool:
         m = _LAYER.match(name)

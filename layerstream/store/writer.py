@@ -19,7 +19,7 @@ import torch
 
 from ..errors import DiskSpaceError, InputError, SourceError, StoreError
 from ..sources import SafetensorsSource, open_source
-from ..utils import cache_dir, fmt_bytes, log
+from ..utils import cache_dir, cores, fmt_bytes, log
 from .format import MANIFEST, Manifest, Store, UnitInfo
 from .io import atomic_write_bytes, fsync_dir, read_header
 
@@ -90,13 +90,6 @@ def _units_of(src):
                           f"(e.g. {missing[0]}); is it complete and of this architecture?")
     return skeleton, lay, names
 
-
-def cores() -> int:
-    """The CPUs this process may run on (its affinity mask, which a container's cpuset narrows)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def split(source, out=None, dtype: torch.dtype | None = None, progress: bool = True, quantize=None,

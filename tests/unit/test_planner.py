@@ -297,3 +297,28 @@ def test_choose_io_auto_is_buffered_when_nothing_streams(tmp_path, monkeypatch):
     monkeypatch.setattr(planner, "available_ram", lambda: 0)
     assert plan.bytes_per_sweep == 0
     assert choose_io("auto", plan) == (False, [])
+
+
+def test_expert_counts_of_processes_sharing_a_store_add_up(tmp_path):
+    """Pipeline stages each see only their own units; replicas record at the same time: no count is lost."""
+    import json
+    import threading
+    from types import SimpleNamespace
+
+    from layerstream.plan import EXPERT_COUNTS, read_expert_counts, record_expert_counts
+
+    first = SimpleNamespace(path=tmp_path, units={"layer.0.expert.1": None})
+    second = SimpleNamespace(path=tmp_path, units={"layer.1.expert.2": None})
+    record_expert_counts(first, {"layer.0.expert.1": 3})
+    record_expert_counts(second, {"layer.1.expert.2": 5})
+    assert json.loads((tmp_path / EXPERT_COUNTS).read_text()) == {"layer.0.expert.1": 3, "layer.1.expert.2": 5}
+    assert read_expert_counts(first) == {"layer.0.expert.1": 3}
+
+    threads = [threading.Thread(target=lambda: [record_expert_counts(first, {"layer.0.expert.1": 1})
+                                                for _ in range(25)]) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert read_expert_counts(first) == {"layer.0.expert.1": 103}
+    assert read_expert_counts(second) == {"layer.1.expert.2": 5}
