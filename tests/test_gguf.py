@@ -147,3 +147,25 @@ def test_float_gguf_tensors_served_in_place(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(m(IDS).logits, ref(IDS).logits, rtol=1e-4, atol=1e-4)
     m.close()
+
+
+def test_opening_a_gguf_parses_it_once(gguf_model, tmp_path, monkeypatch):
+    """Config, tensor map and tokenizer come from one parse of the file (each parse of a 49k-token vocabulary
+    costs seconds), and gguf and transformers are as they were afterwards."""
+    import gguf
+    import transformers.modeling_gguf_pytorch_utils as mg
+
+    from layerstream.sources import open_source
+    from layerstream.store.writer import _units_of
+
+    family, g, _, _, _ = gguf_model
+    parses = []
+    init = gguf.gguf_reader.GGUFReader.__init__
+    monkeypatch.setattr(gguf.gguf_reader.GGUFReader, "__init__",
+                        lambda self, *a, **k: (parses.append(a), init(self, *a, **k))[1])
+    load, reader = mg.load_gguf_checkpoint, gguf.GGUFReader
+    src = open_source(g)
+    _, lay, _ = _units_of(src)
+    src.save_extras(tmp_path)
+    assert len(parses) == 1 and (tmp_path / "tokenizer.json").exists() and lay.units
+    assert mg.load_gguf_checkpoint is load and gguf.GGUFReader is reader

@@ -2,13 +2,52 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import importlib.util
+import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from ..errors import SourceError
 from ..utils import file_identity, log
+
+
+@contextmanager
+def _parsed_once(memo: dict):
+    """transformers reads a GGUF's metadata with `load_gguf_checkpoint` for the config, again for the
+    tokenizer's config and again for the tensor map, and each call parses the whole file, its vocabulary
+    too (seconds each for a 49k-token vocabulary); `get_gguf_hf_weights_map` builds gguf's tensor-name map
+    anew for each of the model's modules. Within this block one `GGUFReader` per file serves layerstream and
+    transformers, the first parse serves the later ones (a deep copy each: callers may change what they get)
+    and each name map is built once. The memo lives in the source that opens the file."""
+    import gguf
+    import transformers.modeling_gguf_pytorch_utils as mg
+
+    load, names, reader = mg.load_gguf_checkpoint, gguf.get_tensor_name_map, gguf.GGUFReader
+
+    def load_once(path, return_tensors=False, *args, **kwargs):
+        if return_tensors or args or kwargs:
+            return load(path, return_tensors, *args, **kwargs)
+        key = ("parsed", os.path.realpath(path))
+        if key not in memo:
+            memo[key] = load(path, return_tensors=False)
+        return copy.deepcopy(memo[key])
+
+    def reader_once(path, mode="r"):   # read only: load_gguf_checkpoint and layerstream share one
+        key = ("reader", os.path.realpath(path), mode)
+        if key not in memo:
+            memo[key] = reader(path, mode)
+        return memo[key]
+
+    mg.load_gguf_checkpoint, gguf.get_tensor_name_map = load_once, functools.lru_cache(maxsize=None)(names)
+    gguf.GGUFReader = reader_once
+    try:
+        yield
+    finally:
+        mg.load_gguf_checkpoint, gguf.get_tensor_name_map, gguf.GGUFReader = load, names, reader
 
 
 class GGUFSource:
@@ -27,12 +66,14 @@ class GGUFSource:
 
         if importlib.util.find_spec("gguf") is None:
             raise SourceError("reading .gguf files needs the `gguf` package: pip install gguf")
-        from gguf import GGUFReader
-
         self.path = path
+        self._parsed: dict = {}   # the file's reader and transformers' parse of it, shared (_parsed_once)
         try:
-            self.reader = GGUFReader(path)
-            self.config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+            with _parsed_once(self._parsed):
+                import gguf
+
+                self.reader = gguf.GGUFReader(path)
+                self.config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
         except (ValueError, KeyError, OSError) as e:
             raise SourceError(f"{path}: not a readable GGUF model ({e})") from None
         arch = self._field("general.architecture")
@@ -57,16 +98,18 @@ class GGUFSource:
                 TENSOR_PROCESSORS,
                 TensorProcessor,
                 get_gguf_hf_weights_map,
-                load_gguf_checkpoint,
             )
 
             from ..arch import build_skeleton
 
-            parsed = load_gguf_checkpoint(str(self.path), return_tensors=False)
-            arch = self._field("general.architecture")
-            self.processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed["config"])
-            skeleton = build_skeleton(self.config, torch.float32, device="meta")
-            g2h = get_gguf_hf_weights_map(skeleton, self.processor)
+            with _parsed_once(self._parsed):
+                import transformers.modeling_gguf_pytorch_utils as mg
+
+                parsed = mg.load_gguf_checkpoint(str(self.path), return_tensors=False)
+                arch = self._field("general.architecture")
+                self.processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed["config"])
+                skeleton = build_skeleton(self.config, torch.float32, device="meta")
+                g2h = get_gguf_hf_weights_map(skeleton, self.processor)
             self._map = {}
             for t in self.reader.tensors:
                 # stacked experts map without the `.weight` (transformers' fused parameters have none)
@@ -192,6 +235,7 @@ class GGUFSource:
         from transformers import AutoTokenizer, GenerationConfig
 
         log("reading the tokenizer from the GGUF file")
-        tok = AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
+        with _parsed_once(self._parsed):
+            tok = AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
         tok.save_pretrained(out)
         GenerationConfig.from_model_config(self.config).save_pretrained(out)
