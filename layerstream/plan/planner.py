@@ -333,6 +333,9 @@ def _kv(plan: Plan, store: Store) -> None:
     else:
         left = (plan.gpu_budget or 0) - plan.resident("device") - plan.inflight_bytes
     plan.kv_budget = max(left, MIN_KV)
+    if left < MIN_KV:
+        plan.notes.append(f"the budget leaves {fmt_bytes(max(left, 0))} for the KV cache: it gets the minimum, "
+                          f"{fmt_bytes(MIN_KV)}, on top")
     plan.prefix_budget = prefix_budget(plan.kv_budget, plan.kv_per_token)
 
 

@@ -121,6 +121,16 @@ def test_nothing_resident_at_max_ram_0(tmp_path):
     assert any("below the in-flight buffers" in n for n in plan.notes)
 
 
+def test_a_budget_that_leaves_no_room_for_the_kv_cache_says_its_minimum_comes_on_top(tmp_path):
+    store = fake_store(tmp_path)
+    (tmp_path / "config.json").write_text('{"num_hidden_layers": 6, "num_key_value_heads": 2, "head_dim": 8}')
+    plan = make_plan(Store(tmp_path), "cpu", max_ram=0)
+    assert plan.kv_per_token == 2 * 6 * 2 * 8 * 4 and plan.kv_budget == planner.MIN_KV
+    assert any("KV cache: it gets the minimum" in n for n in plan.notes)
+    roomy = make_plan(store, "cpu", max_ram=10 * planner.MIN_KV)
+    assert roomy.kv_budget > planner.MIN_KV and not any("KV cache" in n for n in roomy.notes)
+
+
 def test_tied_head_reads_the_embedding_each_sweep(tmp_path):
     plan = make_plan(fake_store(tmp_path, tied=True), "cpu", max_ram=0)
     head = next(u for u in plan.units if u.name == "head")
