@@ -30,7 +30,8 @@ class Options:
     machine: `pipeline` (N: the layers split over N Ray actors, each with these budgets; `pipeline_cpus` CPUs
     each, or one GPU each on a CUDA device; layerstream.ray.pipeline). Mixture of experts: `expert_device`
     ("cpu": on a GPU, the experts stay in host RAM and the CPU computes them where they lie, the dense part
-    on the GPU; runtime/experts.py)."""
+    on the GPU; runtime/experts.py). Fine-tuned variants: `adapter` (a PEFT LoRA directory, kept resident and
+    added to the linear layers' outputs, the store unchanged; runtime/lora.py)."""
 
     device: str = "cpu"
     dtype: object = None
@@ -51,6 +52,7 @@ class Options:
     pipeline: int | None = None
     pipeline_cpus: float = 1
     expert_device: str | None = None
+    adapter: str | None = None
 
     def __post_init__(self):
         self.ram_bytes = parse_size(self.max_ram, "max_ram")

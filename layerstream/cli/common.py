@@ -31,6 +31,8 @@ def model_args(p: argparse.ArgumentParser) -> None:
                         "serving it in place")
     p.add_argument("--draft", default=None, metavar="int4|PATH",
                    help="speculative decoding: a resident int4 copy of the model (or another model) drafts tokens")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors), kept resident")
     p.add_argument("--expert-device", default=None, choices=["cpu"],
                    help="a MoE model on a GPU: its experts stay in RAM and the CPU computes them")
     p.add_argument("--verbose", "-v", action="store_true", help="print the residency plan")
@@ -124,4 +126,5 @@ def options_of(a):
                    prefetch=not a.no_prefetch, store_path=a.store, profiling=a.profile, lookahead=a.lookahead,
                    threads=a.threads, io=a.io, in_place=False if a.copy else None, compression=a.quantize,
                    draft=getattr(a, "draft", None), pipeline=getattr(a, "pipeline", None),
-                   pipeline_cpus=getattr(a, "pipeline_cpus", 1), expert_device=getattr(a, "expert_device", None))
+                   pipeline_cpus=getattr(a, "pipeline_cpus", 1), expert_device=getattr(a, "expert_device", None),
+                   adapter=getattr(a, "adapter", None))

@@ -99,6 +99,12 @@ class StreamedModel:
                                  direct=self.direct, readers=readers, fadvise=self.fadvise)
         if bar:
             bar.close()
+        self.adapter = None   # a LoRA adapter on the linear layers (runtime/lora.py), resident
+        if opts.adapter:
+            from ..runtime.lora import attach_adapter
+
+            self.adapter = attach_adapter(opts.adapter, self.model, self.dtype, self.device)
+            self.plan.notes.append(self.adapter.describe())
         # after the resident load: units computed on packed weights need no streaming
         self.threads = compute_threads(opts.threads, streaming=bool(self.plan.streamed) and opts.prefetch,
                                        direct=self.direct)

@@ -29,7 +29,7 @@ def open_draft(source, draft: str, options):
         m = AutoModel.from_pretrained(source, opts)
     else:
         opts = options.replace(store_path=None, in_place=None, compression=None, max_ram=None, max_gpu_memory=None,
-                               draft=None)
+                               draft=None, adapter=None)   # another model: the target's adapter is not its
         log(f"opening the draft model {draft}")
         m = AutoModel.from_pretrained(draft, opts)
     if m.plan.streamed:
