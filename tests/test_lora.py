@@ -67,8 +67,9 @@ def test_adapter_gives_peft_logits_and_tokens(adapted, tmp_path, max_ram):
 
 def test_rslora_and_rank_pattern_scale_as_peft(tmp_path):
     base = make_model_dir(tmp_path / "base", "llama")
-    ref = make_adapter(base, tmp_path / "adapter", use_rslora=True, rank_pattern={"v_proj": 2},
-                       alpha_pattern={"o_proj": 3})
+    ref = make_adapter(base, tmp_path / "adapter", use_rslora=True,
+                       rank_pattern={"v_proj": 2, r"layers\.2\.mlp\.down_proj": 3},
+                       alpha_pattern={"o_proj": 3, r"layers\.1\.self_attn\.q_proj": 5})
     m = AutoModel.from_pretrained(base, adapter=str(tmp_path / "adapter"), max_ram=0, progress=False)
     try:
         assert_like_transformers(m, ref, IDS, 6)

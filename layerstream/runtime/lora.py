@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -95,16 +96,15 @@ def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def _scale(cfg: dict, name: str, rank: int) -> float:
-    """PEFT's scaling of one module: lora_alpha / r (rsLoRA: / sqrt(r)), with per-module patterns."""
-    def pattern(key, default):
-        for pat, value in (cfg.get(key) or {}).items():
-            if name == pat or name.endswith("." + pat):
-                return value
-        return default
-
-    r = pattern("rank_pattern", cfg.get("r", rank))
-    alpha = pattern("alpha_pattern", cfg.get("lora_alpha", r))
-    return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    """PEFT's scaling of one module: lora_alpha / r (rsLoRA: / sqrt(r)). r is the module's own rank (its
+    lora_A's rows: what `rank_pattern` set it to); `alpha_pattern` keys match the module's name as PEFT
+    matches them (`get_pattern_key`: a regex for the name's tail)."""
+    alpha = cfg.get("lora_alpha", rank)
+    for key, value in (cfg.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            alpha = value
+            break
+    return alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
 
 
 def attach_adapter(path, model: nn.Module, dtype: torch.dtype, device: torch.device) -> Adapter:
