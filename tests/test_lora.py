@@ -78,17 +78,26 @@ def test_rslora_and_rank_pattern_scale_as_peft(tmp_path):
 
 
 def test_one_store_serves_with_and_without_the_adapter(adapted, tmp_path):
+    """...and a batch job's journal tells them apart (a rerun with another adapter redoes every request)."""
+    from layerstream.engine.journal import fingerprint
+
     base, adapter, ref = adapted
     store = tmp_path / "s"
     plain = AutoModel.from_pretrained(base, store_path=store, progress=False)
     with_adapter = AutoModel.from_pretrained(store, adapter=str(adapter), progress=False)
+    other_dir = tmp_path / "other"
+    make_adapter(base, other_dir, seed=2)
+    other = AutoModel.from_pretrained(store, adapter=str(other_dir), progress=False)
     try:
         with torch.no_grad():
             torch.testing.assert_close(plain(IDS).logits, reference(base)(IDS).logits, rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(with_adapter(IDS).logits, ref(IDS).logits, rtol=1e-4, atol=1e-4)
+        prints = [fingerprint(m, "tiny") for m in (plain, with_adapter, other)]
+        assert prints[0]["adapter"] is None and len({p["adapter"] for p in prints}) == 3
     finally:
         plain.close()
         with_adapter.close()
+        other.close()
 
 
 @pytest.mark.slow

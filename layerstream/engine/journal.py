@@ -29,7 +29,7 @@ def fingerprint(model, name: str) -> dict:
     m = model.store.manifest
     return {"store": str(Path(model.store.path).resolve()), "source": (m.source or {}).get("identity"),
             "quantization": m.quantization, "dtype": str(model.dtype), "device": model.device.type,
-            "model_name": name}
+            "model_name": name, "adapter": getattr(getattr(model, "adapter", None), "identity", None)}
 
 
 class Journal:

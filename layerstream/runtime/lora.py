@@ -15,6 +15,7 @@ Refused with a message: DoRA, LoRA on embeddings, `fan_in_fan_out` (Conv1D layer
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -31,10 +32,17 @@ PREFIX = "base_model.model."
 
 
 class Adapter:
-    """A LoRA adapter attached to a model: `modules` adapted, `bytes` resident; `detach()` removes it."""
+    """A LoRA adapter attached to a model: `modules` adapted, `bytes` resident, `identity` (sha256 of its two
+    files: what a batch job's journal records); `detach()` removes it."""
 
     def __init__(self, path: Path, hooks: list, modules: list[str], nbytes: int, rank: int):
         self.path, self.hooks, self.modules, self.bytes, self.rank = path, hooks, modules, nbytes, rank
+        h = hashlib.sha256()
+        for name in (CONFIG, WEIGHTS):
+            with open(path / name, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        self.identity = h.hexdigest()[:16]
 
     def describe(self) -> str:
         return (f"LoRA adapter {self.path.name}: rank {self.rank}, {len(self.modules)} linear layers, "
@@ -130,7 +138,7 @@ def attach_adapter(path, model: nn.Module, dtype: torch.dtype, device: torch.dev
         ranks.add(rank)
     if not hooks:
         raise InputError(f"adapter {path}: {WEIGHTS} holds no LoRA weights")
-    ad = Adapter(Path(path), hooks, sorted(pairs), nbytes, max(ranks))
+    ad = Adapter(Path(path).expanduser(), hooks, sorted(pairs), nbytes, max(ranks))
     log(ad.describe())
     return ad
 
