@@ -309,3 +309,25 @@ def test_a_killed_stage_is_restarted_and_its_sequence_replayed(cluster, stores):
         assert pm.last_stats["restarts"] == 1 and pm.info[1]["pid"] != pid
     finally:
         pm.close()
+
+
+@pytest.mark.slow
+def test_a_pipeline_runs_a_lora_adapter_on_every_stage(cluster, stores, tmp_path):
+    """Each stage hooks the adapter onto its own layers: the logits and greedy tokens of one process with it."""
+    pytest.importorskip("peft")
+    from test_lora import make_adapter
+
+    from layerstream import AutoModel
+
+    make_adapter(Path(stores["llama"]).parent / "llama", tmp_path / "adapter")
+    one = AutoModel.from_pretrained(stores["llama"], progress=False, threads=1, adapter=str(tmp_path / "adapter"))
+    ids = torch.tensor([[1, 5, 9, 22, 7, 3, 44]])
+    want_logits, want = one(ids).logits, one.generate(ids, max_new_tokens=10, do_sample=False)
+    pm = AutoModel.from_pretrained(stores["llama"], progress=False, threads=1, pipeline=2,
+                                   adapter=str(tmp_path / "adapter"))
+    try:
+        torch.testing.assert_close(pm(ids).logits, want_logits, rtol=1e-5, atol=1e-5)
+        assert pm.generate(ids, max_new_tokens=10).tolist() == want.tolist()
+    finally:
+        pm.close()
+        one.close()
