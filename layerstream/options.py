@@ -31,7 +31,8 @@ class Options:
     each, or one GPU each on a CUDA device; layerstream.ray.pipeline). Mixture of experts: `expert_device`
     ("cpu": on a GPU, the experts stay in host RAM and the CPU computes them where they lie, the dense part
     on the GPU; runtime/experts.py). Fine-tuned variants: `adapter` (a PEFT LoRA directory, kept resident and
-    added to the linear layers' outputs, the store unchanged; runtime/lora.py)."""
+    added to the linear layers' outputs, the store unchanged; runtime/lora.py) and `lora` ({name: directory}:
+    more adapters, each request choosing one by name in the engine, the server and batch jobs)."""
 
     device: str = "cpu"
     dtype: object = None
@@ -53,6 +54,7 @@ class Options:
     pipeline_cpus: float = 1
     expert_device: str | None = None
     adapter: str | None = None
+    lora: dict | None = None
 
     def __post_init__(self):
         self.ram_bytes = parse_size(self.max_ram, "max_ram")
@@ -68,6 +70,9 @@ class Options:
             raise InputError(f"pipeline must be a positive number of stages, got {self.pipeline!r}")
         if not isinstance(self.pipeline_cpus, (int, float)) or self.pipeline_cpus <= 0:
             raise InputError(f"pipeline_cpus must be a positive number, got {self.pipeline_cpus!r}")
+        if self.lora is not None and not (isinstance(self.lora, dict) and
+                                          all(isinstance(k, str) and k for k in self.lora)):
+            raise InputError(f"lora must be a dict of adapter name -> directory, got {self.lora!r}")
         if self.expert_device not in (None, "cpu"):
             raise InputError(f"expert_device must be None or 'cpu', got {self.expert_device!r}")
 

@@ -184,3 +184,133 @@ def test_an_int4_draft_carries_the_adapter_and_greedy_tokens_stay_peft(adapted, 
         assert m.last_stats["drafted"] > 0
     finally:
         m.close()
+
+
+def test_requests_choose_their_adapter_within_one_sweep(adapted, tmp_path):
+    """Two named adapters and the base model, three requests in one sweep: each gets its own model's greedy
+    tokens; a prompt computed under one adapter is not borrowed from the prefix cache by another."""
+    base, a1, ref1 = adapted
+    a2 = tmp_path / "a2"
+    ref2 = make_adapter(base, a2, seed=5)
+    plain = reference(base)
+    m = AutoModel.from_pretrained(base, lora={"one": str(a1), "two": str(a2)}, store_path=tmp_path / "s",
+                                  progress=False)
+    try:
+        assert m.adapter is None and list(m.lora.adapters) == ["one", "two"]
+        prompt = [1, 7, 3, 99, 45, 12, 100, 17, 5, 9, 22]   # longer than the prefix cache's shortest share
+
+        def want(ref, p):
+            out = ref.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False)[0, len(p):].tolist()
+            return out
+
+        eng = Engine(m, max_batch=3)
+        got = eng.generate([prompt, prompt, prompt], [SamplingParams(max_tokens=6, adapter=a)
+                                                      for a in (None, "one", "two")])
+        wants = [want(plain, prompt), want(ref1, prompt), want(ref2, prompt)]
+        assert len({tuple(w) for w in wants}) == 3   # three different models
+        for c, w in zip(got, wants):
+            assert c.token_ids == w[:len(c.token_ids)] and (len(c.token_ids) == 6 or c.finish_reason == "stop")
+        assert eng.stats["max_batch_seen"] == 3
+        # the same prompt again, one adapter at a time: each may borrow only its own adapter's cached prefix
+        longer = prompt + [3, 4]
+        for a, ref in (("two", ref2), ("one", ref1), (None, plain)):
+            hits = eng.stats["prefix_hit_tokens"]
+            c = eng.generate([longer], SamplingParams(max_tokens=6, adapter=a))[0]
+            assert eng.stats["prefix_hit_tokens"] > hits   # it borrowed (its own adapter's) prefix
+            w = want(ref, longer)
+            assert c.token_ids == w[:len(c.token_ids)]
+        with pytest.raises(InputError, match="no adapter named 'three'"):
+            eng.submit(prompt, SamplingParams(adapter="three"))
+    finally:
+        m.close()
+
+
+@pytest.mark.slow
+def test_the_server_serves_each_adapter_by_model_name(embedded_store, tmp_path):
+    """`model` chooses the adapter: the openai client gets peft's text for each, and /v1/models lists them."""
+    import socket
+    import threading
+    import time
+
+    import openai
+    import uvicorn
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from layerstream.server.app import build_app
+    from layerstream.sources import embedded_model
+
+    g = embedded_model()
+    refs = {}
+    for name, seed in (("sea", 3), ("sky", 4)):
+        torch.manual_seed(seed)
+        ref = get_peft_model(AutoModelForCausalLM.from_pretrained(g.parent, gguf_file=g.name, dtype=torch.float32),
+                             LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+        with torch.no_grad():
+            for pname, p in ref.named_parameters():
+                if "lora_" in pname:
+                    p.normal_(0, 0.1)
+        ref.save_pretrained(tmp_path / name)
+        refs[name] = ref.eval()
+    m = AutoModel.from_pretrained(embedded_store, lora={n: str(tmp_path / n) for n in refs}, progress=False)
+    tok = m.tokenizer
+    prompt = "The capital of France is"
+    ids = tok(prompt, return_tensors="pt").input_ids
+    want = {n: tok.decode(r.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:],
+                          skip_special_tokens=True) for n, r in refs.items()}
+    want["smol"] = tok.decode(m.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:],
+                              skip_special_tokens=True)
+    assert len(set(want.values())) == 3
+    engine = Engine(m, max_batch=3)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(build_app(engine, "smol"), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    engine.start()
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(200):
+            if server.started:
+                break
+            time.sleep(0.05)
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        assert [x.id for x in c.models.list().data] == ["smol", "sea", "sky"]
+        for name in ("sky", "smol", "sea"):
+            r = c.completions.create(model=name, prompt=prompt, max_tokens=6, temperature=0)
+            assert r.model == name and r.choices[0].text == want[name]
+        with pytest.raises(openai.NotFoundError):
+            c.completions.create(model="sun", prompt=prompt, max_tokens=2)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        engine.stop()
+        m.close()
+
+
+def test_a_batch_line_chooses_its_adapter_by_model(tmp_path):
+    """`layerstream batch`: a line whose `model` names an adapter runs with it, the others with the base."""
+    from layerstream.engine.batch import run_batch
+
+    import test_batch
+
+    src = make_model_dir(tmp_path / "tiny", "llama")
+    test_batch.save_char_tokenizer(src)
+    ref = make_adapter(src, tmp_path / "a1")
+    m = AutoModel.from_pretrained(src, lora={"a1": str(tmp_path / "a1")}, store_path=tmp_path / "s",
+                                  progress=False)
+    try:
+        lines = [test_batch.req("base", prompt="abc", max_tokens=5, temperature=0),
+                 test_batch.req("tuned", prompt="abc", max_tokens=5, temperature=0, model="a1")]
+        run_batch(m, test_batch.write_lines(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl", progress=False)
+        out = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+        ids = m.tokenizer("abc", return_tensors="pt").input_ids
+        for o, r in zip(out, (reference(src), ref)):
+            want = m.tokenizer.decode(r.generate(ids, max_new_tokens=5, do_sample=False)[0, ids.shape[1]:],
+                                      skip_special_tokens=True)
+            assert o["response"]["body"]["choices"][0]["text"] == want
+        assert out[1]["response"]["body"]["model"] == "a1"
+        assert out[0]["response"]["body"]["choices"][0]["text"] != out[1]["response"]["body"]["choices"][0]["text"]
+    finally:
+        m.close()

@@ -33,6 +33,9 @@ def model_args(p: argparse.ArgumentParser) -> None:
                    help="speculative decoding: a resident int4 copy of the model (or another model) drafts tokens")
     p.add_argument("--adapter", default=None, metavar="DIR",
                    help="a PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors), kept resident")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
+                   help="another LoRA adapter, chosen per request by its NAME (the `model` of an OpenAI request); "
+                        "repeatable")
     p.add_argument("--expert-device", default=None, choices=["cpu"],
                    help="a MoE model on a GPU: its experts stay in RAM and the CPU computes them")
     p.add_argument("--verbose", "-v", action="store_true", help="print the residency plan")
@@ -127,4 +130,19 @@ def options_of(a):
                    threads=a.threads, io=a.io, in_place=False if a.copy else None, compression=a.quantize,
                    draft=getattr(a, "draft", None), pipeline=getattr(a, "pipeline", None),
                    pipeline_cpus=getattr(a, "pipeline_cpus", 1), expert_device=getattr(a, "expert_device", None),
-                   adapter=getattr(a, "adapter", None))
+                   adapter=getattr(a, "adapter", None), lora=lora_of(getattr(a, "lora", None)))
+
+
+def lora_of(specs) -> dict | None:
+    """{name: directory} from --lora NAME=DIR arguments."""
+    from ..errors import InputError
+
+    out = {}
+    for spec in specs or ():
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise InputError(f"--lora takes NAME=DIR, got {spec!r}")
+        if name in out:
+            raise InputError(f"--lora {name}= is given twice")
+        out[name] = path
+    return out or None

@@ -29,7 +29,16 @@ def fingerprint(model, name: str) -> dict:
     m = model.store.manifest
     return {"store": str(Path(model.store.path).resolve()), "source": (m.source or {}).get("identity"),
             "quantization": m.quantization, "dtype": str(model.dtype), "device": model.device.type,
-            "model_name": name, "adapter": getattr(getattr(model, "adapter", None), "identity", None)}
+            "model_name": name, "adapter": _adapters(model)}
+
+
+def _adapters(model) -> str | None:
+    """The adapters' names and identities (the default one marked with *), or None without any."""
+    lora = getattr(model, "lora", None)
+    if lora is None:
+        return None
+    return " ".join(f"{'*' if k == lora.default else ''}{a.name}:{a.identity}"
+                    for k, a in enumerate(lora.adapters.values()))
 
 
 class Journal:

@@ -99,12 +99,14 @@ class StreamedModel:
                                  direct=self.direct, readers=readers, fadvise=self.fadvise)
         if bar:
             bar.close()
-        self.adapter = None   # a LoRA adapter on the linear layers (runtime/lora.py), resident
-        if opts.adapter:
-            from ..runtime.lora import attach_adapter
+        self.lora = self.adapter = None   # LoRA adapters on the linear layers (runtime/lora.py), resident
+        if opts.adapter or opts.lora:
+            from ..runtime.lora import attach_adapters
 
-            self.adapter = attach_adapter(opts.adapter, self.model, self.dtype, self.device)
-            self.plan.notes.append(self.adapter.describe())
+            self.lora = attach_adapters(self.model, self.dtype, self.device, opts.adapter, opts.lora)
+            if self.lora.default is not None:
+                self.adapter = list(self.lora.adapters.values())[self.lora.default]
+            self.plan.notes += [a.describe() for a in self.lora.adapters.values()]
         # after the resident load: units computed on packed weights need no streaming
         self.threads = compute_threads(opts.threads, streaming=bool(self.plan.streamed) and opts.prefetch,
                                        direct=self.direct)

@@ -79,9 +79,11 @@ class OpenAIRequests:
         for key, value, ok, what in checks:
             if not ok or isinstance(value, bool):
                 raise BadLine("invalid_value", f"{key} must be {what}, got {value!r}", 400, key)
+        lora = getattr(self.engine.model, "lora", None)   # a `model` naming one of its adapters chooses it
+        adapter = req["model"] if lora is not None and req["model"] in lora.adapters else None
         try:
             params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                                    stop=stop)
+                                    stop=stop, adapter=adapter)
         except InputError as e:
             raise BadLine("invalid_value", str(e), 400) from None
         why = self.engine.refusal(len(prompt), params.max_tokens)

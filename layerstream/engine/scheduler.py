@@ -47,6 +47,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    adapter: str | None = None   # a LoRA adapter of the model by name (None: its default adapter, or none)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -141,6 +142,7 @@ class _Seq:
         self.segs: list[tuple[int, int, int]] = []   # (slot, lo, hi): positions lo..hi-1 live in slot's columns
         self.gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         self.tok = tokenizer
+        self.lslot = -1               # the LoRA adapter slot of its tokens (-1: none)
         self.sent = 0                 # characters of text already handed out
         self.t0 = time.perf_counter()
         self.cancelled = False
@@ -160,7 +162,7 @@ class _Entry:
     """A finished sequence whose cache columns stay for later requests with the same prefix."""
 
     def __init__(self, s: _Seq):
-        self.slot, self.segs, self.shared, self.real = s.slot, s.segs, s.shared, s.real
+        self.slot, self.segs, self.shared, self.real, self.lslot = s.slot, s.segs, s.shared, s.real, s.lslot
         self.ids = s.cached_ids()
 
     def cached_ids(self) -> list[int]:
@@ -215,10 +217,16 @@ class Engine:
         why = self.refusal(len(prompt), params.max_tokens)
         if why is not None:
             raise InputError(why[1])
+        lora = getattr(self.model, "lora", None)
+        if params.adapter is not None and lora is None:
+            raise InputError(f"no adapter named {params.adapter!r} here: this model has no LoRA adapters")
+        lslot = lora.slot(params.adapter) if lora is not None else -1
         rid = request_id or f"req-{next(self._ids)}"
         h = Handle(rid)
+        s = _Seq(rid, next(self._slots), prompt, params, h, self.tokenizer)
+        s.lslot = lslot
         with self.lock:
-            self.waiting.append(_Seq(rid, next(self._slots), prompt, params, h, self.tokenizer))
+            self.waiting.append(s)
             self.lock.notify_all()
         return h
 
@@ -398,8 +406,8 @@ class Engine:
             return joining
         while self.waiting and len(self.active) + len(joining) < (self.max_batch if self.batched else 1):
             s = self.waiting[0]
-            src, m = self._best_prefix(s.prompt, list(self.entries.values()) + self.active)
-            if joining and self.prefix_budget and self._best_prefix(s.prompt, joining, done=False)[1] >= m + MIN_SHARE:
+            src, m = self._best_prefix(s, list(self.entries.values()) + self.active)
+            if joining and self.prefix_budget and self._best_prefix(s, joining, done=False)[1] >= m + MIN_SHARE:
                 break
             self._borrow(s, src, m)
             if self.kv_budget is not None and self._kv_after(joining + [s]) > self.kv_budget and self.entries:
@@ -413,14 +421,17 @@ class Engine:
             self.stats["prefix_hit_tokens"] += s.shared
         return joining
 
-    def _best_prefix(self, prompt: list[int], sources, done: bool = True):
-        """The source (entry or sequence) whose cached ids share the longest prefix with `prompt`, and that
+    def _best_prefix(self, s: _Seq, sources, done: bool = True):
+        """The source (entry or sequence) whose cached ids share the longest prefix with `s`'s prompt, and that
         length (at most len(prompt) - 1: the last prompt token is computed, for its logits); (None, 0) below
-        MIN_SHARE or with the prefix cache off. `done=False`: the sources' prompts (not yet in the cache)."""
-        best, m = None, 0
+        MIN_SHARE or with the prefix cache off. `done=False`: the sources' prompts (not yet in the cache). Only
+        sources of the same LoRA adapter count: another adapter's keys and values are not this one's."""
+        best, m, prompt = None, 0, s.prompt
         if not self.prefix_budget:
             return best, m
         for src in sources:
+            if src.lslot != s.lslot:
+                continue
             ids = src.cached_ids() if done else src.prompt
             n = min(len(ids), len(prompt) - 1)
             k = 0
@@ -517,8 +528,14 @@ class Engine:
             mask = see
         self.active = rows
         self.stats["kv_peak_tokens"] = max(self.stats["kv_peak_tokens"], int(self.owner.numel()))
-        logits = forward(self.model, ids, self.cache, attention_mask=mask[None, None], position_ids=qpos[None],
-                         keep=last)
+        lora = getattr(self.model, "lora", None)
+        if lora is None:
+            logits = forward(self.model, ids, self.cache, attention_mask=mask[None, None], position_ids=qpos[None],
+                             keep=last)
+        else:   # each row's tokens get its own adapter
+            with lora.routing(torch.cat([torch.full((len(n),), s.lslot) for s, n in zip(rows, news)])):
+                logits = forward(self.model, ids, self.cache, attention_mask=mask[None, None],
+                                 position_ids=qpos[None], keep=last)
         return logits[0]
 
     def _drop(self, done: list[_Seq]) -> None:

@@ -24,12 +24,13 @@ def open_draft(source, draft: str, options):
     if kind in ("int4", "4bit"):
         source = _int4_source(source)
         opts = options.replace(compression="int4", dtype="bfloat16" if options.device == "cpu" else options.dtype,
-                               store_path=None, in_place=None, max_ram=None, max_gpu_memory=None, draft=None)
+                               store_path=None, in_place=None, max_ram=None, max_gpu_memory=None, draft=None,
+                               lora=None)   # the default adapter only: it drafts for every row
         log(f"opening the int4 draft of {source or 'the embedded model'}")
         m = AutoModel.from_pretrained(source, opts)
     else:
         opts = options.replace(store_path=None, in_place=None, compression=None, max_ram=None, max_gpu_memory=None,
-                               draft=None, adapter=None)   # another model: the target's adapter is not its
+                               draft=None, adapter=None, lora=None)   # another model: the target's adapters are not its
         log(f"opening the draft model {draft}")
         m = AutoModel.from_pretrained(draft, opts)
     if m.plan.streamed:

@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -32,11 +33,11 @@ PREFIX = "base_model.model."
 
 
 class Adapter:
-    """A LoRA adapter attached to a model: `modules` adapted, `bytes` resident, `identity` (sha256 of its two
-    files: what a batch job's journal records); `detach()` removes it."""
+    """A LoRA adapter hooked onto a model (`Loras`): its `name`, the `modules` it adapts, `bytes` resident,
+    `identity` (sha256 of its two files: what a batch job's journal records)."""
 
-    def __init__(self, path: Path, hooks: list, modules: list[str], nbytes: int, rank: int):
-        self.path, self.hooks, self.modules, self.bytes, self.rank = path, hooks, modules, nbytes, rank
+    def __init__(self, path: Path, name: str, modules: list[str], nbytes: int, rank: int):
+        self.path, self.name, self.modules, self.bytes, self.rank = path, name, modules, nbytes, rank
         h = hashlib.sha256()
         for name in (CONFIG, WEIGHTS):
             with open(path / name, "rb") as f:
@@ -45,13 +46,8 @@ class Adapter:
         self.identity = h.hexdigest()[:16]
 
     def describe(self) -> str:
-        return (f"LoRA adapter {self.path.name}: rank {self.rank}, {len(self.modules)} linear layers, "
+        return (f"LoRA adapter {self.name}: rank {self.rank}, {len(self.modules)} linear layers, "
                 f"{fmt_bytes(self.bytes)} resident")
-
-    def detach(self) -> None:
-        for h in self.hooks:
-            h.remove()
-        self.hooks = []
 
 
 def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -115,38 +111,110 @@ def _scale(cfg: dict, name: str, rank: int) -> float:
     return alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
 
 
-def attach_adapter(path, model: nn.Module, dtype: torch.dtype, device: torch.device) -> Adapter:
-    """Read the adapter at `path` and hook it onto `model`'s linear layers (see the module's docstring)."""
-    cfg, pairs = read_adapter(path)
-    mods = dict(model.named_modules())
-    hooks, nbytes, ranks = [], 0, set()
-    for name, (a, b) in sorted(pairs.items()):
-        mod = mods.get(name)
-        out_f, in_f = getattr(mod, "out_features", None), getattr(mod, "in_features", None)
-        if mod is None or out_f is None or in_f is None:
-            raise InputError(f"adapter {path}: it adapts {name}, which this model does not have as a linear layer "
-                             f"(an adapter for another architecture, or for experts this model fuses into one "
-                             f"tensor)")
-        rank = a.shape[0]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_f or b.shape != (out_f, rank):
-            raise InputError(f"adapter {path}: {name}'s lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not "
-                             f"fit its {in_f} -> {out_f} layer: was the adapter trained on another model?")
-        a, b = a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
-        scale = _scale(cfg, name, rank)
-        hooks.append(mod.register_forward_hook(_hook(a, b, scale)))
-        nbytes += a.numel() * a.element_size() + b.numel() * b.element_size()
-        ranks.add(rank)
-    if not hooks:
-        raise InputError(f"adapter {path}: {WEIGHTS} holds no LoRA weights")
-    ad = Adapter(Path(path).expanduser(), hooks, sorted(pairs), nbytes, max(ranks))
-    log(ad.describe())
-    return ad
+class Loras:
+    """The adapters hooked onto one model, by name, and which one each token of a forward gets.
+
+    One forward hook per adapted linear layer serves every adapter. Outside the engine (`generate`, a plain
+    call) the `default` adapter applies to every token (none: the base model). The engine packs several
+    requests into one sweep, each with its own adapter: it sets `rows` (the adapter slot of each token of the
+    sweep, -1 for none) around the forward (`routing`), and each layer adds each adapter's term to its own
+    tokens only."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype, device: torch.device):
+        self.model, self.dtype, self.device = model, dtype, device
+        self.adapters: dict[str, Adapter] = {}                  # name -> adapter; its slot is its index here
+        self.weights: dict[str, dict[int, tuple]] = {}          # module name -> {slot: (A, B, scale)}
+        self.hooks: dict[str, object] = {}
+        self.default: int | None = None
+        self.rows: torch.Tensor | None = None
+
+    def slot(self, name: str | None) -> int:
+        """The slot of the adapter named `name` (None: the default one, -1 when there is none)."""
+        if name is None:
+            return -1 if self.default is None else self.default
+        names = list(self.adapters)
+        if name not in names:
+            raise InputError(f"no adapter named {name!r} here (adapters: {', '.join(names) or 'none'})")
+        return names.index(name)
+
+    @contextmanager
+    def routing(self, rows: torch.Tensor | None):
+        self.rows = None if rows is None else rows.to(self.device)
+        try:
+            yield
+        finally:
+            self.rows = None
+
+    def add(self, path, name: str | None = None, default: bool = False) -> Adapter:
+        """Read the adapter at `path` and hook it onto the model's linear layers as `name` (default: its
+        directory's name); `default`: it applies where no adapter is asked for."""
+        cfg, pairs = read_adapter(path)
+        path = Path(path).expanduser()
+        name = name or path.name
+        if name in self.adapters:
+            raise InputError(f"two adapters named {name!r}: name them (NAME=DIR)")
+        mods = dict(self.model.named_modules())
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        slot, found, nbytes, ranks = len(self.adapters), {}, 0, set()
+        for mname, (a, b) in sorted(pairs.items()):
+            mod = mods.get(mname)
+            out_f, in_f = getattr(mod, "out_features", None), getattr(mod, "in_features", None)
+            if mod is None or out_f is None or in_f is None:
+                raise InputError(f"adapter {path}: it adapts {mname}, which this model does not have as a linear "
+                                 f"layer (an adapter for another architecture, or for experts this model fuses into "
+                                 f"one tensor)")
+            if head is not None and mod is head:
+                raise InputError(f"adapter {path}: LoRA on the output head ({mname}) is not supported")
+            rank = a.shape[0]
+            if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_f or b.shape != (out_f, rank):
+                raise InputError(f"adapter {path}: {mname}'s lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do "
+                                 f"not fit its {in_f} -> {out_f} layer: was the adapter trained on another model?")
+            found[mname] = (mod, a.to(device=self.device, dtype=self.dtype),
+                            b.to(device=self.device, dtype=self.dtype), _scale(cfg, mname, rank))
+            nbytes += a.numel() * self.dtype.itemsize + b.numel() * self.dtype.itemsize
+            ranks.add(rank)
+        if not found:
+            raise InputError(f"adapter {path}: {WEIGHTS} holds no LoRA weights")
+        for mname, (mod, a, b, scale) in found.items():   # all checked: hook them
+            self.weights.setdefault(mname, {})[slot] = (a, b, scale)
+            if mname not in self.hooks:
+                self.hooks[mname] = mod.register_forward_hook(self._hook(self.weights[mname]))
+        ad = Adapter(path, name, sorted(found), nbytes, max(ranks))
+        self.adapters[name] = ad
+        if default:
+            self.default = slot
+        log(ad.describe())
+        return ad
+
+    def _hook(self, weights: dict):
+        def add_lora(module, args, output):
+            if not args:
+                return output
+            x = args[0]
+            if self.rows is None:
+                if self.default is None or self.default not in weights:
+                    return output
+                a, b, scale = weights[self.default]
+                return output + (x.to(a.dtype) @ a.T @ b.T).mul_(scale).to(output.dtype)
+            flat_x, y = x.reshape(-1, x.shape[-1]), output.reshape(-1, output.shape[-1]).clone()
+            if flat_x.shape[0] != self.rows.shape[0]:
+                raise InputError(f"a LoRA-adapted layer saw {flat_x.shape[0]} tokens where the sweep has "
+                                 f"{self.rows.shape[0]}: per-request adapters do not work for this layer")
+            for slot, (a, b, scale) in weights.items():
+                idx = (self.rows == slot).nonzero().squeeze(1)
+                if idx.numel():
+                    y.index_add_(0, idx, (flat_x[idx].to(a.dtype) @ a.T @ b.T).mul_(scale).to(y.dtype))
+            return y.view_as(output)
+        return add_lora
 
 
-def _hook(a: torch.Tensor, b: torch.Tensor, scale: float):
-    def add_lora(module, args, output):
-        x = args[0] if args else None
-        if x is None:
-            return output
-        return output + (x.to(a.dtype) @ a.T @ b.T).mul_(scale).to(output.dtype)
-    return add_lora
+def attach_adapters(model: nn.Module, dtype: torch.dtype, device: torch.device, default=None,
+                    named: dict | None = None) -> Loras:
+    """A model's adapters: `default` (a path: applied wherever no adapter is asked for) and `named`
+    ({name: path}: chosen per request, by the engine's SamplingParams.adapter or an OpenAI request's `model`)."""
+    loras = Loras(model, dtype, device)
+    if default:
+        loras.add(default, default=True)
+    for name, path in (named or {}).items():
+        loras.add(path, name=name)
+    return loras

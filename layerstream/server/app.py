@@ -67,24 +67,30 @@ def build_app(engine, name: str, api_key: str | None = None, max_queue: int = 64
     async def health():
         return {"status": "ok", "model": name, "waiting": len(engine.waiting), "running": len(engine.active)}
 
+    lora = getattr(engine.model, "lora", None)
+    names = [name] + [n for n in (lora.adapters if lora is not None else ()) if n != name]   # base, then adapters
+
     @app.get("/v1/models")
     async def models(request: Request):
         if (r := unauthorized(request)) is not None:
             return r
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(n) for n in names]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str, request: Request):
         if (r := unauthorized(request)) is not None:
             return r
-        if model_id != name:
-            return fail(404, f"the model {model_id!r} does not exist here; this server serves {name!r}",
-                        "model_not_found", "model")
-        return model_card()
+        if model_id not in names:
+            return fail(404, f"the model {model_id!r} does not exist here; this server serves "
+                             f"{', '.join(map(repr, names))}", "model_not_found", "model")
+        return model_card(model_id)
 
-    def model_card():
-        return {"id": name, "object": "model", "created": created, "owned_by": "layerstream",
+    def model_card(model_id: str):
+        card = {"id": model_id, "object": "model", "created": created, "owned_by": "layerstream",
                 "max_model_len": engine.context}
+        if model_id != name:   # a LoRA adapter over the served model (vLLM says so the same way)
+            card["parent"] = name
+        return card
 
     @app.get("/metrics")
     async def prometheus():
@@ -121,9 +127,10 @@ def build_app(engine, name: str, api_key: str | None = None, max_queue: int = 64
         want = body.get("model")
         if want is not None and not isinstance(want, str):
             return refuse(400, f"model must be a string, got {want!r}", "invalid_type", "model")
-        if want is not None and want != name:
-            return refuse(404, f"the model {want!r} does not exist here; this server serves {name!r} "
-                               f"(GET /v1/models lists it)", "model_not_found", "model")
+        if want is not None and want not in names:
+            return refuse(404, f"the model {want!r} does not exist here; this server serves "
+                               f"{', '.join(map(repr, names))} (GET /v1/models lists them)", "model_not_found",
+                          "model")
         stream = body.get("stream")
         stream = False if stream is None else stream
         opts = body.get("stream_options")
@@ -147,7 +154,8 @@ def build_app(engine, name: str, api_key: str | None = None, max_queue: int = 64
             return refuse(400, str(e), "invalid_value")
         wake = waker(handle)
         if stream:
-            return StreamingResponse(sse(handle, wake, rid, kind, opts.get("include_usage", False), route, t0),
+            return StreamingResponse(sse(handle, wake, rid, kind, opts.get("include_usage", False), route, t0,
+                                         want or name),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
@@ -171,9 +179,9 @@ def build_app(engine, name: str, api_key: str | None = None, max_queue: int = 64
         except Exception as e:   # the engine failed this request (reported, and the server goes on)
             return refuse(500, f"generation failed: {type(e).__name__}: {e}", "internal_error", type="server_error")
         metrics.finished(route, c, time.perf_counter() - t0)
-        return completion_body(kind, rid, name, int(time.time()), c)
+        return completion_body(kind, rid, want or name, int(time.time()), c)
 
-    async def sse(handle, wake, rid, kind, include_usage, route, t0):
+    async def sse(handle, wake, rid, kind, include_usage, route, t0, model):
         made = int(time.time())
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
@@ -187,7 +195,7 @@ def build_app(engine, name: str, api_key: str | None = None, max_queue: int = 64
                 choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": delta_text or "", "logprobs": None, "finish_reason": finish}
-            out = {"id": rid, "object": obj, "created": made, "model": name, "choices": [choice]}
+            out = {"id": rid, "object": obj, "created": made, "model": model, "choices": [choice]}
             if include_usage:
                 out["usage"] = None
             return f"data: {json.dumps(out)}\n\n"
@@ -221,7 +229,7 @@ def build_app(engine, name: str, api_key: str | None = None, max_queue: int = 64
                         c = handle.completion
                         metrics.finished(route, c, time.perf_counter() - t0)
                         if include_usage:
-                            last = {"id": rid, "object": obj, "created": made, "model": name, "choices": [],
+                            last = {"id": rid, "object": obj, "created": made, "model": model, "choices": [],
                                     "usage": usage(c.prompt_tokens, c.completion_tokens)}
                             yield f"data: {json.dumps(last)}\n\n"
                         break
