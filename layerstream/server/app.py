@@ -68,7 +68,9 @@ def build_app(engine, name: str, api_key: str | None = None, max_queue: int = 64
         return {"status": "ok", "model": name, "waiting": len(engine.waiting), "running": len(engine.active)}
 
     lora = getattr(engine.model, "lora", None)
-    names = [name] + [n for n in (lora.adapters if lora is not None else ()) if n != name]   # base, then adapters
+    # the served model (with the default adapter, if any), then the adapters that requests choose by name
+    names = [name] + [n for k, n in enumerate(lora.adapters if lora is not None else ())
+                      if k != lora.default and n != name]
 
     @app.get("/v1/models")
     async def models(request: Request):
