@@ -34,6 +34,26 @@ def make_adapter(base, out, seed=1, **config):
     return model.eval()
 
 
+def smol_adapter(out, seed: int, std: float):
+    """A random LoRA adapter (q_proj, v_proj, rank 8) for the embedded SmolLM2, saved at `out`; returns peft's
+    model on transformers' own SmolLM2 read from the GGUF (the reference)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from layerstream.sources import embedded_model
+
+    g = embedded_model()
+    torch.manual_seed(seed)
+    ref = get_peft_model(AutoModelForCausalLM.from_pretrained(g.parent, gguf_file=g.name, dtype=torch.float32),
+                         LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, std)
+    ref.save_pretrained(out)
+    return ref.eval()
+
+
 @pytest.fixture(scope="module")
 def adapted(tmp_path_factory):
     d = tmp_path_factory.mktemp("lora")
@@ -103,20 +123,9 @@ def test_one_store_serves_with_and_without_the_adapter(adapted, tmp_path):
 @pytest.mark.slow
 def test_cli_run_with_an_adapter_gives_peft_text(embedded_store, tmp_path):
     """`layerstream run --adapter` on the embedded model: peft's greedy text from transformers' own model."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from layerstream.sources import embedded_model
-
-    g = embedded_model()
-    torch.manual_seed(3)
-    ref = get_peft_model(AutoModelForCausalLM.from_pretrained(g.parent, gguf_file=g.name, dtype=torch.float32),
-                         LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if "lora_" in name:
-                p.normal_(0, 0.05)
-    ref.save_pretrained(tmp_path / "adapter")
+    ref = smol_adapter(tmp_path / "adapter", seed=3, std=0.05)
     tok = AutoTokenizer.from_pretrained(embedded_store)
     prompt = "The capital of France is"
     ids = tok(prompt, return_tensors="pt").input_ids
@@ -234,24 +243,10 @@ def test_the_server_serves_each_adapter_by_model_name(embedded_store, tmp_path):
 
     import openai
     import uvicorn
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
     from layerstream.server.app import build_app
-    from layerstream.sources import embedded_model
 
-    g = embedded_model()
-    refs = {}
-    for name, seed in (("sea", 3), ("sky", 4)):
-        torch.manual_seed(seed)
-        ref = get_peft_model(AutoModelForCausalLM.from_pretrained(g.parent, gguf_file=g.name, dtype=torch.float32),
-                             LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
-        with torch.no_grad():
-            for pname, p in ref.named_parameters():
-                if "lora_" in pname:
-                    p.normal_(0, 0.1)
-        ref.save_pretrained(tmp_path / name)
-        refs[name] = ref.eval()
+    refs = {name: smol_adapter(tmp_path / name, seed=seed, std=0.1) for name, seed in (("sea", 3), ("sky", 4))}
     m = AutoModel.from_pretrained(embedded_store, lora={n: str(tmp_path / n) for n in refs}, progress=False)
     tok = m.tokenizer
     prompt = "The capital of France is"
