@@ -134,7 +134,7 @@ class Handle:
 
 
 class _Seq:
-    def __init__(self, rid, slot, prompt, params, handle, tokenizer):
+    def __init__(self, rid, slot, prompt, params, handle, tokenizer, lslot: int = -1):
         self.id, self.slot, self.prompt, self.params, self.handle = rid, slot, prompt, params, handle
         self.tokens: list[int] = []
         self.real = 0                 # real (unmasked) tokens of this row in the cache: its next position
@@ -142,7 +142,7 @@ class _Seq:
         self.segs: list[tuple[int, int, int]] = []   # (slot, lo, hi): positions lo..hi-1 live in slot's columns
         self.gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         self.tok = tokenizer
-        self.lslot = -1               # the LoRA adapter slot of its tokens (-1: none)
+        self.lslot = lslot            # the LoRA adapter slot of its tokens (-1: none)
         self.sent = 0                 # characters of text already handed out
         self.t0 = time.perf_counter()
         self.cancelled = False
@@ -223,8 +223,7 @@ class Engine:
         lslot = lora.slot(params.adapter) if lora is not None else -1
         rid = request_id or f"req-{next(self._ids)}"
         h = Handle(rid)
-        s = _Seq(rid, next(self._slots), prompt, params, h, self.tokenizer)
-        s.lslot = lslot
+        s = _Seq(rid, next(self._slots), prompt, params, h, self.tokenizer, lslot)
         with self.lock:
             self.waiting.append(s)
             self.lock.notify_all()

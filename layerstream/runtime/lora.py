@@ -36,23 +36,19 @@ class Adapter:
     """A LoRA adapter hooked onto a model (`Loras`): its `name`, the `modules` it adapts, `bytes` resident,
     `identity` (sha256 of its two files: what a batch job's journal records)."""
 
-    def __init__(self, path: Path, name: str, modules: list[str], nbytes: int, rank: int):
+    def __init__(self, path: Path, name: str, modules: list[str], nbytes: int, rank: int, identity: str):
         self.path, self.name, self.modules, self.bytes, self.rank = path, name, modules, nbytes, rank
-        h = hashlib.sha256()
-        for name in (CONFIG, WEIGHTS):
-            with open(path / name, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-        self.identity = h.hexdigest()[:16]
+        self.identity = identity
 
     def describe(self) -> str:
         return (f"LoRA adapter {self.name}: rank {self.rank}, {len(self.modules)} linear layers, "
                 f"{fmt_bytes(self.bytes)} resident")
 
 
-def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(adapter_config.json, {module name: (A, B)} tensors) of a PEFT LoRA directory, checked."""
-    from safetensors.torch import load_file
+def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor], str]:
+    """(adapter_config.json, {module name: (A, B)} tensors, identity: sha256 of the two files' bytes) of a PEFT
+    LoRA directory, checked; each file read once."""
+    from safetensors.torch import load
 
     path = Path(path).expanduser()
     if not path.is_dir():
@@ -65,8 +61,9 @@ def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
         hint = f" (found {', '.join(other)}: layerstream loads safetensors only; convert it with peft's " \
                f"save_pretrained(..., safe_serialization=True))" if other else ""
         raise InputError(f"adapter {path}: no {WEIGHTS}{hint}")
+    raw_cfg = (path / CONFIG).read_bytes()
     try:
-        cfg = json.loads((path / CONFIG).read_text())
+        cfg = json.loads(raw_cfg)
     except ValueError as e:
         raise InputError(f"adapter {path}: {CONFIG} is not valid JSON ({e})") from None
     peft_type = str(cfg.get("peft_type", "LORA")).upper()
@@ -77,8 +74,9 @@ def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
     if bad:
         raise InputError(f"adapter {path}: {', '.join(f'{k}={cfg.get(k)!r}' for k in bad)} is not supported; "
                          f"layerstream runs plain LoRA adapters of linear layers")
+    raw = (path / WEIGHTS).read_bytes()
     try:
-        tensors = load_file(path / WEIGHTS)
+        tensors = load(raw)
     except Exception as e:   # safetensors raises its own error types for damaged files
         raise InputError(f"adapter {path}: {WEIGHTS} is not readable ({e})") from None
     pairs: dict[str, dict[str, torch.Tensor]] = {}
@@ -96,7 +94,8 @@ def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
     for name, p in pairs.items():
         if set(p) != {"lora_A", "lora_B"}:
             raise InputError(f"adapter {path}: {name} has {', '.join(sorted(p))} but not both lora_A and lora_B")
-    return cfg, {name: (p["lora_A"], p["lora_B"]) for name, p in pairs.items()}
+    identity = hashlib.sha256(raw_cfg + raw).hexdigest()[:16]
+    return cfg, {name: (p["lora_A"], p["lora_B"]) for name, p in pairs.items()}, identity
 
 
 def _scale(cfg: dict, name: str, rank: int) -> float:
@@ -123,8 +122,7 @@ class Loras:
     def __init__(self, model: nn.Module, dtype: torch.dtype, device: torch.device):
         self.model, self.dtype, self.device = model, dtype, device
         self.adapters: dict[str, Adapter] = {}                  # name -> adapter; its slot is its index here
-        self.weights: dict[str, dict[int, tuple]] = {}          # module name -> {slot: (A, B, scale)}
-        self.hooks: dict[str, object] = {}
+        self.weights: dict[str, dict[int, tuple]] = {}          # module name -> {slot: (A, B, scale)}; hooked
         self.default: int | None = None
         self.rows: torch.Tensor | None = None
 
@@ -148,7 +146,7 @@ class Loras:
     def add(self, path, name: str | None = None, default: bool = False) -> Adapter:
         """Read the adapter at `path` and hook it onto the model's linear layers as `name` (default: its
         directory's name); `default`: it applies where no adapter is asked for."""
-        cfg, pairs = read_adapter(path)
+        cfg, pairs, identity = read_adapter(path)
         path = Path(path).expanduser()
         name = name or path.name
         if name in self.adapters:
@@ -175,11 +173,12 @@ class Loras:
             ranks.add(rank)
         if not found:
             raise InputError(f"adapter {path}: {WEIGHTS} holds no LoRA weights")
-        for mname, (mod, a, b, scale) in found.items():   # all checked: hook them
-            self.weights.setdefault(mname, {})[slot] = (a, b, scale)
-            if mname not in self.hooks:
-                self.hooks[mname] = mod.register_forward_hook(self._hook(self.weights[mname]))
-        ad = Adapter(path, name, sorted(found), nbytes, max(ranks))
+        for mname, (mod, a, b, scale) in found.items():   # all checked: hook them (a module's first adapter)
+            if mname not in self.weights:
+                self.weights[mname] = {}
+                mod.register_forward_hook(self._hook(self.weights[mname]))
+            self.weights[mname][slot] = (a, b, scale)
+        ad = Adapter(path, name, sorted(found), nbytes, max(ranks), identity)
         self.adapters[name] = ad
         if default:
             self.default = slot
@@ -194,8 +193,7 @@ class Loras:
             if self.rows is None:
                 if self.default is None or self.default not in weights:
                     return output
-                a, b, scale = weights[self.default]
-                return output + (x.to(a.dtype) @ a.T @ b.T).mul_(scale).to(output.dtype)
+                return output + _term(x, *weights[self.default], output.dtype)
             flat_x, y = x.reshape(-1, x.shape[-1]), output.reshape(-1, output.shape[-1]).clone()
             if flat_x.shape[0] != self.rows.shape[0]:
                 raise InputError(f"a LoRA-adapted layer saw {flat_x.shape[0]} tokens where the sweep has "
@@ -203,9 +201,14 @@ class Loras:
             for slot, (a, b, scale) in weights.items():
                 idx = (self.rows == slot).nonzero().squeeze(1)
                 if idx.numel():
-                    y.index_add_(0, idx, (flat_x[idx].to(a.dtype) @ a.T @ b.T).mul_(scale).to(y.dtype))
+                    y.index_add_(0, idx, _term(flat_x[idx], a, b, scale, y.dtype))
             return y.view_as(output)
         return add_lora
+
+
+def _term(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """LoRA's term for inputs `x`: scale * B(A(x)), computed in the adapter's dtype."""
+    return (x.to(a.dtype) @ a.T @ b.T).mul_(scale).to(dtype)
 
 
 def attach_adapters(model: nn.Module, dtype: torch.dtype, device: torch.device, default=None,

@@ -69,8 +69,8 @@ def build_app(engine, name: str, api_key: str | None = None, max_queue: int = 64
 
     lora = getattr(engine.model, "lora", None)
     # the served model (with the default adapter, if any), then the adapters that requests choose by name
-    names = [name] + [n for k, n in enumerate(lora.adapters if lora is not None else ())
-                      if k != lora.default and n != name]
+    chosen = [] if lora is None else [n for k, n in enumerate(lora.adapters) if k != lora.default]
+    names = [name] + [n for n in chosen if n != name]
 
     @app.get("/v1/models")
     async def models(request: Request):
