@@ -32,7 +32,9 @@ class Options:
     ("cpu": on a GPU, the experts stay in host RAM and the CPU computes them where they lie, the dense part
     on the GPU; runtime/experts.py). Fine-tuned variants: `adapter` (a PEFT LoRA directory, kept resident and
     added to the linear layers' outputs, the store unchanged; runtime/lora.py) and `lora` ({name: directory}:
-    more adapters, each request choosing one by name in the engine, the server and batch jobs)."""
+    more adapters, each request choosing one by name in the engine, the server and batch jobs). Quantized weights
+    on a CPU: `kernels` (None: computed on as blocks with ggml when it is installed; False: dequantized to floats,
+    the reference path; True: ggml or an error)."""
 
     device: str = "cpu"
     dtype: object = None
@@ -55,6 +57,7 @@ class Options:
     expert_device: str | None = None
     adapter: str | None = None
     lora: dict | None = None
+    kernels: bool | None = None
 
     def __post_init__(self):
         self.ram_bytes = parse_size(self.max_ram, "max_ram")
@@ -73,6 +76,8 @@ class Options:
         if self.lora is not None and not (isinstance(self.lora, dict) and
                                           all(isinstance(k, str) and k for k in self.lora)):
             raise InputError(f"lora must be a dict of adapter name -> directory, got {self.lora!r}")
+        if self.kernels not in (None, True, False):
+            raise InputError(f"kernels must be None, True or False, got {self.kernels!r}")
         if self.expert_device not in (None, "cpu"):
             raise InputError(f"expert_device must be None or 'cpu', got {self.expert_device!r}")
 

@@ -101,11 +101,13 @@ def random_blocks(rows: int, cols: int, qtype: str, rng) -> np.ndarray:
     return raw.reshape(rows, -1)
 
 
-def make_llama_gguf(path: Path, types: dict = LLAMA_TYPES, layers: int = 2, seed: int = 0) -> Path:
-    """A tiny random Llama GGUF (hidden 256, the K-quants' block) whose weights are random blocks of the
-    given GGUF types (or F16/BF16/F32 floats); norms F32; the embedded SmolLM2 GGUF's tokenizer."""
+def make_llama_gguf(path: Path, types: dict = LLAMA_TYPES, layers: int = 2, seed: int = 0,
+                    dims: dict | None = None) -> Path:
+    """A tiny random Llama GGUF (hidden 256, the K-quants' block; or `dims`) whose weights are random blocks of
+    the given GGUF types (or F16/BF16/F32 floats); norms F32; the embedded SmolLM2 GGUF's tokenizer."""
+    hd = (dims or {}).get("head_dim", 64)
     return _dense_gguf(path, "llama", types, layers, seed, norms=("attn_norm", "ffn_norm"),
-                       keys={"rope.dimension_count": 64}, eps=1e-5)
+                       keys={"rope.dimension_count": hd}, eps=1e-5, dims=dims)
 
 
 # a Q4_K_M-like Gemma: the tied embedding in Q6_K, as llama.cpp keeps a tied output matrix
@@ -124,29 +126,31 @@ def make_gemma_gguf(path: Path, types: dict = GEMMA_TYPES, layers: int = 2, seed
 
 
 def _dense_gguf(path: Path, arch: str, types: dict, layers: int, seed: int, norms: tuple, keys: dict,
-                eps: float) -> Path:
-    """A tiny dense GGUF of `arch` (hidden 256, 4 heads of 64, 2 KV heads, ff 512): each weight of the type
-    `types` gives its role (random blocks, or random F16/BF16/F32 floats), norms F32; `output.weight` only
-    where `types` has an "output"; the embedded SmolLM2 GGUF's tokenizer."""
+                eps: float, dims: dict | None = None) -> Path:
+    """A tiny dense GGUF of `arch` (hidden 256, 4 heads of 64, 2 KV heads, ff 512, or `dims`): each weight of
+    the type `types` gives its role (random blocks, or random F16/BF16/F32 floats; a callable (role, layer) ->
+    type for per-layer mixes), norms F32; `output.weight` only where `types` has an "output"; the embedded
+    SmolLM2 GGUF's tokenizer (its first `vocab` tokens)."""
     import gguf
 
     from layerstream.sources import embedded_model
 
     rng = np.random.default_rng(seed)
     tok = gguf.GGUFReader(embedded_model())
-    vocab = VOCAB
-    hidden, ff, heads, kv, hd = 256, 512, 4, 2, 64
+    d = {"hidden": 256, "ff": 512, "heads": 4, "kv": 2, "head_dim": 64, "vocab": VOCAB, "ctx": 256, **(dims or {})}
+    hidden, ff, heads, kv, hd, vocab = d["hidden"], d["ff"], d["heads"], d["kv"], d["head_dim"], d["vocab"]
     w = gguf.GGUFWriter(str(path), arch)
-    for key, val in {"context_length": 256, "embedding_length": hidden, "block_count": layers,
+    for key, val in {"context_length": d["ctx"], "embedding_length": hidden, "block_count": layers,
                      "feed_forward_length": ff, "attention.head_count": heads, "attention.head_count_kv": kv,
                      **keys}.items():
         w.add_uint32(f"{arch}.{key}", val)
     w.add_float32(f"{arch}.rope.freq_base", 10000.0)
     w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", eps)
-    _copy_tokenizer(w, tok)
+    _copy_tokenizer(w, tok, vocab)
+    layer = [0]
 
     def put(name: str, rows: int, cols: int, role: str):
-        qtype = "F32" if role == "norm" else types.get(role, "F32")
+        qtype = "F32" if role == "norm" else types(role, layer[0]) if callable(types) else types.get(role, "F32")
         if qtype in ("F16", "BF16"):
             a = rng.normal(0, 0.1, size=(rows, cols)).astype(np.float32)
             if qtype == "F16":
@@ -163,9 +167,10 @@ def _dense_gguf(path: Path, arch: str, types: dict, layers: int, seed: int, norm
 
     put("token_embd.weight", vocab, hidden, "token_embd")
     put("output_norm.weight", 0, hidden, "norm")
-    if "output" in types:
+    if callable(types) or "output" in types:
         put("output.weight", vocab, hidden, "output")
     for i in range(layers):
+        layer[0] = i
         put(f"blk.{i}.attn_q.weight", heads * hd, hidden, "attn_q")
         put(f"blk.{i}.attn_k.weight", kv * hd, hidden, "attn_k")
         put(f"blk.{i}.attn_v.weight", kv * hd, hidden, "attn_v")

@@ -31,11 +31,20 @@ def want(smol_reference, embedded_store):
     return ids, logits, tokens
 
 
+@pytest.mark.parametrize("kernels", [False, None])
 @pytest.mark.parametrize("budget", [0, "200MB", None])
-def test_smollm2_matches_transformers(embedded_store, want, budget):
+def test_smollm2_matches_transformers(embedded_store, want, budget, kernels):
+    """Streamed, partly or fully resident: on the dequantize path (kernels=False) the logits are transformers'
+    within 1e-4; computing on the blocks with ggml (the default), within its 8-bit rounding of the activations,
+    the same top token wherever transformers' top two are not near-tied; on both, the same 24 greedy tokens."""
+    from test_gguf import assert_near_ties_only
+
     ids, logits, tokens = want
-    m = AutoModel.from_pretrained(embedded_store, max_ram=budget, progress=False)
-    torch.testing.assert_close(m(ids).logits, logits, rtol=1e-4, atol=2e-4)
+    m = AutoModel.from_pretrained(embedded_store, max_ram=budget, progress=False, kernels=kernels)
+    if kernels is False:
+        torch.testing.assert_close(m(ids).logits, logits, rtol=1e-4, atol=2e-4)
+    else:
+        assert_near_ties_only(m(ids).logits, logits)
     out = m.generate(ids, max_new_tokens=24, do_sample=False)
     assert out.tolist() == tokens.tolist()
     text = m.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

@@ -41,9 +41,10 @@ def test_quantized_gguf_served_in_place_by_default(gguf_model, tmp_path, max_ram
     """With no options, a K-quant GGUF (Llama: Q4_K, Q5_K, Q6_K, Q4_0, Q5_0, Q5_1, Q8_0; Gemma: Q4_K and Q6_K,
     its embedding tied) is served from the file itself: the store holds a manifest and the tokenizer, and, for
     Gemma, its norms as transformers computes them (the file holds 1 + w): a few KB beside the file. Resident
-    and streamed, the logits and greedy tokens are transformers' own from the same file."""
+    and streamed, on the dequantize path, the logits and greedy tokens are transformers' own from the same file
+    (computing on the blocks is tested against this path: test_kernels_on_gguf_blocks_match_the_dequantize_path)."""
     family, g, store, logits, tokens = gguf_model
-    m = AutoModel.from_pretrained(store, max_ram=max_ram, progress=False)
+    m = AutoModel.from_pretrained(store, max_ram=max_ram, progress=False, kernels=False)   # the reference path
     man = m.store.manifest
     assert man.in_place and man.quantization == "gguf" and str(g) in man.source_files
     files = store_files(store)
@@ -106,9 +107,9 @@ def test_gguf_float_store_on_request(gguf_model, tmp_path):
 
 
 def test_4bit_gguf_blocks_run_torch_int4_kernel_in_bf16(tmp_path):
-    """Q4_0, Q4_1 and Q4_K blocks, resident on the CPU with bfloat16 compute, run torch's int4 kernel on the
-    file's blocks repacked once at load (no float weight made, none dequantized per sweep): as close to
-    transformers' float32 logits as bf16 compute on the dequantized weights is."""
+    """Without ggml (kernels=False), Q4_0, Q4_1 and Q4_K blocks, resident on the CPU with bfloat16 compute, run
+    torch's int4 kernel on the file's blocks repacked once at load (no float weight made, none dequantized per
+    sweep): as close to transformers' float32 logits as bf16 compute on the dequantized weights is."""
     from layerstream.quant import Int4PackedLinear
 
     types = {"token_embd": "Q4_K", "output": "Q4_K", "attn_q": "Q4_K", "attn_k": "Q4_0", "attn_v": "Q4_1",
@@ -118,8 +119,9 @@ def test_4bit_gguf_blocks_run_torch_int4_kernel_in_bf16(tmp_path):
     with torch.no_grad():
         want = ref(IDS).logits
     store = tmp_path / "store"
-    streamed = AutoModel.from_pretrained(g, store_path=store, max_ram=0, dtype=torch.bfloat16, progress=False)
-    m = AutoModel.from_pretrained(store, dtype=torch.bfloat16, progress=False)
+    streamed = AutoModel.from_pretrained(g, store_path=store, max_ram=0, dtype=torch.bfloat16, progress=False,
+                                         kernels=False)
+    m = AutoModel.from_pretrained(store, dtype=torch.bfloat16, progress=False, kernels=False)   # without ggml
     packed = [n for n, mod in m.model.named_modules() if isinstance(mod, Int4PackedLinear)]
     assert len(packed) == 2 * 7 + 1, packed   # every linear weight of both layers, and the head
     with torch.no_grad():
@@ -139,7 +141,7 @@ def test_float_gguf_tensors_served_in_place(tmp_path):
                                     "ffn_down")}, "attn_q": "BF16", "attn_k": "F16"}
     g = make_llama_gguf(tmp_path / "tiny-f.gguf", types=types)
     ref = AutoModelForCausalLM.from_pretrained(g.parent, gguf_file=g.name, dtype=torch.float32).eval()
-    m = AutoModel.from_pretrained(g, store_path=tmp_path / "store", max_ram=0, progress=False)
+    m = AutoModel.from_pretrained(g, store_path=tmp_path / "store", max_ram=0, progress=False, kernels=False)
     layer = next(u for u in m.store.manifest.units if u.kind == "layer")
     assert layer.slots["model.layers.0.self_attn.q_proj.weight"][:2] == ["BF16", [256, 256]]
     assert layer.slots["model.layers.0.self_attn.k_proj.weight"][0] == "F16"
@@ -169,3 +171,43 @@ def test_opening_a_gguf_parses_it_once(gguf_model, tmp_path, monkeypatch):
     src.save_extras(tmp_path)
     assert len(parses) == 1 and (tmp_path / "tokenizer.json").exists() and lay.units
     assert mg.load_gguf_checkpoint is load and gguf.GGUFReader is reader
+
+
+@pytest.mark.parametrize("max_ram", [None, 0])
+def test_kernels_on_gguf_blocks_match_the_dequantize_path(gguf_model, max_ram):
+    """By default (ggml installed) every linear layer of a GGUF computes on the file's blocks with llama.cpp's
+    kernels, resident or streamed (the head on the tied embedding's blocks for Gemma), no unit dequantized:
+    the next-token distributions are the dequantize path's within ggml's 8-bit rounding of the activations, and
+    the top token is the same wherever the reference's top two are further apart than that rounding."""
+    from layerstream.quant import kernels, stored_names
+
+    if not kernels.available():
+        pytest.skip("ggml-python is not installed (./install.sh builds it)")
+    family, g, store, _, _ = gguf_model
+    ref = AutoModel.from_pretrained(store, max_ram=max_ram, progress=False, kernels=False)
+    m = AutoModel.from_pretrained(store, max_ram=max_ram, progress=False)
+    blocks = [n for n, mod in m.model.named_modules() if isinstance(mod, kernels.BlockLinear)]
+    assert len(blocks) == 2 * 7 + 1, blocks   # every linear layer of both layers, and the head
+    quantized = {u.name for u in m.store.manifest.units if stored_names(u.tensors)}   # Gemma's head: a norm
+    assert not m.plan.dequant_bytes and m.plan.blocks == quantized
+    with torch.no_grad():
+        want, got = ref(IDS).logits, m(IDS).logits
+    assert_near_ties_only(got, want)
+    ref.close()
+    m.close()
+
+
+def assert_near_ties_only(got: torch.Tensor, want: torch.Tensor, kl_mean: float = 0.02, kl_max: float = 0.1):
+    """got's next-token distributions are want's within ggml's 8-bit rounding of the activations (KL divergence
+    per position; llama.cpp computes the same way: on the embedded model the mean KL is about 0.006), and where
+    the top tokens differ, the reference's logit of got's top token is within the difference between the two of
+    its best (a near-tie that the rounding may tip; random tiny models have many)."""
+    got, want = got.reshape(-1, got.shape[-1]).float(), want.reshape(-1, want.shape[-1]).float()
+    lp, lq = want.log_softmax(-1), got.log_softmax(-1)
+    kl = (lp.exp() * (lp - lq)).sum(-1)
+    assert float(kl.mean()) < kl_mean and float(kl.max()) < kl_max, kl
+    top_got, top_want = got.argmax(-1), want.argmax(-1)
+    gap = want.max(-1).values - want.gather(1, top_got[:, None])[:, 0]
+    slack = 2 * (got - want).abs().max(-1).values
+    assert bool((gap <= slack).all()), (top_got, top_want, gap, slack)
+    assert (top_got == top_want).float().mean() >= 0.5

@@ -226,7 +226,7 @@ def test_moe_gguf_streams_per_expert(tmp_path, qtype, compression):
     ref = AutoModelForCausalLM.from_pretrained(g.parent, gguf_file=g.name, config=cfg, dtype=torch.float32).eval()
     want_ids, want_calls = routing_of(ref, IDS, 8)
     m = AutoModel.from_pretrained(g, max_ram=0, store_path=tmp_path / "store", compression=compression,
-                                  progress=False, prefetch=False)
+                                  progress=False, prefetch=False, kernels=False)   # the reference path
     experts = [u for u in m.store.manifest.units if u.kind == "expert"]
     assert len(experts) == 2 * 8
     if compression:   # the GGUF's own blocks kept: the experts' tensors are stored quantized
@@ -243,4 +243,33 @@ def test_moe_gguf_streams_per_expert(tmp_path, qtype, compression):
     assert got.tolist() == want_ids.tolist()
     assert [(int(layer.split(".")[1]), routed) for layer, routed, _ in m.profiler.experts] == want_calls
     assert all(read == len(routed) for _, routed, read in m.profiler.experts)
+    m.close()
+
+
+@pytest.mark.slow
+def test_moe_gguf_attention_computes_on_blocks(tmp_path):
+    """With ggml installed, a MoE GGUF's attention and head compute on their Q4_1 blocks while the experts
+    (fused expert tensors, no linear layer) keep the dequantize path, still streamed per routed expert: the
+    logits are the dequantize path's within ggml's 8-bit rounding of the activations, except where that rounding
+    tips a router's near-tie to another expert (here at most one position of eight: it changes that position's
+    logits by tens of percent, as a different expert would)."""
+    from layerstream.quant import kernels
+
+    from gguf_tiny import make_moe_gguf
+
+    if not kernels.available():
+        pytest.skip("ggml-python is not installed (./install.sh builds it)")
+    g = make_moe_gguf(tmp_path / "tiny-moe.gguf", "Q4_1")
+    ref = AutoModel.from_pretrained(g, max_ram=0, store_path=tmp_path / "store", progress=False, kernels=False)
+    m = AutoModel.from_pretrained(tmp_path / "store", max_ram=0, progress=False)
+    blocks = [n for n, mod in m.model.named_modules() if isinstance(mod, kernels.BlockLinear)]
+    assert len(blocks) == 2 * 4 + 1, blocks   # q, k, v, o of both layers, and the head
+    assert all(u.startswith("layer.") or u in ("head", "embed") for u in m.plan.blocks)
+    with torch.no_grad():
+        got, want = m(IDS).logits[0], ref(IDS).logits[0]
+    lp, lq = want.log_softmax(-1), got.log_softmax(-1)
+    kl = (lp.exp() * (lp - lq)).sum(-1)
+    assert int((kl < 0.02).sum()) >= len(kl) - 1 and bool(torch.isfinite(got).all()), kl
+    assert any(read for _, _, read in m.profiler.experts)   # routed experts still read one by one
+    ref.close()
     m.close()

@@ -63,7 +63,7 @@ def test_quantized_store_matches_transformers_on_the_same_weights(tmp_path, kind
             if "embed_tokens" not in name and quantizable(name, p.shape, kind):
                 p.copy_(dequantize(kind, quantize(p, kind), torch.float32))
     m = AutoModel.from_pretrained(src, compression=spelling, max_ram=max_ram, store_path=tmp_path / "store",
-                                  progress=False)
+                                  progress=False, kernels=False)   # the reference path (ggml: test_kernels)
     assert m.store.manifest.quantization == kind
     assert bool(m.plan.dequant_bytes) == (max_ram == 0)   # per sweep when streaming; once when it fits
     ids = torch.tensor([[1, 7, 3, 99, 45]])
@@ -76,7 +76,9 @@ def test_quantized_store_matches_transformers_on_the_same_weights(tmp_path, kind
 
 @pytest.mark.slow
 def test_embedded_int4_is_lossless_and_small(tmp_path, smol_reference):
-    """The embedded GGUF's Q4_1 blocks are kept as they are: the same tokens as the float model."""
+    """The embedded GGUF's Q4_1 blocks are kept as they are: the same tokens as the float model, computed on the
+    blocks with ggml (our int4 parts interleaved back into Q4_1 blocks, resident once, streamed each sweep) and on
+    the dequantize path, whose logits are the float model's."""
     r = run_cli("split", "--quantize", "int4", __import__("layerstream.sources", fromlist=["x"]).embedded_model(),
                 tmp_path / "int4")
     assert r.returncode == 0, r.stderr
@@ -94,6 +96,8 @@ def test_embedded_int4_is_lossless_and_small(tmp_path, smol_reference):
         got = m.generate(enc, max_new_tokens=20, do_sample=False)
         want = smol_reference.generate(enc, max_new_tokens=20, do_sample=False)
         assert got.tolist() == want.tolist(), budget
+        m.close()
+        m = AutoModel.from_pretrained(tmp_path / "int4", max_ram=budget, progress=False, kernels=False)
         torch.testing.assert_close(m(enc).logits, smol_reference(enc).logits, rtol=0, atol=1e-4)
         m.close()
 
@@ -109,9 +113,11 @@ def test_resident_int4_computes_on_packed_weights_in_bf16(tmp_path):
             if "embed_tokens" not in name and quantizable(name, p.shape, "int4"):
                 p.copy_(dequantize("int4", quantize(p.to(torch.bfloat16), "int4"), torch.float32))
     store = tmp_path / "store"
-    streamed = AutoModel.from_pretrained(src, compression="int4", max_ram=0, store_path=store, progress=False)
+    streamed = AutoModel.from_pretrained(src, compression="int4", max_ram=0, store_path=store, progress=False,
+                                         kernels=False)
     dense = sum(streamed.plan.dequant_bytes.get(u.name, u.bytes) for u in Store(store).manifest.units)
-    m = AutoModel.from_pretrained(store, max_ram=dense - 1, progress=False)   # packed fits, floats do not
+    # packed fits, floats do not; without ggml (kernels=False), torch's int4 kernel
+    m = AutoModel.from_pretrained(store, max_ram=dense - 1, progress=False, kernels=False)
     packed = [n for n, mod in m.model.named_modules() if isinstance(mod, Int4PackedLinear)]
     assert packed, m.plan.describe()
     ids = torch.tensor([[1, 7, 3, 99, 45, 12, 8, 64]])
@@ -135,7 +141,7 @@ def test_gguf_k_quants_kept_exactly(tmp_path, max_ram):
     g = make_llama_gguf(tmp_path / "tiny-k.gguf")
     ref = AutoModelForCausalLM.from_pretrained(g.parent, gguf_file=g.name, dtype=torch.float32).eval()
     m = AutoModel.from_pretrained(g, compression="int4", max_ram=max_ram, store_path=tmp_path / "store",
-                                  progress=False)
+                                  progress=False, kernels=False)
     names = {t for u in m.store.manifest.units for t in u.tensors}
     for suffix in (".q4_k", ".q5_k", ".q6_k", ".q4_0", ".q5_0", ".q5_1", ".q8"):
         assert any(t.endswith(suffix) for t in names), suffix

@@ -36,6 +36,9 @@ def model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
                    help="another LoRA adapter, chosen per request by its NAME (the `model` of an OpenAI request); "
                         "repeatable")
+    p.add_argument("--no-kernels", action="store_true",
+                   help="dequantize quantized weights to floats instead of computing on their blocks with ggml "
+                        "(the reference path; slower on a CPU)")
     p.add_argument("--expert-device", default=None, choices=["cpu"],
                    help="a MoE model on a GPU: its experts stay in RAM and the CPU computes them")
     p.add_argument("--verbose", "-v", action="store_true", help="print the residency plan")
@@ -130,7 +133,8 @@ def options_of(a):
                    threads=a.threads, io=a.io, in_place=False if a.copy else None, compression=a.quantize,
                    draft=getattr(a, "draft", None), pipeline=getattr(a, "pipeline", None),
                    pipeline_cpus=getattr(a, "pipeline_cpus", 1), expert_device=getattr(a, "expert_device", None),
-                   adapter=getattr(a, "adapter", None), lora=lora_of(getattr(a, "lora", None)))
+                   adapter=getattr(a, "adapter", None), lora=lora_of(getattr(a, "lora", None)),
+                   kernels=False if getattr(a, "no_kernels", False) else None)
 
 
 def lora_of(specs) -> dict | None:

@@ -12,8 +12,21 @@ def cmd_plan(a) -> int:
     from ..utils import parse_size
 
     store = Store(resolve(a.source, store_path=a.store))
-    plan = make_plan(store, a.device.split(":")[0], parse_size(a.max_ram, "--max-ram"),
-                     parse_size(a.max_gpu_memory, "--max-gpu-memory"), a.lookahead)
+    device = a.device.split(":")[0]
+    blocks = set()
+    import torch
+
+    from ..engine.model import use_kernels
+    if use_kernels(None, torch.device(device), store):   # as the model would: its linear layers on their blocks
+        from transformers import AutoConfig
+
+        from ..arch import build_skeleton
+        from ..runtime.streamer import block_weights
+        skeleton = build_skeleton(AutoConfig.from_pretrained(store.path), getattr(torch, store.manifest.dtype),
+                                  torch.device(device))
+        blocks = set(block_weights(skeleton, store))
+    plan = make_plan(store, device, parse_size(a.max_ram, "--max-ram"),
+                     parse_size(a.max_gpu_memory, "--max-gpu-memory"), a.lookahead, blocks=blocks)
     direct, plan.cached = choose_io("auto", plan)
     if not direct:
         plan.notes.append("streamed units fit in the page cache: read through it (io auto)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -13,7 +13,9 @@ from ..arch import build_skeleton, layout
 from ..errors import InputError, LayerstreamError
 from ..options import Options
 from ..plan import choose_io, make_plan, record_expert_counts
+from ..quant.kernels import threads as kernel_threads
 from ..runtime import Profiler, Streamer
+from ..runtime.streamer import block_weights
 from ..store import Store, resolve
 from ..utils import cores, log
 
@@ -54,6 +56,30 @@ def compute_threads(threads, streaming: bool, direct: bool = False) -> int:
     return _TORCH_THREADS
 
 
+def use_kernels(kernels, device: torch.device, store: Store) -> bool:
+    """Whether a quantized store's linear layers compute on their blocks with ggml (quant/kernels.py): on a CPU,
+    when ggml-python is installed, unless `kernels=False`. Without it, once per process, a line says that the
+    weights are dequantized instead (slower) and how to get the kernels; `kernels=True` then is an error."""
+    from ..quant import kernels as k
+
+    if kernels is False or device.type != "cpu" or not store.manifest.quantization:
+        return False
+    if k.available():
+        return True
+    why = (f"ggml's kernels are not available ({k.unavailable_reason()}): quantized weights are dequantized to "
+           f"floats instead, several times slower on a CPU; ./install.sh builds them "
+           f"(pip install ggml-python==0.0.45 with CMAKE_ARGS={k.CMAKE_ARGS!r})")
+    if kernels:
+        raise InputError(why)
+    if not _warned:
+        _warned.append(1)
+        log(why)
+    return False
+
+
+_warned: list = []
+
+
 class StreamedModel:
     """A transformers causal LM whose weights stream from a layerstream store as the forward pass
     reaches them. `generate` and `__call__` are transformers' own (KV cache, sampling, streamers)."""
@@ -78,9 +104,12 @@ class StreamedModel:
         except OSError:
             pass
         self.layout = layout(self.model)
-        packed = self.device.type == "cpu" and self.dtype == torch.bfloat16   # int4 units computed on their blocks
+        blocks = set(block_weights(self.model, self.store)) if use_kernels(opts.kernels, self.device, self.store) \
+            else set()
+        # without ggml: int4 units computed on their blocks by torch's int4 kernel (bfloat16 only)
+        packed = self.device.type == "cpu" and self.dtype == torch.bfloat16
         self.plan = make_plan(self.store, self.device.type, opts.ram_bytes, opts.gpu_bytes, opts.lookahead, packed,
-                              expert_device=opts.expert_device)
+                              expert_device=opts.expert_device, blocks=blocks)
         self.profiler = Profiler(opts.profiling)
         resident = sum(u.bytes for u in self.plan.units if u.tier != "disk")
         bar = None
@@ -123,7 +152,7 @@ class StreamedModel:
         if before != self.threads:
             torch.set_num_threads(self.threads)
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), (kernel_threads(self.threads) if self.plan.blocks else nullcontext()):
                 yield
         finally:
             if before != self.threads:

@@ -68,6 +68,9 @@ class Plan:
     prefix_budget: int = 0              # of which finished requests' KV may keep for reuse (prefix cache)
     staging: int = 1                    # accelerators: pinned staging buffers per size of part read from disk
     expert_device: str | None = None    # "cpu": experts computed by the CPU in host RAM (runtime/experts.py)
+    # quantized units whose linear layers compute on their blocks (ggml, quant/kernels.py): never dequantized,
+    # resident or streamed at their stored size
+    blocks: set[str] = field(default_factory=set)
     _by_name: dict | None = field(default=None, repr=False)
 
     def tier(self, name: str) -> str:
@@ -220,8 +223,10 @@ def _choose(cands: list[UnitPlan], budget: int) -> list[UnitPlan]:
 
 
 def make_plan(store: Store, device: str = "cpu", max_ram=None, max_gpu_memory=None, lookahead: int = 2,
-              packed: bool = False, expert_device: str | None = None) -> Plan:
-    """Each unit's tier for these budgets. packed: int4 units can compute on their blocks (bfloat16 compute on a
+              packed: bool = False, expert_device: str | None = None, blocks=()) -> Plan:
+    """Each unit's tier for these budgets. blocks: units whose linear layers compute on their stored blocks
+    (ggml on a CPU, `runtime.streamer.block_weights`): never dequantized, resident or streamed at their stored
+    size. packed (without ggml): int4 units can compute on their blocks (bfloat16 compute on a
     CPU, torch's int4 kernel): they stay packed even where they would fit as floats (smaller, and faster than
     bfloat16 matmuls on a CPU: docs/quantization.md). expert_device="cpu": on an accelerator, experts are never
     placed on the device nor copied to it; they stay in RAM (or on disk) and the CPU computes them."""
@@ -256,6 +261,11 @@ def make_plan(store: Store, device: str = "cpu", max_ram=None, max_gpu_memory=No
     # in-flight buffers alone (max_ram=0: AirLLM's behaviour) keeps nothing resident and the buffers come on top.
     resident_budget = plan.ram_budget
     reserve = min(RUNTIME_RESERVE, plan.ram_budget // 10)
+    if device == "cpu" and blocks:
+        plan.blocks = set(blocks) & set(unit_bytes)
+        plan.dequant_bytes = {n: b for n, b in plan.dequant_bytes.items() if n not in plan.blocks}
+        packed = False
+        plan.notes.append(f"{len(plan.blocks)} quantized units computed on their blocks (ggml)")
     if plan.dequant_bytes and device == "cpu":
         dense = sum(plan.dequant_bytes.get(n, b) for n, b in unit_bytes.items())
         if dense <= plan.ram_budget:   # fits dequantized: dequantize once at load, run at full speed

@@ -12,6 +12,7 @@ import torch
 
 from ..plan import Plan, UnitPlan
 from ..quant import SUFFIXES, dequantize, float_bytes, float_shape, stored_names
+from ..quant.kernels import ggml_bytes, to_ggml
 from ..store import Store, tensor_views
 from .profiler import Profiler
 from .reader import BufferPool, FileReader
@@ -34,8 +35,10 @@ class Loader:
     next sweep's first units load while this sweep's last ones compute)."""
 
     def __init__(self, store: Store, plan: Plan, device: torch.device, ram_units: dict[str, torch.Tensor],
-                 reader: FileReader, profiler: Profiler, prefetch: bool, dtype: torch.dtype):
+                 reader: FileReader, profiler: Profiler, prefetch: bool, dtype: torch.dtype,
+                 keep: dict[str, str] | None = None):
         self.store, self.plan, self.device = store, plan, device
+        self.keep = keep or {}   # weights whose linear layer computes on their blocks: not dequantized
         self.ram_units = ram_units                 # host-resident unit bytes (accelerator RAM tier)
         self.reader, self.prof = reader, profiler
         self.order: list[UnitPlan] = plan.streamed
@@ -126,7 +129,10 @@ class Loader:
         if p not in self._out:
             quant = stored_names([sl.name for sl in self.store.slots(p)])
             qnames = {n for _, names in quant.values() for n in names.values()}
-            total = float_bytes({sl.name: sl.shape for sl in self.store.slots(p)}, quant, self.dtype)
+            shapes = {sl.name: sl.shape for sl in self.store.slots(p)}
+            kept = {b: q for b, q in quant.items() if b in self.keep}
+            total = float_bytes(shapes, {b: q for b, q in quant.items() if b not in kept}, self.dtype)
+            total += sum(ggml_bytes(kind, {sf: shapes[n] for sf, n in names.items()}) for kind, names in kept.values())
             for sl in self.store.slots(p):
                 if sl.name not in qnames and sl.dtype.is_floating_point and sl.dtype != self.dtype:
                     total += (sl.end - sl.begin) // sl.dtype.itemsize * self.dtype.itemsize
@@ -140,6 +146,14 @@ class Loader:
         ctx = torch.cuda.stream(self.copy_stream) if self.cuda else contextlib.nullcontext()
         with ctx:
             for base, (kind, names) in stored_names(list(views)).items():
+                if base in self.keep:   # computed on as blocks: a GGUF's as they are, our int4/int8 interleaved
+                    parts = {s: views.pop(name) for s, name in names.items()}
+                    n = ggml_bytes(kind, {s: tuple(t.shape) for s, t in parts.items()})
+                    gk, raw = to_ggml(kind, parts, out=fbuf[foff:foff + n].view(
+                        parts[".scale"].shape[0], -1) if n else None)
+                    views[f"{base}.{gk}"] = raw
+                    foff += n
+                    continue
                 shape = float_shape(kind, views[names[SUFFIXES[kind][0]]].shape)
                 n = shape[0] * shape[1] * self.dtype.itemsize
                 out = fbuf[foff:foff + n].view(self.dtype).view(shape)

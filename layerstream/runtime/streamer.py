@@ -17,12 +17,47 @@ from torch import nn
 from ..arch import Layout
 from ..plan import Plan
 from ..quant import INT4_GGML, Int4PackedLinear, as_int4, dequantize, stored_names
+from ..quant.kernels import BlockLinear, kernel_kind, to_ggml
 from ..store import Store, aligned_empty, tensor_views
 from .embedding import EmbeddingRows
 from .experts import ExpertRouting
 from .loader import Loader
 from .profiler import Profiler
 from .reader import FileReader
+
+
+def block_weights(model: nn.Module, store: Store) -> dict[str, dict[str, tuple[str, str]]]:
+    """The units whose linear layers can compute on their stored blocks with ggml (`quant/kernels.py`):
+    {unit: {stored weight: (module, GGUF kind)}}. A unit qualifies when every quantized weight in it has a
+    kernel and belongs to a plain `nn.Linear`; the embedding qualifies too (its rows are gathered as blocks),
+    and when the head is tied to it, the head's linear layer computes on the embedding's blocks. MoE experts
+    (fused expert tensors, not linear layers) keep the dequantize path."""
+    mods = dict(model.named_modules())
+    out_emb = model.get_output_embeddings()
+    head_name = next((n for n, m in mods.items() if m is out_emb), None)
+    tied = bool(store.manifest.tied) and out_emb is not None and \
+        out_emb.weight is model.get_input_embeddings().weight
+    found = {}
+    for u in store.manifest.units:
+        if u.kind == "expert":
+            continue
+        shapes = {sl.name: tuple(sl.shape) for sl in store.slots(u.name)}
+        quant = stored_names(list(shapes))
+        weights = {}
+        for base, (kind, names) in quant.items():
+            gk = kernel_kind(kind, {sf: shapes[n] for sf, n in names.items()})
+            mod_name, _, attr = base.rpartition(".")
+            if u.kind == "embed":
+                if not tied:
+                    continue   # its rows are gathered as blocks; nothing computes on the whole matrix
+                mod_name = head_name
+            if gk is None or attr != "weight" or type(mods.get(mod_name)) is not nn.Linear:
+                weights = None
+                break
+            weights[base] = (mod_name, gk)
+        if quant and weights is not None:
+            found[u.name] = weights
+    return found
 
 
 class Streamer(ExpertRouting, EmbeddingRows):
@@ -32,6 +67,10 @@ class Streamer(ExpertRouting, EmbeddingRows):
                  dtype: torch.dtype, prefetch: bool, profiler: Profiler, verify: str = "first", progress=None,
                  direct: bool = False, readers: int = 1, fadvise: bool = False):
         self.model, self.lay, self.store, self.plan = model, lay, store, plan
+        # linear layers that compute on their blocks (ggml): swapped in before the parameters are listed
+        self.block_mods: dict[str, BlockLinear] = {}   # stored name of a weight's blocks -> its module
+        self.block_kinds: dict[str, str] = {}          # stored weight -> the GGUF kind it computes as
+        self._swap_block_linears()
         self.device, self.dtype, self.prof = device, dtype, profiler
         self.params: dict[str, nn.Parameter] = dict(model.named_parameters(remove_duplicate=False))
         self.buffers = {n: (m, n.rsplit(".", 1)[-1], b) for mn, m in model.named_modules()
@@ -48,7 +87,8 @@ class Streamer(ExpertRouting, EmbeddingRows):
         self._load_resident(progress)
         self.fused: set[str] = set()       # experts modules with every expert resident: bound whole, once
         self._fuse_resident_experts()
-        self.loader = Loader(store, plan, device, self.ram_units, self.reader, profiler, prefetch, dtype)
+        self.loader = Loader(store, plan, device, self.ram_units, self.reader, profiler, prefetch, dtype,
+                             keep=self.block_kinds)
         self._install_hooks()
 
     # -- resident units
@@ -62,6 +102,9 @@ class Streamer(ExpertRouting, EmbeddingRows):
             if progress:
                 progress(u.bytes)
             buf = host.to(self.device) if accel and u.tier == "device" else host
+            if u.name in self.plan.blocks:
+                self._bind_blocks(u.name, buf)
+                continue
             if not accel and u.kind != "expert" and u.name in self.plan.dequant_bytes and \
                     self._compute_packed(u.name, buf):
                 continue
@@ -83,6 +126,39 @@ class Streamer(ExpertRouting, EmbeddingRows):
                 self._bind(name, t)
         self.prof.bytes_read = 0
         self.prof.read_seconds = 0.0
+
+    def _swap_block_linears(self):
+        """Each linear layer of a unit planned to compute on its blocks becomes a `BlockLinear` (bound later)."""
+        if not self.plan.blocks:
+            return
+        mods = dict(self.model.named_modules())
+        for unit, weights in block_weights(self.model, self.store).items():
+            if unit not in self.plan.blocks:
+                continue
+            for base, (mod_name, gk) in weights.items():
+                old = mods[mod_name]
+                new = BlockLinear.replacing(old, gk)
+                parent, _, child = mod_name.rpartition(".")
+                setattr(mods[parent] if parent else self.model, child, new)
+                mods[mod_name] = new
+                self.block_mods[f"{base}.{gk}"] = new
+                self.block_kinds[base] = gk
+
+    def _bind_blocks(self, unit: str, buf: torch.Tensor):
+        """A resident unit that computes on its blocks: its linear layers bound to them once (our int4 / int8
+        parts interleaved into GGUF blocks once); the embedding kept as blocks, its rows gathered per batch."""
+        views = tensor_views(buf, self.store.slots(unit))
+        if unit == "embed":
+            self.ram_units[unit] = buf
+        for base, (kind, names) in stored_names(list(views)).items():
+            parts = {sf: views.pop(n) for sf, n in names.items()}
+            if base in self.block_kinds:
+                gk, raw = to_ggml(kind, parts)
+                self.block_mods[f"{base}.{gk}"].bind(raw)
+        if unit == "embed":
+            return
+        for name, t in views.items():
+            self._bind(name, t)
 
     def _compute_packed(self, unit: str, buf: torch.Tensor) -> bool:
         """A resident int4 unit on the CPU: its linear layers compute on the packed blocks directly (no
@@ -112,6 +188,10 @@ class Streamer(ExpertRouting, EmbeddingRows):
         return True
 
     def _bind(self, name: str, t: torch.Tensor):
+        mod = self.block_mods.get(name)
+        if mod is not None:   # a weight's blocks, for the linear layer that computes on them
+            mod.bind(t)
+            return
         if name in self.buffers:   # a persistent buffer kept in the checkpoint, in its own dtype
             mod, attr, default = self.buffers[name]
             mod._buffers[attr] = t.to(device=self.device, dtype=default.dtype)
@@ -124,7 +204,9 @@ class Streamer(ExpertRouting, EmbeddingRows):
 
     def _unbind(self, names):
         for n in names:
-            if n in self.buffers:
+            if n in self.block_mods:
+                self.block_mods[n].unbind()
+            elif n in self.buffers:
                 mod, attr, default = self.buffers[n]
                 mod._buffers[attr] = default
             else:
@@ -137,7 +219,8 @@ class Streamer(ExpertRouting, EmbeddingRows):
         emb = next((u for u in self.plan.units if u.kind == "embed"), None)
         emb_mod = mods[self.lay.embed_module]
         self.handles.append(emb_mod.register_forward_pre_hook(self._sweep_start, with_kwargs=True))
-        if emb is not None and (emb.tier != self.plan.compute_tier or "embed" in self.plan.dequant_bytes):
+        if emb is not None and (emb.tier != self.plan.compute_tier or "embed" in self.plan.dequant_bytes
+                                or "embed" in self.plan.blocks):
             self._embed_setup(emb, emb_mod)
         for u in self.lay.units:
             if u.name not in streamed:

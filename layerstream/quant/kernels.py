@@ -1,0 +1,241 @@
+"""Matmuls on quantized blocks with llama.cpp's own CPU kernels (ggml, through `ggml-python`).
+
+A decode on a CPU is bound by the bytes of weights it touches: computing on a GGUF's 4.5-bit blocks touches
+7x fewer bytes than float32. ggml's `mul_mat` takes the blocks as they lie in the file (Q4_0, Q4_1, Q5_0,
+Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) and float32 activations, which it rounds to 8-bit blocks itself (as llama.cpp
+does: results differ from dequantize + `F.linear` by that rounding, ~0.5-0.7 % relative). Our own int4 store
+is GGUF Q4_1 split into parts, and a GGUF's Q8_0 kept as int8 parts is Q8_0: both are interleaved back into
+those block layouts once (`to_ggml`).
+
+Why ggml and not torch's `_weight_int4pack_mm_for_cpu`: one library covers every block type llama.cpp files
+use (torch's kernel takes 16-level blocks only, no Q5/Q6/Q8, and its float32 path runs 30x slower than its
+bfloat16 one); measured side by side in bench/gguf_kernels.py and docs/quantization.md. `ggml-python`
+(pinned in install.sh) builds ggml from its sdist with -march=native in about 35 s on 2 cores.
+
+ggml is driven through its C API with ctypes: one tiny graph (weight, activations, mul_mat) per shape and
+batch size, cached, whose tensors' data pointers are set to our torch buffers at each call (no copies), and
+computed on one ggml threadpool sized to torch's compute threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from collections import OrderedDict
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .gguf import GGML
+
+# ggml's type ids (ggml.h, enum ggml_type) of the block types we keep
+GGML_TYPES = {"q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "q4_k": 12, "q5_k": 13, "q6_k": 14}
+_F32 = 0
+# how install.sh builds ggml-python: for this CPU, ggml's own threads (no OpenMP runtime beside torch's), and
+# llamafile's tiled matmuls (llama.cpp's default)
+CMAKE_ARGS = "-DGGML_NATIVE=ON -DGGML_OPENMP=OFF -DGGML_LLAMAFILE=ON"
+# ggml's threads poll this long for the next call before they sleep (ggml's default). Torch then runs on one
+# thread beside them (`threads`): with torch's own second thread spinning too, a decode step of the embedded
+# model took 222 ms instead of 23; with ggml's threads sleeping at once, 50 ms (each of 211 calls waking one).
+_POLL = 50
+
+_state: dict = {}
+_lock = threading.Lock()
+
+
+def available() -> bool:
+    """Whether ggml's kernels can be loaded (ggml-python installed and its library loads)."""
+    if "lib" not in _state:
+        try:
+            import ggml  # ggml-python: ctypes bindings over libggml, built by ./install.sh
+            _state["lib"] = ggml
+        except (ImportError, OSError) as e:   # not installed, or its library does not load on this CPU
+            _state["lib"] = None
+            _state["why"] = f"{type(e).__name__}: {e}"
+    return _state["lib"] is not None
+
+
+def unavailable_reason() -> str:
+    available()
+    return _state.get("why", "")
+
+
+def kernel_kind(kind: str, shapes: dict[str, tuple] | None = None) -> str | None:
+    """The GGUF block type a stored weight computes as: its own kind for a GGUF's blocks, Q4_1 for our int4
+    blocks of 32, Q8_0 for symmetric int8 blocks of 32 (a GGUF's Q8_0 kept as parts); None where ggml has no
+    kernel for it (our asymmetric int8 blocks of 64). shapes: {suffix: shape} of the stored parts."""
+    if kind in GGML_TYPES:
+        return kind
+    if shapes is None or ".scale" not in shapes:
+        return None
+    if kind == "int4" and ".q4" in shapes and shapes[".q4"][1] * 2 // shapes[".scale"][1] == 32:
+        return "q4_1"
+    if kind == "int8" and ".q8" in shapes and ".min" not in shapes and shapes[".q8"][1] // shapes[".scale"][1] == 32:
+        return "q8_0"
+    return None
+
+
+def to_ggml(kind: str, parts: dict[str, torch.Tensor], out: torch.Tensor | None = None) -> tuple[str, torch.Tensor]:
+    """(GGUF kind, uint8 [rows, bytes per row]) from a stored weight's parts: a GGUF's blocks as they are (no
+    copy); our int4 (Q4_1 split into codes, scale, min) and int8 (Q8_0 split) parts interleaved back into
+    blocks, into `out` when given."""
+    gk = kernel_kind(kind, {sf: tuple(t.shape) for sf, t in parts.items()})
+    if gk is None:
+        raise ValueError(f"no ggml kernel for {kind}")
+    if kind in GGML_TYPES:
+        return gk, parts["." + kind]
+    kind = "int4" if ".q4" in parts else "int8"
+    codes = parts[".q4"] if kind == "int4" else parts[".q8"].view(torch.uint8)
+    rows = codes.shape[0]
+    nb = parts[".scale"].shape[1]
+    fields = [parts[".scale"].to(torch.float16).contiguous().view(torch.uint8).reshape(rows, nb, 2)]
+    if kind == "int4":
+        fields.append(parts[".min"].to(torch.float16).contiguous().view(torch.uint8).reshape(rows, nb, 2))
+    fields.append(codes.reshape(rows, nb, -1))
+    width = sum(f.shape[-1] for f in fields)
+    if out is None:
+        out = torch.empty((rows, nb * width), dtype=torch.uint8)
+    dst = out.view(rows, nb, width)
+    at = 0
+    for f in fields:
+        dst[..., at:at + f.shape[-1]].copy_(f)
+        at += f.shape[-1]
+    return gk, out
+
+
+def ggml_bytes(kind: str, parts_shapes: dict[str, tuple]) -> int:
+    """Bytes of `to_ggml`'s output for our int4 / int8 parts (0 for a GGUF's blocks: used as they lie)."""
+    if kind in GGML_TYPES:
+        return 0
+    rows, nb = parts_shapes[".scale"]
+    per = 20 if kind == "int4" else 34
+    return rows * nb * per
+
+
+class _Graph:
+    """One cached ggml graph y = mul_mat(w, x) for a weight type and shape, a batch size and a thread count."""
+
+    def __init__(self, g, gtype: int, k: int, n: int, m: int, threads: int, pool):
+        params = g.ggml_init_params(mem_size=3 * g.ggml_tensor_overhead() + g.ggml_graph_overhead_custom(4, False),
+                                    mem_buffer=None, no_alloc=True)
+        self.ctx = g.ggml_init(params)
+        w = g.ggml_new_tensor_2d(self.ctx, gtype, k, n)
+        x = g.ggml_new_tensor_2d(self.ctx, _F32, k, m)
+        y = g.ggml_mul_mat(self.ctx, w, x)
+        self.graph = g.ggml_new_graph_custom(self.ctx, 4, False)
+        g.ggml_build_forward_expand(self.graph, y)
+        self.w, self.x, self.y = w.contents, x.contents, y.contents
+        self.plan = g.ggml_graph_plan(self.graph, threads, pool)
+        self.work = torch.empty(max(1, self.plan.work_size), dtype=torch.uint8)
+        self.plan.work_data = ctypes.cast(self.work.data_ptr(), ctypes.POINTER(ctypes.c_uint8))
+        self.plan_ref = ctypes.byref(self.plan)
+        self._free = g.ggml_free
+
+    def __del__(self):
+        try:
+            self._free(self.ctx)
+        except Exception:   # interpreter teardown
+            pass
+
+
+_graphs: OrderedDict = OrderedDict()
+MAX_GRAPHS = 256
+
+
+def _pool(g, threads: int):
+    if _state.get("threads") != threads:
+        if _state.get("pool"):
+            _graphs.clear()
+            g.ggml_threadpool_free(_state["pool"])
+        p = g.ggml_threadpool_params_default(threads)
+        p.poll = _POLL
+        _state["pool"], _state["threads"] = g.ggml_threadpool_new(ctypes.byref(p)), threads
+    return _state["pool"]
+
+
+@contextmanager
+def threads(n: int):
+    """ggml computes on `n` threads inside this block while torch keeps one (their two thread pools would
+    spin against each other)."""
+    before_ggml, before_torch = _state.get("threads_wanted"), torch.get_num_threads()
+    _state["threads_wanted"] = n
+    if before_torch != 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        _state["threads_wanted"] = before_ggml
+        if before_torch != 1:
+            torch.set_num_threads(before_torch)
+
+
+def mul_mat(kind: str, w: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out [m, n] float32 = x [m, k] float32 @ dequant(w).T, w uint8 [n, bytes per row] of GGUF `kind` blocks,
+    all contiguous on the CPU, computed by ggml on torch's compute threads."""
+    if not available():
+        raise RuntimeError(f"ggml's kernels are not available ({unavailable_reason()})")
+    g = _state["lib"]
+    n, m, k = w.shape[0], x.shape[0], x.shape[1]
+    threads = _state.get("threads_wanted") or torch.get_num_threads()
+    key = (kind, k, n, m, threads)
+    with _lock:
+        pool = _pool(g, threads)
+        gr = _graphs.get(key)
+        if gr is None:
+            gr = _graphs[key] = _Graph(g, GGML_TYPES[kind], k, n, m, threads, pool)
+            if len(_graphs) > MAX_GRAPHS:
+                _graphs.popitem(last=False)
+        else:
+            _graphs.move_to_end(key)
+        gr.w.data, gr.x.data, gr.y.data = w.data_ptr(), x.data_ptr(), out.data_ptr()
+        status = g.lib.ggml_graph_compute(gr.graph, gr.plan_ref)
+    if status != 0:
+        raise RuntimeError(f"ggml_graph_compute failed with status {status}")
+    return out
+
+
+class BlockLinear(nn.Module):
+    """y = x @ dequant(W).T + b with W kept as GGUF blocks (uint8 [out, bytes per row]) and computed on by ggml.
+
+    Swapped in for an `nn.Linear` of the skeleton. A resident unit binds its blocks once; a streamed one
+    binds them at each forward, as the loader brings them (`bind` / `unbind`). Every batch size runs on ggml,
+    never on a dequantized copy: a row's result is then the same bits whatever else shares its sweep (the
+    engine's greedy requests give `generate`'s tokens), and no call pays for dequantizing the weight (a
+    prefill of the embedded model's 38-token prompt ran at 246 tok/s on ggml, 90 when each call dequantized
+    its weight for torch's dense matmul)."""
+
+    def __init__(self, in_features: int, out_features: int, kind: str, bias: nn.Parameter | None = None):
+        super().__init__()
+        per, size = GGML[kind]
+        if in_features % per:
+            raise ValueError(f"{in_features} input features are not whole {kind} blocks of {per}")
+        self.in_features, self.out_features, self.kind = in_features, out_features, kind
+        self.row_bytes = in_features // per * size
+        self.blocks: torch.Tensor | None = None
+        self.bias = bias
+
+    @classmethod
+    def replacing(cls, linear: nn.Linear, kind: str) -> "BlockLinear":
+        return cls(linear.in_features, linear.out_features, kind, linear.bias)
+
+    def bind(self, blocks: torch.Tensor) -> None:
+        if blocks.dtype != torch.uint8 or tuple(blocks.shape) != (self.out_features, self.row_bytes):
+            raise ValueError(f"{self.kind} blocks of shape {tuple(blocks.shape)} ({blocks.dtype}) do not make a "
+                             f"{self.out_features} x {self.in_features} weight")
+        self.blocks = blocks if blocks.is_contiguous() else blocks.contiguous()
+
+    def unbind(self) -> None:
+        self.blocks = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.blocks is None:
+            raise RuntimeError("BlockLinear called with no blocks bound")
+        xf = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
+        y = torch.empty((xf.shape[0], self.out_features), dtype=torch.float32)
+        mul_mat(self.kind, self.blocks, xf, y)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.kind} blocks (ggml)"

@@ -1,0 +1,105 @@
+"""ggml's matmuls on quantized blocks (quant/kernels.py) against the reference: dequantize + F.linear.
+
+ggml rounds the activations to 8-bit blocks before its dot products (as llama.cpp does), so a row's result
+differs from the float reference by that rounding: about 0.5-0.8 % of its norm on random weights. The bound
+used here, 2 %, still fails for any mistake of layout, type or shape (those give errors near 100 %)."""
+
+import numpy as np
+import pytest
+import torch
+
+from layerstream.quant import dequantize, quantize
+from layerstream.quant import kernels as k
+
+from gguf_tiny import random_blocks
+
+pytestmark = pytest.mark.skipif(not k.available(), reason="ggml-python is not installed (./install.sh builds it)")
+
+KINDS = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k"]
+TOL = 2e-2   # relative to the reference's norm, per row of the batch
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float(((got.float() - want.float()).norm(dim=-1) / want.float().norm(dim=-1)).max())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_linear_matches_dequantize_and_linear(kind, dtype):
+    """Every block type, odd output sizes, batch sizes 1..64, float32 and bfloat16 activations, with a bias and
+    leading batch dimensions."""
+    rng = np.random.default_rng(hash(kind) % 2**32)
+    per = 256 if kind.endswith("_k") else 32
+    for rows, cols in ((37, 3 * per), (130, 2 * per)):
+        raw = torch.from_numpy(random_blocks(rows, cols, kind.upper(), rng).copy())
+        w = dequantize(kind, {"." + kind: raw}, torch.float32)
+        bias = torch.randn(rows)
+        mod = k.BlockLinear(cols, rows, kind, torch.nn.Parameter(bias.to(dtype), requires_grad=False))
+        mod.bind(raw)
+        for batch in (1, 2, 7, 31, 32, 64):
+            x = torch.randn(1, batch, cols).to(dtype)
+            want = torch.nn.functional.linear(x.float(), w, bias)
+            got = mod(x)
+            assert got.dtype == dtype and got.shape == (1, batch, rows)
+            assert rel_err(got[0], want[0]) < TOL, (kind, rows, cols, batch, rel_err(got[0], want[0]))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_row_gives_the_same_bits_whatever_shares_its_call(kind):
+    """A row's result does not depend on the other rows of the batch (ggml rounds and sums each row alone): the
+    engine relies on it for greedy requests to give `generate`'s tokens whatever shares their sweep."""
+    rng = np.random.default_rng(3)
+    per = 256 if kind.endswith("_k") else 32
+    raw = torch.from_numpy(random_blocks(96, 2 * per, kind.upper(), rng).copy())
+    x = torch.randn(40, 2 * per)
+    alone = torch.cat([k.mul_mat(kind, raw, x[i:i + 1].contiguous(), torch.empty(1, 96)) for i in range(40)])
+    for m in (2, 17, 40):
+        assert torch.equal(k.mul_mat(kind, raw, x[:m].contiguous(), torch.empty(m, 96)), alone[:m]), m
+
+
+def test_threads_give_the_same_result():
+    rng = np.random.default_rng(1)
+    raw = torch.from_numpy(random_blocks(300, 512, "Q4_K", rng).copy())
+    x = torch.randn(3, 512)
+    out = {}
+    for n in (1, 2):
+        with k.threads(n):
+            y = torch.empty(3, 300)
+            out[n] = k.mul_mat("q4_k", raw, x, y).clone()
+    torch.testing.assert_close(out[1], out[2], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_our_blocks_interleave_into_gguf_blocks_bit_for_bit(kind):
+    """Our int4 store is Q4_1 split into codes, scales and mins; a GGUF's Q8_0 kept as int8 parts is Q8_0:
+    interleaved back (`to_ggml`), they dequantize to exactly the same weights, and ggml computes on them."""
+    w = torch.randn(48, 128)
+    if kind == "int4":
+        parts = quantize(w, "int4")
+    else:   # symmetric int8 blocks of 32, as a GGUF's Q8_0 split (`quant.from_gguf`)
+        raw = torch.from_numpy(random_blocks(48, 128, "Q8_0", np.random.default_rng(2)).copy())
+        from layerstream.quant import from_gguf
+        _, parts = from_gguf(raw, "Q8_0", 48)
+    gk, blocks = k.to_ggml(kind, parts)
+    assert gk == {"int4": "q4_1", "int8": "q8_0"}[kind]
+    torch.testing.assert_close(dequantize(gk, {"." + gk: blocks}, torch.float32),
+                               dequantize(kind, parts, torch.float32), rtol=0, atol=0)
+    mod = k.BlockLinear(128, 48, gk)
+    mod.bind(blocks)
+    x = torch.randn(2, 128)
+    assert rel_err(mod(x), x @ dequantize(kind, parts, torch.float32).T) < TOL
+
+
+def test_asymmetric_int8_has_no_kernel():
+    parts = quantize(torch.randn(8, 128), "int8")
+    assert k.kernel_kind("uint8", {s: tuple(t.shape) for s, t in parts.items()}) is None
+    with pytest.raises(ValueError, match="no ggml kernel"):
+        k.to_ggml("uint8", parts)
+
+
+def test_wrong_blocks_are_refused():
+    mod = k.BlockLinear(256, 4, "q4_k")
+    with pytest.raises(ValueError, match="do not make a 4 x 256 weight"):
+        mod.bind(torch.zeros(4, 100, dtype=torch.uint8))
+    with pytest.raises(RuntimeError, match="no blocks bound"):
+        mod(torch.randn(1, 256))
