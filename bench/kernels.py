@@ -65,7 +65,8 @@ def run_layerstream(gguf: str, prompt_ids: list, tokens: int, opts: dict, store:
         t = time.perf_counter()
         logits, cache = prefill(m, ids)
         pre = time.perf_counter() - t
-        tok, steps, out = logits.argmax(-1), [], []
+        tok, steps = logits.argmax(-1), []
+        out = [int(tok)]
         for _ in range(tokens):
             t = time.perf_counter()
             logits = decode_step(m, tok, cache)
@@ -73,6 +74,7 @@ def run_layerstream(gguf: str, prompt_ids: list, tokens: int, opts: dict, store:
             tok = logits.argmax(-1)
             out.append(int(tok))
     m.close()
+    out = out[:tokens]
     return {"prefill_tok_s": len(prompt_ids) / pre, "decode_tok_s": 1 / statistics.median(steps),
             "tokens": out, "block_linears": blocks}
 

@@ -18,7 +18,7 @@ from ..arch import Layout
 from ..plan import Plan
 from ..quant import INT4_GGML, Int4PackedLinear, as_int4, dequantize, stored_names
 from ..quant.kernels import BlockLinear, kernel_kind, to_ggml
-from ..store import Store, aligned_empty, tensor_views
+from ..store import Store, aligned_empty, release_rows_as_read, tensor_views
 from .embedding import EmbeddingRows
 from .experts import ExpertRouting
 from .loader import Loader
@@ -99,6 +99,7 @@ class Streamer(ExpertRouting, EmbeddingRows):
                 continue
             host = aligned_empty(self.store.layout(u.name).size, pin=self.device.type == "cuda" and u.tier == "ram")
             self.reader.read(u.name, host)
+            release_rows_as_read(self.store.layout(u.name), host)   # q/k rows as read, dead once reordered
             if progress:
                 progress(u.bytes)
             buf = host.to(self.device) if accel and u.tier == "device" else host

@@ -6,12 +6,20 @@ first used, so that `sources` can import `store.io` without a cycle.
 """
 
 from .format import MANIFEST, Manifest, Store, UnitInfo
-from .io import aligned_empty, atomic_write_bytes, fsync_dir, read_header, read_layout, tensor_views
+from .io import (
+    aligned_empty,
+    atomic_write_bytes,
+    fsync_dir,
+    read_header,
+    read_layout,
+    release_rows_as_read,
+    tensor_views,
+)
 
 _LATER = {"resolve": "resolver", "split": "writer", "index_in_place": "writer", "default_store_path": "writer",
           "PROGRESS": "writer"}
 __all__ = ["MANIFEST", "Manifest", "Store", "UnitInfo", "aligned_empty", "atomic_write_bytes", "fsync_dir",
-           "read_header", "read_layout", "tensor_views", *_LATER]
+           "read_header", "read_layout", "release_rows_as_read", "tensor_views", *_LATER]
 
 
 def __getattr__(name):

@@ -236,6 +236,26 @@ def read_layout(layout: UnitLayout, dest: torch.Tensor, direct: bool = False, po
     return sum(got)
 
 
+def release_rows_as_read(layout: UnitLayout, buf: torch.Tensor) -> int:
+    """Give back to the OS the pages of a filled buffer that only held rows as read before their reordering
+    (`UnitLayout.perms`): once reordered they are dead, and in a resident unit they would stay resident for
+    nothing (a Llama-3-70B-shaped GGUF's q and k rows: 42 MB a layer, 1.8 GB over 43 resident layers). The
+    buffer's size is unchanged; those pages are never read again. Bytes released."""
+    if not layout.perms or buf.device.type != "cpu":
+        return 0
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = os.sysconf("SC_PAGE_SIZE")
+    base, done = buf.data_ptr(), 0
+    for _, src, rows, width, _ in layout.perms:
+        a = -(-(base + src) // page) * page
+        b = (base + src + rows * width) // page * page
+        if b > a and libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), 4) == 0:   # MADV_DONTNEED
+            done += b - a
+    return done
+
+
 def reorder_rows(src: torch.Tensor, out: torch.Tensor, order: list) -> None:
     """out = src's rows in `order`: [a, b, c] (rows seen as [a, b, c], the last two swapped: how llama.cpp's
     converter interleaves each attention head's q/k rows, undone) or the list of source rows."""

@@ -16,6 +16,7 @@ from layerstream.store.io import (
     make_layout,
     read_header,
     read_layout,
+    release_rows_as_read,
     tensor_views,
 )
 
@@ -144,6 +145,26 @@ def test_a_layout_read_gives_the_tensors_back(tmp_path):
         assert torch.equal(views["xy"], want_xy)
         if pool:
             pool.shutdown()
+
+
+def test_rows_as_read_are_given_back_once_reordered(tmp_path):
+    """A tensor whose rows are reordered after the read (a GGUF's q/k rows) lies twice in its buffer: as read,
+    and reordered. The rows as read are dead afterwards: their whole pages go back to the OS (a resident unit
+    would otherwise keep them), and every tensor still reads right."""
+    w = torch.arange(6 * 4096, dtype=torch.int32).reshape(6, 4096)   # 6 rows of 16 KB
+    b = torch.arange(64, dtype=torch.int32)
+    p = tmp_path / "p.bin"
+    p.write_bytes(w.numpy().tobytes() + b.numpy().tobytes())
+    n = w.numel() * 4
+    order = [2, 0, 1, 5, 3, 4]
+    lay = make_layout([(p, 0, n + 256)], [(TensorSlot("w", torch.int32, (6, 4096), 0, n), 0, order),
+                                          (TensorSlot("b", torch.int32, (64,), n, n + 256), 0)])
+    buf = aligned_empty(lay.size)
+    read_layout(lay, buf)
+    released = release_rows_as_read(lay, buf)
+    assert released >= n - 2 * 4096 and released % 4096 == 0, released
+    views = tensor_views(buf, lay.slots)
+    assert torch.equal(views["w"], w[order]) and torch.equal(views["b"], b)
 
 
 @pytest.mark.parametrize("header", [b"[1, 2]", b'{"w": {"dtype": "F32", "shape": [1]}}', b'{"w": 3}'])
