@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from .errors import InputError
 from .utils import parse_size
 
-IO_MODES = ("auto", "buffered", "direct", "fadvise")
+IO_MODES = ("auto", "buffered", "direct", "fadvise", "mmap")
 VERIFY_MODES = ("first", "always", "never")
 # AirLLM's keywords, accepted and ignored (or mapped) so that its scripts run unchanged
 AIRLLM_KEYWORDS = ("layer_shards_saving_path", "hf_token", "delete_original")

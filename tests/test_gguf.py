@@ -211,3 +211,36 @@ def assert_near_ties_only(got: torch.Tensor, want: torch.Tensor, kl_mean: float 
     slack = 2 * (got - want).abs().max(-1).values
     assert bool((gap <= slack).all()), (top_got, top_want, gap, slack)
     assert (top_got == top_want).float().mean() >= 0.5
+
+
+@pytest.mark.parametrize("gguf_model", ["llama"], indirect=True)
+def test_streamed_units_in_the_page_cache_are_mapped_not_copied(gguf_model):
+    """At max_ram=0 with the file in the page cache (io "auto" -> "mmap"), a unit is read and checked once, and
+    from then on taken as views of the mapped file: no load buffer per sweep, only the reordered q/k rows copied
+    (the llama converter's interleave undone); the tokens are those of copying reads (io="buffered")."""
+    from layerstream.quant import kernels
+
+    _, g, store, _, _ = gguf_model
+    copied = AutoModel.from_pretrained(store, max_ram=0, progress=False, io="buffered")
+    m = AutoModel.from_pretrained(store, max_ram=0, progress=False)
+    assert m.streamer.reader.mapped and not copied.streamer.reader.mapped
+    want = copied.generate(IDS, max_new_tokens=6, do_sample=False)
+    got = m.generate(IDS, max_new_tokens=6, do_sample=False)
+    assert got.tolist() == want.tolist()
+    assert set(m.streamer.reader.view_cache) == {u.name for u in m.plan.streamed}
+    reads, read = [], m.streamer.reader.read
+    m.streamer.reader.read = lambda unit, dest: (reads.append(unit), read(unit, dest))[1]   # a spy on the copies
+    m.generate(IDS, max_new_tokens=3, do_sample=False)
+    assert reads == [] and m.last_stats["bytes_per_token"] > 0   # streamed, with no unit copied into a buffer
+    layer = next(iter(m.streamer.reader.view_cache))
+    views = m.streamer.reader.mapped_unit(layer)
+    q = next(n for n in views if "q_proj" in n)
+    assert q not in m.streamer.reader.view_cache[layer][1]   # reordered rows: a copy, not kept
+    maps = m.streamer.reader.maps
+    base = next(iter(maps.values()))[1]
+    plain = next(t for n, t in views.items() if "down_proj" in n)
+    assert base.data_ptr() <= plain.data_ptr() < base.data_ptr() + base.numel()   # a view of the mapped file
+    if kernels.available():
+        assert any(isinstance(mod, kernels.BlockLinear) for mod in m.model.modules())
+    copied.close()
+    m.close()

@@ -22,8 +22,10 @@ def model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefetch", action="store_true", help="read each unit when it is needed")
     p.add_argument("--threads", type=int, default=None, help="torch compute threads (default: chosen by layerstream)")
     p.add_argument("--profile", action="store_true", help="print per-unit I/O, copy and compute times")
-    p.add_argument("--io", default="auto", choices=["auto", "buffered", "direct", "fadvise"],
-                   help="direct = O_DIRECT reads (models larger than RAM); auto picks (default)")
+    p.add_argument("--io", default="auto", choices=["auto", "buffered", "direct", "fadvise", "mmap"],
+                   help="direct = O_DIRECT reads (models larger than RAM); mmap = units the page cache holds taken "
+                        "as views of the mapped file, no copy; buffered = copied; auto picks (default: direct "
+                        "when larger than RAM, else mmap)")
     p.add_argument("--quantize", default=None, choices=["int8", "int4"],
                    help="use a block-wise quantized store (made once from --model)")
     p.add_argument("--copy", action="store_true",

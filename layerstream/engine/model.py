@@ -44,8 +44,9 @@ _TORCH_THREADS = torch.get_num_threads()   # torch's own default, before any mod
 
 
 def compute_threads(threads, streaming: bool, direct: bool = False) -> int:
-    """torch's compute threads for a model. While streaming through the page cache, one core is left to the
-    loader thread, whose reads are memory copies: on a 2-core machine, 1 compute + 1 I/O thread measured
+    """torch's compute threads for a model. While streaming through the page cache with copies (io="buffered"),
+    one core is left to the loader thread, whose reads are memory copies: on a 2-core machine, 1 compute + 1 I/O
+    thread measured
     faster than 2 compute threads competing with the loader (docs/design.md, "Threads"). O_DIRECT reads cost the
     CPU little (the disk writes into our buffers), so compute keeps every core. An explicit `threads` wins.
     Each model applies its own count around its own calls (`StreamedModel.running`)."""
@@ -125,7 +126,8 @@ class StreamedModel:
                                    1 if self.device.type == "cpu" else min(8, cores()))
         self.streamer = Streamer(self.model, self.layout, self.store, self.plan, self.device, self.dtype,
                                  opts.prefetch, self.profiler, opts.verify, progress=bar.update if bar else None,
-                                 direct=self.direct, readers=readers, fadvise=self.fadvise)
+                                 direct=self.direct, readers=readers, fadvise=self.fadvise,
+                                 mapped=self.device.type == "cpu" and opts.io in ("auto", "mmap"))
         if bar:
             bar.close()
         self.lora = self.adapter = None   # LoRA adapters on the linear layers (runtime/lora.py), resident
@@ -137,8 +139,9 @@ class StreamedModel:
                 self.adapter = list(self.lora.adapters.values())[self.lora.default]
             self.plan.notes += [a.describe() for a in self.lora.adapters.values()]
         # after the resident load: units computed on packed weights need no streaming
+        # mapped units cost the loader no copy: like O_DIRECT reads, they leave every core to the compute
         self.threads = compute_threads(opts.threads, streaming=bool(self.plan.streamed) and opts.prefetch,
-                                       direct=self.direct)
+                                       direct=self.direct or self.streamer.reader.mapped)
         self.last_stats: dict = {}
         self.draft = None   # a resident model that drafts tokens for this one (speculative decoding)
         # loader threads stop before the interpreter tears torch down under them (at exit, or when collected)

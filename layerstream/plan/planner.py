@@ -428,12 +428,12 @@ def choose_io(io: str, plan: Plan) -> tuple[bool, list[str]]:
     than RAM): reads skip the copy through the cache and evict nothing; the plan's fixed page-cache set
     (`plan.cached`) is then still read buffered. Buffered while it fits: a page-cache hit is faster than
     any disk. "fadvise": buffered reads dropped after use, the page-cache set kept as planned."""
-    if io not in ("auto", "buffered", "direct", "fadvise"):
-        raise InputError(f"io must be 'auto', 'buffered', 'direct' or 'fadvise', got {io!r}")
+    if io not in ("auto", "buffered", "direct", "fadvise", "mmap"):
+        raise InputError(f"io must be 'auto', 'buffered', 'direct', 'fadvise' or 'mmap', got {io!r}")
     if io == "fadvise":
         return False, list(plan.cached)
     if io != "auto":
-        return io == "direct", []   # an explicit choice applies to every streamed unit
+        return io == "direct", []   # an explicit choice applies to every streamed unit ("mmap": buffered, mapped)
     streamed = plan.bytes_per_sweep
     room = available_ram() - plan.host_inflight_bytes - plan.resident("ram")   # host RAM on any device
     if not (streamed > 0 and streamed > 0.8 * max(0, room)):

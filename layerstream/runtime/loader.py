@@ -98,7 +98,10 @@ class Loader:
         item = Loaded(u.name)
         try:
             parts = self.plan.parts(u)
-            copied = [p for p in parts if self.plan.tier(p) != self.plan.compute_tier]
+            # parts the page cache holds, taken as views of their mapped files (CPU, buffered reads): no buffer
+            mapped = {p: v for p in parts if not self.accel and self.plan.tier(p) == "disk"
+                      for v in [self.reader.mapped_unit(p)] if v is not None}
+            copied = [p for p in parts if self.plan.tier(p) != self.plan.compute_tier and p not in mapped]
             entry = self.pool.acquire(sum(self.store.layout(p).size for p in copied)) if copied else None
             out_bytes = sum(self._out_bytes(p) for p in parts)
             fentry = self.fpool.acquire(out_bytes) if out_bytes else None
@@ -107,11 +110,14 @@ class Loader:
                     self.copy_stream.wait_event(e[1])  # the compute finished with this buffer
             off = foff = 0
             for p in parts:
-                resident = self._bytes_of(p, entry[0] if entry else None, off, item)
-                views = tensor_views(resident if resident is not None else entry[0], self.store.slots(p),
-                                     0 if resident is not None else off)
-                if resident is None:
-                    off += self.store.layout(p).size
+                if p in mapped:
+                    views = mapped[p]
+                else:
+                    resident = self._bytes_of(p, entry[0] if entry else None, off, item)
+                    views = tensor_views(resident if resident is not None else entry[0], self.store.slots(p),
+                                         0 if resident is not None else off)
+                    if resident is None:
+                        off += self.store.layout(p).size
                 if self._out_bytes(p):
                     foff = self._finish(p, views, fentry[0], foff)
                 item.views.update(views)

@@ -12,6 +12,7 @@ import torch
 
 from ..errors import StoreError
 from ..store import Store, aligned_empty, read_layout
+from ..store.io import mapped_views
 from .profiler import Profiler
 
 
@@ -21,10 +22,14 @@ class FileReader:
 
     io: "buffered" (page cache; best when the model fits in RAM), "direct" (O_DIRECT into aligned
     buffers: no copy through the page cache, and streamed units do not evict anything), "fadvise"
-    (buffered, then posix_fadvise DONTNEED), or "auto"."""
+    (buffered, then posix_fadvise DONTNEED), or "auto".
+
+    mapped: buffered units, once read and checked, are then taken as views of their files mapped in memory
+    (`mapped`): the page cache's own pages, no copy into a buffer per sweep (how llama.cpp reads a model that
+    the page cache holds)."""
 
     def __init__(self, store: Store, verify: str, profiler: Profiler, direct: bool = False, readers: int = 1,
-                 fadvise: bool = False):
+                 fadvise: bool = False, mapped: bool = False):
         if verify not in ("first", "always", "never"):
             raise ValueError("verify must be 'first', 'always' or 'never'")
         self.store, self.verify, self.prof, self.direct = store, verify, profiler, direct
@@ -33,6 +38,9 @@ class FileReader:
         self.seen: dict[str, tuple] = {}
         self.lock = threading.Lock()
         self.pool = ThreadPoolExecutor(readers, thread_name_prefix="layerstream-read") if readers > 1 else None
+        self.mapped = mapped and not direct and not fadvise
+        self.maps: dict = {}    # path -> (mmap, its bytes as a uint8 tensor)
+        self.view_cache: dict = {}   # unit -> (file key, its tensors that are plain views of the maps)
 
     def _stat(self, unit: str) -> tuple:
         m = self.store.manifest
@@ -67,6 +75,44 @@ class FileReader:
             self.prof.bytes_read += sum(n for _, n in layout.data)
             self.prof.read_seconds += time.perf_counter() - t0
 
+    def mapped_unit(self, unit: str) -> dict[str, torch.Tensor] | None:
+        """A unit's tensors as views of its mapped files, once a read has checked its content and the files are
+        unchanged since (sizes and mtimes checked every time, as `read` does); None until then, or when this
+        reader does not map."""
+        if not self.mapped:
+            return None
+        t0 = time.perf_counter()
+        key = self._stat(unit)
+        if self.verify == "always" or (self.verify == "first" and self.seen.get(unit) != key):
+            return None   # the next read checks it
+        layout = self.store.layout(unit)
+        hit = self.view_cache.get(unit)
+        if hit is None or hit[0] != key:   # views of the page cache's pages: kept, they hold no memory
+            views = mapped_views(layout, self._file_bytes)
+            built = set(mapped_views(layout, self._file_bytes, built_only=True)) if layout.perms or layout.joins \
+                else set()
+            hit = self.view_cache[unit] = (key, {n: t for n, t in views.items() if n not in built})
+            views = dict(views)
+        else:   # reordered rows and joined pieces are copies: made again for each use, not kept
+            views = dict(hit[1])
+            if layout.perms or layout.joins:
+                views.update(mapped_views(layout, self._file_bytes, built_only=True))
+        with self.lock:
+            self.prof.bytes_read += sum(n for _, n in self.store.layout(unit).data)
+            self.prof.read_seconds += time.perf_counter() - t0
+        return views
+
+    def _file_bytes(self, path) -> torch.Tensor:
+        with self.lock:
+            got = self.maps.get(path)
+            if got is None:
+                import mmap
+
+                with open(path, "rb") as f:
+                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)   # private: never written back
+                got = self.maps[path] = (mm, torch.frombuffer(mm, dtype=torch.uint8))
+        return got[1]
+
     def read_rows(self, unit: str, tensor: str, slot, rows: list[int]) -> torch.Tensor:
         """Rows `rows` of a 2-D tensor of a unit, each read with its own pread (an embedding lookup)."""
         path, first = self.store.layout(unit).file_offset[tensor]
@@ -94,6 +140,8 @@ class FileReader:
     def close(self):
         if self.pool is not None:
             self.pool.shutdown(wait=False)
+        self.view_cache.clear()
+        self.maps.clear()   # the maps close when the last view of them is gone
 
 
 class BufferPool:

@@ -236,6 +236,37 @@ def read_layout(layout: UnitLayout, dest: torch.Tensor, direct: bool = False, po
     return sum(got)
 
 
+def mapped_views(layout: UnitLayout, file_bytes, built_only: bool = False) -> dict[str, torch.Tensor]:
+    """A unit's tensors as views of its files mapped in memory (`file_bytes(path)`: the whole file as a uint8
+    tensor), with no copy: what a read into a buffer followed by `tensor_views` gives, for bytes the page cache
+    already holds. Tensors the layout builds after the read (rows reordered, pieces joined) are built from the
+    mapped bytes into tensors of their own (only those with `built_only`)."""
+    def at(x: int, n: int) -> torch.Tensor:   # buffer bytes [x, x + n) -> the mapped file bytes
+        for path, a0, a1, off in layout.reads:
+            if off <= x and x + n <= off + (a1 - a0):
+                return file_bytes(path)[a0 + x - off: a0 + x - off + n]
+        raise ValueError(f"buffer bytes {x}..{x + n} are not read from a file")
+
+    perms = {off: (src, rows, width, order) for off, src, rows, width, order in layout.perms}
+    joins = dict(layout.joins)
+    out = {}
+    for s in layout.slots:
+        n = s.end - s.begin
+        if s.begin in perms:
+            src, rows, width, order = perms[s.begin]
+            raw = torch.empty(n, dtype=torch.uint8)
+            reorder_rows(at(src, rows * width).view(rows, width), raw.view(rows, width), order)
+        elif s.begin in joins:
+            raw = torch.cat([at(x, k) for x, k in joins[s.begin]]) if n else torch.empty(0, dtype=torch.uint8)
+        elif built_only:
+            continue
+        else:
+            raw = at(s.begin, n)
+        out[s.name] = (raw.view(s.dtype).view(s.shape) if s.shape else raw.view(s.dtype)[0]) if n else \
+            torch.empty(s.shape, dtype=s.dtype)
+    return out
+
+
 def release_rows_as_read(layout: UnitLayout, buf: torch.Tensor) -> int:
     """Give back to the OS the pages of a filled buffer that only held rows as read before their reordering
     (`UnitLayout.perms`): once reordered they are dead, and in a resident unit they would stay resident for

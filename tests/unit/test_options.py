@@ -28,7 +28,7 @@ def test_sizes_are_parsed_into_bytes():
     (dict(max_ram=-1), BudgetError, "max_ram: a size cannot be negative"),
     (dict(max_gpu_memory="1QB"), BudgetError, "max_gpu_memory: cannot parse"),
     (dict(max_ram=True), BudgetError, "max_ram: expected a size"),
-    (dict(io="mmap"), InputError, "io must be one of auto, buffered, direct, fadvise, got 'mmap'"),
+    (dict(io="mapped"), InputError, "io must be one of auto, buffered, direct, fadvise, mmap, got 'mapped'"),
     (dict(verify="sometimes"), InputError, "verify must be one of first, always, never"),
     (dict(lookahead=0), InputError, "lookahead must be a positive integer, got 0"),
     (dict(lookahead=-2), InputError, "lookahead must be a positive integer"),

@@ -287,8 +287,9 @@ def test_choose_io_explicit_modes(tmp_path):
     assert choose_io("direct", plan) == (True, [])
     assert choose_io("buffered", plan) == (False, [])
     assert choose_io("fadvise", plan) == (False, plan.cached)
+    assert choose_io("mmap", plan) == (False, [])   # buffered; the reader maps what it has checked
     with pytest.raises(InputError, match="io must be"):
-        choose_io("mmap", plan)
+        choose_io("mapped", plan)
 
 
 def test_choose_io_auto_goes_direct_only_when_the_stream_cannot_stay_cached(tmp_path, monkeypatch):
