@@ -115,3 +115,27 @@ def test_gpu_budget_too_small_is_clear(tmp_path, embedded_store):
         return
     r = run_cli("run", "hi", "--model", embedded_store, "--device", "cuda", "--max-gpu-memory", "1MB")
     assert_clean_error(r, "cannot hold the units in flight")
+
+
+@pytest.mark.slow
+def test_the_prompt_comes_from_the_argument_a_file_or_stdin(embedded_store, tmp_path):
+    """`run QUESTION`, `run -f FILE`, `echo QUESTION | run` and `run - < FILE` answer the same question (greedy:
+    the same text); with nothing piped, the demo prompt."""
+    q = "Name three colors."
+    (tmp_path / "q.txt").write_text(q)
+    common = ["--model", embedded_store, "--max-new-tokens", "8"]
+    outs = [run_cli("run", q, *common), run_cli("run", "-f", tmp_path / "q.txt", *common),
+            run_cli("run", *common, input=q), run_cli("run", "-", *common, input=q)]
+    assert all(r.returncode == 0 for r in outs), [r.stderr[-500:] for r in outs]
+    assert len({r.stdout for r in outs}) == 1 and outs[0].stdout.strip()
+    demo = run_cli("run", *common, input="")
+    assert demo.returncode == 0 and demo.stdout != outs[0].stdout
+    assert_clean_error(run_cli("run", q, "-f", tmp_path / "q.txt", *common), "not both")
+    assert_clean_error(run_cli("run", "-f", tmp_path / "missing.txt", *common), "cannot read the prompt")
+
+
+def test_version():
+    from layerstream import __version__
+
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"layerstream {__version__}"

@@ -18,10 +18,15 @@ from .store import cmd_info, cmd_split, cmd_verify
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
     p = argparse.ArgumentParser(prog="layerstream", description="Run language models larger than memory.")
+    p.add_argument("--version", action="version", version=f"layerstream {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="generate from a prompt, streaming tokens")
-    r.add_argument("prompt", nargs="?", default=None)
+    r.add_argument("prompt", nargs="?", default=None,
+                   help="the prompt ('-': standard input); default: what is piped in, else a demo prompt")
+    r.add_argument("-f", "--file", default=None, metavar="FILE", help="read the prompt from FILE ('-': stdin)")
     r.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
     model_args(r)
     gen_args(r)

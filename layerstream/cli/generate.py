@@ -7,11 +7,37 @@ import sys
 from ..utils import log
 from .common import gen_kwargs, load_model, stats_line, tokenizer_of
 
+DEMO_PROMPT = "Write a short poem about the sea."
+
+
+def prompt_of(a) -> str:
+    """The prompt of `run`: the argument; `-f FILE` (`-f -`: standard input); else what is piped on standard
+    input (`echo question | layerstream run`); else, at a terminal or with nothing piped, the demo prompt."""
+    from ..errors import InputError
+
+    if a.file is not None:
+        if a.prompt is not None:
+            raise InputError("give the prompt as an argument or with -f FILE, not both")
+        if a.file == "-":
+            return sys.stdin.read()
+        try:
+            with open(a.file, encoding="utf-8") as f:
+                return f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"cannot read the prompt from {a.file}: {e}") from None
+    if a.prompt is not None:
+        return sys.stdin.read() if a.prompt == "-" else a.prompt
+    if sys.stdin is not None and not sys.stdin.isatty():
+        piped = sys.stdin.read()
+        if piped.strip():
+            return piped
+    return DEMO_PROMPT
+
 
 def cmd_run(a) -> int:
     from ..errors import InputError
 
-    prompt = a.prompt if a.prompt is not None else "Write a short poem about the sea."
+    prompt = prompt_of(a)
     if not prompt.strip():
         raise InputError("the prompt is empty")
     if a.max_new_tokens <= 0:

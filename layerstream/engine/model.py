@@ -155,7 +155,10 @@ class StreamedModel:
         if before != self.threads:
             torch.set_num_threads(self.threads)
         try:
-            with torch.inference_mode(), (kernel_threads(self.threads) if self.plan.blocks else nullcontext()):
+            # ggml's matmuls on the blocks: torch keeps one thread, unless it computes a MoE model's experts
+            experts = any(u.kind == "expert" for u in self.plan.units)
+            with torch.inference_mode(), (kernel_threads(self.threads, self.threads if experts else 1)
+                                          if self.plan.blocks else nullcontext()):
                 yield
         finally:
             if before != self.threads:

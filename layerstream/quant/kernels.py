@@ -14,7 +14,7 @@ bfloat16 one); measured side by side in bench/gguf_kernels.py and docs/quantizat
 
 ggml is driven through its C API with ctypes: one tiny graph (weight, activations, mul_mat) per shape and
 batch size, cached, whose tensors' data pointers are set to our torch buffers at each call (no copies), and
-computed on one ggml threadpool sized to torch's compute threads.
+computed on one ggml threadpool sized to the model's compute threads (`threads`).
 """
 
 from __future__ import annotations
@@ -143,31 +143,32 @@ _graphs: OrderedDict = OrderedDict()
 MAX_GRAPHS = 256
 
 
-def _pool(g, threads: int):
-    if _state.get("threads") != threads:
+def _pool(g, threads: int, poll: int):
+    if _state.get("pool_key") != (threads, poll):
         if _state.get("pool"):
             _graphs.clear()
             g.ggml_threadpool_free(_state["pool"])
         p = g.ggml_threadpool_params_default(threads)
-        p.poll = _POLL
-        _state["pool"], _state["threads"] = g.ggml_threadpool_new(ctypes.byref(p)), threads
+        p.poll = poll
+        _state["pool"], _state["pool_key"] = g.ggml_threadpool_new(ctypes.byref(p)), (threads, poll)
     return _state["pool"]
 
 
 @contextmanager
-def threads(n: int):
-    """ggml computes on `n` threads inside this block while torch keeps one (their two thread pools would
-    spin against each other)."""
-    before_ggml, before_torch = _state.get("threads_wanted"), torch.get_num_threads()
-    _state["threads_wanted"] = n
-    if before_torch != 1:
-        torch.set_num_threads(1)
+def threads(n: int, torch_threads: int = 1):
+    """ggml computes on `n` threads inside this block. torch keeps `torch_threads` (one by default: their two
+    thread pools would spin against each other); where torch needs more (a MoE model's experts, dequantized and
+    computed by torch), ggml's threads sleep between calls instead of polling."""
+    before = _state.get("threads_wanted"), _state.get("poll"), torch.get_num_threads()
+    _state["threads_wanted"], _state["poll"] = n, (_POLL if torch_threads == 1 else 0)
+    if before[2] != torch_threads:
+        torch.set_num_threads(torch_threads)
     try:
         yield
     finally:
-        _state["threads_wanted"] = before_ggml
-        if before_torch != 1:
-            torch.set_num_threads(before_torch)
+        _state["threads_wanted"], _state["poll"] = before[0], before[1]
+        if before[2] != torch_threads:
+            torch.set_num_threads(before[2])
 
 
 def mul_mat(kind: str, w: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -178,9 +179,10 @@ def mul_mat(kind: str, w: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> t
     g = _state["lib"]
     n, m, k = w.shape[0], x.shape[0], x.shape[1]
     threads = _state.get("threads_wanted") or torch.get_num_threads()
-    key = (kind, k, n, m, threads)
+    poll = _POLL if _state.get("poll") is None else _state["poll"]
+    key = (kind, k, n, m, threads, poll)
     with _lock:
-        pool = _pool(g, threads)
+        pool = _pool(g, threads, poll)
         gr = _graphs.get(key)
         if gr is None:
             gr = _graphs[key] = _Graph(g, GGML_TYPES[kind], k, n, m, threads, pool)
