@@ -68,8 +68,9 @@ def smol_reference():
 def run_cli(*args, env=None, input=None, timeout=600):
     e = dict(os.environ)
     e.update(env or {})
+    # no input: stdin is /dev/null, as at an empty terminal (run reads a piped prompt)
     return subprocess.run([sys.executable, "-m", "layerstream", *map(str, args)], capture_output=True, text=True,
-                          env=e, input=input, timeout=timeout)
+                          env=e, input=input, timeout=timeout, stdin=None if input is not None else subprocess.DEVNULL)
 
 
 def tiny_moe_config(family: str, layers: int = 3):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from ..utils import log
@@ -27,11 +28,22 @@ def prompt_of(a) -> str:
             raise InputError(f"cannot read the prompt from {a.file}: {e}") from None
     if a.prompt is not None:
         return sys.stdin.read() if a.prompt == "-" else a.prompt
-    if sys.stdin is not None and not sys.stdin.isatty():
+    if _piped():
         piped = sys.stdin.read()
         if piped.strip():
             return piped
     return DEMO_PROMPT
+
+
+def _piped() -> bool:
+    """Standard input is a pipe or a file (not a terminal, /dev/null or a closed descriptor)."""
+    import stat
+
+    try:
+        mode = os.fstat(sys.stdin.fileno()).st_mode
+    except (AttributeError, OSError, ValueError):
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
 
 
 def cmd_run(a) -> int:
