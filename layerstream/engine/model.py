@@ -46,9 +46,9 @@ _TORCH_THREADS = torch.get_num_threads()   # torch's own default, before any mod
 def compute_threads(threads, streaming: bool, direct: bool = False) -> int:
     """torch's compute threads for a model. While streaming through the page cache with copies (io="buffered"),
     one core is left to the loader thread, whose reads are memory copies: on a 2-core machine, 1 compute + 1 I/O
-    thread measured
-    faster than 2 compute threads competing with the loader (docs/design.md, "Threads"). O_DIRECT reads cost the
-    CPU little (the disk writes into our buffers), so compute keeps every core. An explicit `threads` wins.
+    thread measured faster than 2 compute threads competing with the loader (docs/design.md, "Threads"). O_DIRECT
+    reads cost the CPU little (the disk writes into our buffers), so compute keeps every core. An explicit
+    `threads` wins.
     Each model applies its own count around its own calls (`StreamedModel.running`)."""
     if threads:
         return int(threads)
