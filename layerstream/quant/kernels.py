@@ -173,7 +173,7 @@ def threads(n: int, torch_threads: int = 1):
 
 def mul_mat(kind: str, w: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out [m, n] float32 = x [m, k] float32 @ dequant(w).T, w uint8 [n, bytes per row] of GGUF `kind` blocks,
-    all contiguous on the CPU, computed by ggml on torch's compute threads."""
+    all contiguous on the CPU, computed by ggml on the threads `threads` set (else torch's count)."""
     if not available():
         raise RuntimeError(f"ggml's kernels are not available ({unavailable_reason()})")
     g = _state["lib"]

@@ -88,17 +88,12 @@ class FileReader:
         layout = self.store.layout(unit)
         hit = self.view_cache.get(unit)
         if hit is None or hit[0] != key:   # views of the page cache's pages: kept, they hold no memory
-            views = mapped_views(layout, self._file_bytes)
-            built = set(mapped_views(layout, self._file_bytes, built_only=True)) if layout.perms or layout.joins \
-                else set()
-            hit = self.view_cache[unit] = (key, {n: t for n, t in views.items() if n not in built})
-            views = dict(views)
-        else:   # reordered rows and joined pieces are copies: made again for each use, not kept
-            views = dict(hit[1])
-            if layout.perms or layout.joins:
-                views.update(mapped_views(layout, self._file_bytes, built_only=True))
+            hit = self.view_cache[unit] = (key, mapped_views(layout, self._file_bytes, built=False))
+        views = dict(hit[1])
+        if layout.perms or layout.joins:   # reordered rows and joined pieces are copies: made for each use
+            views.update(mapped_views(layout, self._file_bytes, plain=False))
         with self.lock:
-            self.prof.bytes_read += sum(n for _, n in self.store.layout(unit).data)
+            self.prof.bytes_read += sum(n for _, n in layout.data)
             self.prof.read_seconds += time.perf_counter() - t0
         return views
 

@@ -236,11 +236,11 @@ def read_layout(layout: UnitLayout, dest: torch.Tensor, direct: bool = False, po
     return sum(got)
 
 
-def mapped_views(layout: UnitLayout, file_bytes, built_only: bool = False) -> dict[str, torch.Tensor]:
+def mapped_views(layout: UnitLayout, file_bytes, plain: bool = True, built: bool = True) -> dict[str, torch.Tensor]:
     """A unit's tensors as views of its files mapped in memory (`file_bytes(path)`: the whole file as a uint8
     tensor), with no copy: what a read into a buffer followed by `tensor_views` gives, for bytes the page cache
     already holds. Tensors the layout builds after the read (rows reordered, pieces joined) are built from the
-    mapped bytes into tensors of their own (only those with `built_only`)."""
+    mapped bytes into tensors of their own. plain / built: which of the two kinds to give."""
     def at(x: int, n: int) -> torch.Tensor:   # buffer bytes [x, x + n) -> the mapped file bytes
         for path, a0, a1, off in layout.reads:
             if off <= x and x + n <= off + (a1 - a0):
@@ -252,14 +252,14 @@ def mapped_views(layout: UnitLayout, file_bytes, built_only: bool = False) -> di
     out = {}
     for s in layout.slots:
         n = s.end - s.begin
+        if not (built if s.begin in perms or s.begin in joins else plain):
+            continue
         if s.begin in perms:
             src, rows, width, order = perms[s.begin]
             raw = torch.empty(n, dtype=torch.uint8)
             reorder_rows(at(src, rows * width).view(rows, width), raw.view(rows, width), order)
         elif s.begin in joins:
             raw = torch.cat([at(x, k) for x, k in joins[s.begin]]) if n else torch.empty(0, dtype=torch.uint8)
-        elif built_only:
-            continue
         else:
             raw = at(s.begin, n)
         out[s.name] = (raw.view(s.dtype).view(s.shape) if s.shape else raw.view(s.dtype)[0]) if n else \
