@@ -1,8 +1,13 @@
 """ggml's matmuls on quantized blocks (quant/kernels.py) against the reference: dequantize + F.linear.
 
 ggml rounds the activations to 8-bit blocks before its dot products (as llama.cpp does), so a row's result
-differs from the float reference by that rounding: about 0.5-0.8 % of its norm on random weights. The bound
-used here, 2 %, still fails for any mistake of layout, type or shape (those give errors near 100 %)."""
+differs from the float reference by that rounding. Measured against the size that rounding can reach (the
+activations' norm times the weights' norm, per element: `scaled_err`), it was 0.9-1.8 % on these random blocks
+over 15 seeds (the K types and those with minimums highest); a raw relative error can be far larger where a
+row's outputs nearly cancel, so it is not used. The bound, 4 %, still fails for any mistake of layout, type or
+shape (those give errors near 100 %). The data are seeded per block type, so every run checks the same."""
+
+import zlib
 
 import numpy as np
 import pytest
@@ -16,11 +21,14 @@ from gguf_tiny import random_blocks
 pytestmark = pytest.mark.skipif(not k.available(), reason="ggml-python is not installed (./install.sh builds it)")
 
 KINDS = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k"]
-TOL = 2e-2   # relative to the reference's norm, per row of the batch
+TOL = 4e-2   # see the module's docstring
 
 
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float(((got.float() - want.float()).norm(dim=-1) / want.float().norm(dim=-1)).max())
+def scaled_err(got: torch.Tensor, want: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> float:
+    """The error of each row of the batch, relative to what rounding its activations can cause: norm(x) times
+    the weights' norm per input column."""
+    scale = x.float().norm(dim=-1) * w.float().norm() / w.shape[1] ** 0.5
+    return float(((got.float() - want.float()).norm(dim=-1) / scale).max())
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -28,7 +36,9 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 def test_block_linear_matches_dequantize_and_linear(kind, dtype):
     """Every block type, odd output sizes, batch sizes 1..64, float32 and bfloat16 activations, with a bias and
     leading batch dimensions."""
-    rng = np.random.default_rng(hash(kind) % 2**32)
+    seed = zlib.crc32(kind.encode())
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
     per = 256 if kind.endswith("_k") else 32
     for rows, cols in ((37, 3 * per), (130, 2 * per)):
         raw = torch.from_numpy(random_blocks(rows, cols, kind.upper(), rng).copy())
@@ -41,7 +51,8 @@ def test_block_linear_matches_dequantize_and_linear(kind, dtype):
             want = torch.nn.functional.linear(x.float(), w, bias)
             got = mod(x)
             assert got.dtype == dtype and got.shape == (1, batch, rows)
-            assert rel_err(got[0], want[0]) < TOL, (kind, rows, cols, batch, rel_err(got[0], want[0]))
+            err = scaled_err(got[0], want[0], x[0], w)
+            assert err < TOL, (kind, rows, cols, batch, err)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -73,6 +84,7 @@ def test_threads_give_the_same_result():
 def test_our_blocks_interleave_into_gguf_blocks_bit_for_bit(kind):
     """Our int4 store is Q4_1 split into codes, scales and mins; a GGUF's Q8_0 kept as int8 parts is Q8_0:
     interleaved back (`to_ggml`), they dequantize to exactly the same weights, and ggml computes on them."""
+    torch.manual_seed(1)
     w = torch.randn(48, 128)
     if kind == "int4":
         parts = quantize(w, "int4")
@@ -87,7 +99,8 @@ def test_our_blocks_interleave_into_gguf_blocks_bit_for_bit(kind):
     mod = k.BlockLinear(128, 48, gk)
     mod.bind(blocks)
     x = torch.randn(2, 128)
-    assert rel_err(mod(x), x @ dequantize(kind, parts, torch.float32).T) < TOL
+    ref = dequantize(kind, parts, torch.float32)
+    assert scaled_err(mod(x), x @ ref.T, x, ref) < TOL
 
 
 def test_asymmetric_int8_has_no_kernel():
