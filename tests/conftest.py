@@ -1,6 +1,8 @@
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,10 @@ from factory import make_tiny_dir  # the one tiny-model factory (tests/factory.p
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the stores the tests make go to a cache of their own (inherited by the CLI subprocesses), removed at the end:
+# nothing is left in the user's cache
+CACHE = tempfile.mkdtemp(prefix="layerstream-tests-")
+os.environ["LAYERSTREAM_CACHE"] = CACHE
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -20,6 +26,10 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than 10 s on a 2-core CPU machine (deselect with "
                                        "-m 'not slow')")
     config.addinivalue_line("markers", "gpu: needs a CUDA/ROCm device (skipped where torch sees none)")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(CACHE, ignore_errors=True)
 
 
 def tiny_config(family: str, tie: bool | None = None, layers: int = 3):

@@ -46,6 +46,49 @@ def test_chat_subcommand_keeps_history(embedded_store):
 
 
 @pytest.mark.slow
+def test_chat_ctrl_c_stops_the_reply_and_keeps_the_session(embedded_store):
+    """Ctrl-C (SIGINT) during a reply stops that reply at the next token; the session goes on: /reset says it
+    cleared the history, the next message is answered, /exit ends with status 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    p = subprocess.Popen([sys.executable, "-m", "layerstream", "chat", "--model", str(embedded_store),
+                          "--max-new-tokens", "2000"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.extend(iter(lambda: p.stdout.read(1), "")), daemon=True)
+    reader.start()
+    try:
+        p.stdin.write("Count from 1 to 1000, one number per line.\n")
+        p.stdin.flush()
+        deadline = time.monotonic() + 300
+        while len("".join(out).split()) < 5 and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert p.poll() is None, p.stderr.read()[-2000:]
+        os.kill(p.pid, signal.SIGINT)
+        time.sleep(1)
+        p.stdin.write("/reset\nSay hello.\n/exit\n")
+        p.stdin.close()
+        rc = p.wait(timeout=300)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    reader.join(timeout=10)
+    err = p.stderr.read()
+    assert rc == 0, err[-2000:]
+    assert "reply stopped" in err and "history cleared" in err and "Traceback" not in err, err[-2000:]
+    import re
+
+    replies = [int(m.group(1)) for m in re.finditer(r"(\d+) tokens in [\d.]+ s.*prefilled", err)]
+    assert len(replies) == 2, err[-2000:]   # the stopped reply and the next one were both answered
+    assert replies[0] < 2000, replies   # the first stopped before its max_new_tokens
+
+
+@pytest.mark.slow
 def test_split_info_verify(tmp_path):
     src = make_model_dir(tmp_path / "src", "mistral")
     r = run_cli("split", src, tmp_path / "store")

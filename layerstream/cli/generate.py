@@ -71,8 +71,37 @@ def cmd_run(a) -> int:
     return 0
 
 
+class _Interrupt:
+    """A stopping criterion for transformers' `generate` that Ctrl-C sets: the reply stops at the next token and
+    the session goes on. A second Ctrl-C during the same reply interrupts at once, as usual."""
+
+    def __init__(self):
+        self.hit = False
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.hit, dtype=torch.bool, device=input_ids.device)
+
+    def __enter__(self):
+        import signal
+
+        def on_sigint(signum, frame):
+            if self.hit:
+                raise KeyboardInterrupt
+            self.hit = True
+
+        self._old = signal.signal(signal.SIGINT, on_sigint)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        signal.signal(signal.SIGINT, self._old)
+
+
 def cmd_chat(a) -> int:
-    from transformers import TextStreamer
+    from transformers import StoppingCriteriaList, TextStreamer
 
     from ..engine import ChatSession
     from ..errors import InputError
@@ -81,11 +110,18 @@ def cmd_chat(a) -> int:
     tokenizer_of(m)
     chat = ChatSession(m, system=a.system)
     interactive = sys.stdin.isatty()
-    log("chat: type a message; /reset clears the history, /exit or Ctrl-D quits")
+    log("chat: type a message; /reset clears the history, /exit or Ctrl-D quits; Ctrl-C stops a reply")
     while True:
         if interactive:
             print("> ", end="", flush=True)
-        line = sys.stdin.readline()
+        try:
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:
+            if not interactive:
+                raise
+            print(flush=True)
+            log("(Ctrl-D or /exit quits)")
+            continue
         if not line:
             break
         line = line.strip()
@@ -93,15 +129,19 @@ def cmd_chat(a) -> int:
             break
         if line == "/reset":
             chat.reset()
+            log("history cleared" + (" (the system prompt kept)" if a.system else ""))
             continue
         if not line:
             continue
         try:
-            chat.send(line, streamer=TextStreamer(m.tokenizer, skip_prompt=True, skip_special_tokens=True),
-                      **gen_kwargs(a))
+            with _Interrupt() as stop:
+                chat.send(line, streamer=TextStreamer(m.tokenizer, skip_prompt=True, skip_special_tokens=True),
+                          stopping_criteria=StoppingCriteriaList([stop]), **gen_kwargs(a))
         except InputError as e:
             log(f"error: {e}")
             continue
         print(flush=True)
+        if stop.hit:
+            log("reply stopped (kept in the history); /reset clears it, Ctrl-D quits")
         log(stats_line(m) + f"; prefilled {chat.last_prefill} new tokens")
     return 0
