@@ -7,6 +7,7 @@ import math
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 from .errors import BudgetError
@@ -79,6 +80,42 @@ def cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
+
+
+_IDLE: tuple[float, float] | None = None   # (when, idle cores): one measurement serves a process for a while
+
+
+def idle_cores(interval: float = 0.2, reuse: float = 60.0) -> float:
+    """How many of the CPUs this process may run on were idle over `interval` seconds (from /proc/stat's
+    per-CPU idle and iowait times); measured once per `reuse` seconds per process. Without /proc/stat: `cores()`."""
+    global _IDLE
+    if _IDLE is not None and time.monotonic() - _IDLE[0] < reuse:
+        return _IDLE[1]
+
+    def sample() -> dict[int, tuple[int, int]]:
+        out = {}
+        with open("/proc/stat") as f:
+            for line in f:
+                if line.startswith("cpu") and line[3:4].isdigit():
+                    name, *vals = line.split()
+                    ticks = [int(v) for v in vals[:8]]
+                    out[int(name[3:])] = (ticks[3] + ticks[4], sum(ticks))
+        return out
+
+    try:
+        mine = os.sched_getaffinity(0)
+        before = sample()
+        time.sleep(interval)
+        after = sample()
+    except (OSError, AttributeError, ValueError, IndexError):
+        return float(cores())
+    free = 0.0
+    for c in mine:
+        if c in before and c in after:
+            total = after[c][1] - before[c][1]
+            free += (after[c][0] - before[c][0]) / total if total > 0 else 1.0
+    _IDLE = (time.monotonic(), free)
+    return free
 
 
 def peak_rss() -> int:

@@ -35,5 +35,12 @@ def cmd_plan(a) -> int:
     if plan.bytes_per_sweep and not a.no_measure:
         log("measuring the read bandwidth of the store (O_DIRECT, 4 readers, ~2 s) …")
         plan.bandwidth = measure_read_bandwidth(store)
+    from ..engine.model import compute_threads, threads_note
+    from ..utils import idle_cores
+
+    # as the model would choose them on this device (a CPU's streamed units are mapped, costing no copies)
+    idle = idle_cores()
+    n = compute_threads(None, streaming=bool(plan.streamed), direct=direct or device == "cpu", idle=idle)
+    plan.notes.append(threads_note(n, None, idle))
     print(plan.describe())
     return 0

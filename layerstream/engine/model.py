@@ -17,7 +17,7 @@ from ..quant.kernels import threads as kernel_threads
 from ..runtime import Profiler, Streamer
 from ..runtime.streamer import block_weights
 from ..store import Store, resolve
-from ..utils import cores, log
+from ..utils import cores, idle_cores, log
 
 DTYPE_ALIASES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
                  "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "auto": None}
@@ -43,18 +43,30 @@ def parse_device(device) -> torch.device:
 _TORCH_THREADS = torch.get_num_threads()   # torch's own default, before any model changes it
 
 
-def compute_threads(threads, streaming: bool, direct: bool = False) -> int:
+def compute_threads(threads, streaming: bool, direct: bool = False, idle: float | None = None) -> int:
     """torch's compute threads for a model. While streaming through the page cache with copies (io="buffered"),
     one core is left to the loader thread, whose reads are memory copies: on a 2-core machine, 1 compute + 1 I/O
     thread measured faster than 2 compute threads competing with the loader (docs/design.md, "Threads"). O_DIRECT
     reads cost the CPU little (the disk writes into our buffers), so compute keeps every core. An explicit
     `threads` wins.
+    `idle` (cores idle at start, `utils.idle_cores`) caps the default: threads that wait for each other at every
+    matmul collapse when one of them shares its core with another busy process (6-11x slower measured with one
+    other job on 2 cores), so layerstream takes only the cores that are free.
     Each model applies its own count around its own calls (`StreamedModel.running`)."""
     if threads:
         return int(threads)
-    if streaming and not direct:
-        return max(1, _TORCH_THREADS - 1)
-    return _TORCH_THREADS
+    n = max(1, _TORCH_THREADS - 1) if streaming and not direct else _TORCH_THREADS
+    if idle is not None:
+        n = max(1, min(n, int(idle + 0.5)))
+    return n
+
+
+def threads_note(n: int, threads, idle: float | None) -> str:
+    """The plan's line on the compute threads and why."""
+    if threads:
+        return f"compute threads: {n} (--threads)"
+    return (f"compute threads: {n} ({idle:.1f} of {cores()} cores idle at start; other busy processes get their "
+            f"cores; --threads N to choose)" if idle is not None else f"compute threads: {n}")
 
 
 def use_kernels(kernels, device: torch.device, store: Store) -> bool:
@@ -89,6 +101,8 @@ class StreamedModel:
         from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
         opts = self.options = options if options is not None else Options.from_kwargs(kwargs)
+        # the cores free for compute, measured before this model's own loading keeps them busy
+        idle = None if opts.threads else idle_cores()
         self.store = store_path if isinstance(store_path, Store) else Store(store_path)   # or a view of one
         self.store.check_files()
         self.device = parse_device(opts.device)
@@ -141,7 +155,8 @@ class StreamedModel:
         # after the resident load: units computed on packed weights need no streaming
         # mapped units cost the loader no copy: like O_DIRECT reads, they leave every core to the compute
         self.threads = compute_threads(opts.threads, streaming=bool(self.plan.streamed) and opts.prefetch,
-                                       direct=self.direct or self.streamer.reader.mapped)
+                                       direct=self.direct or self.streamer.reader.mapped, idle=idle)
+        self.plan.notes.append(threads_note(self.threads, opts.threads, idle))
         self.last_stats: dict = {}
         self.draft = None   # a resident model that drafts tokens for this one (speculative decoding)
         # loader threads stop before the interpreter tears torch down under them (at exit, or when collected)

@@ -6,10 +6,17 @@ from pathlib import Path
 
 from ..errors import SourceError, StoreError
 from ..sources import download_hub, embedded_model, looks_like_hub_id, open_source
-from ..utils import log
+from ..utils import file_identity, log
 from .format import Store
 from .inplace import index_gguf
 from .writer import _source_dtype, _units_of, default_store_path, index_in_place, split
+
+
+def _gguf_key(path: Path):
+    """What `default_store_path` takes from a GGUF source (its name and identity), without opening it."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(name=path.stem, identity=file_identity([path]))
 
 
 def resolve(source=None, store_path=None, dtype=None, progress=True, in_place=None, quantize=None) -> Path:
@@ -25,15 +32,18 @@ def resolve(source=None, store_path=None, dtype=None, progress=True, in_place=No
     path = Path(str(source)).expanduser()
     if not path.exists() and looks_like_hub_id(str(source)):
         path = download_hub(str(source))
-    src = open_source(path)
     from ..quant import normalize
 
     quant = normalize(quantize)
+    is_gguf = path.is_file() and path.suffix == ".gguf"
     # a GGUF is served as it is (its blocks dequantized to the compute dtype as they load) unless a copy
     # (in_place=False: float weights, in `dtype` or float32) or a quantization is asked
-    gguf_in_place = src.kind == "gguf" and in_place is not False and quant is None
+    gguf_in_place = is_gguf and in_place is not False and quant is None
+    # a GGUF's default store is named by the file's name, size and mtime: found without parsing the file (its
+    # metadata and vocabulary take seconds), so a second start opens the store at once
+    src = None if is_gguf else open_source(path)
     out = Path(store_path) if store_path is not None else \
-        default_store_path(src, quant, None if gguf_in_place else dtype, in_place=gguf_in_place)
+        default_store_path(src or _gguf_key(path), quant, None if gguf_in_place else dtype, in_place=gguf_in_place)
     if Store.is_store(out):
         m = Store(out).manifest
         if m.quantization != quant and quantize is not None:
@@ -43,6 +53,8 @@ def resolve(source=None, store_path=None, dtype=None, progress=True, in_place=No
             log(f"the store at {out} holds {m.dtype} weights; they are converted to {dtype} as they load")
         log(f"using store {out}")
         return out
+    if src is None:
+        src = open_source(path)
     if quant:
         return split(src, out, dtype=dtype, progress=progress, quantize=quant)
     if in_place is None and src.kind == "safetensors":
