@@ -42,9 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve_args(sv)
     model_args(sv)
     s = sub.add_parser("split", help="split a model into a layer store")
-    s.add_argument("source")
-    s.add_argument("out")
-    s.add_argument("--dtype", default=None)
+    s.add_argument("source", help="a model directory (safetensors), a .gguf file or a hub id")
+    s.add_argument("out", help="the store's directory (made; an interrupted split resumes there)")
+    s.add_argument("--dtype", default=None, help="the stored float dtype (default: the source's)")
     s.add_argument("--quantize", default=None, choices=["int8", "int4"],
                    help="block-wise quantized linear weights (int4: GGUF Q4_1 blocks kept exactly)")
     s.add_argument("--workers", type=int, default=None,
@@ -53,16 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no copy: index a safetensors checkpoint's own shards, or a GGUF's own blocks (the store "
                         "holds the manifest only)")
     i = sub.add_parser("info", help="describe a store")
-    i.add_argument("store")
-    v = sub.add_parser("verify", help="check every unit file of a store against its sha256")
-    v.add_argument("store")
+    i.add_argument("store", help="a store's directory")
+    v = sub.add_parser("verify", help="check every unit file of a store against its manifest (sizes, checksums)")
+    v.add_argument("store", help="a store's directory")
     pl = sub.add_parser("plan", help="print the residency plan for budgets")
-    pl.add_argument("source", nargs="?", default=None)
-    pl.add_argument("--store", default=None)
-    pl.add_argument("--device", default="cpu")
-    pl.add_argument("--max-ram", default=None)
-    pl.add_argument("--max-gpu-memory", default=None)
-    pl.add_argument("--lookahead", type=int, default=2)
+    pl.add_argument("source", nargs="?", default=None,
+                    help="a store, model directory, .gguf file or hub id (default: the embedded model)")
+    pl.add_argument("--store", default=None, help="where the store made from SOURCE goes (default: the cache)")
+    pl.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    pl.add_argument("--max-ram", default=None, help="RAM budget, e.g. 8GB; 0 = nothing resident (default: free "
+                                                     "RAM minus a margin)")
+    pl.add_argument("--max-gpu-memory", default=None, help="accelerator budget, e.g. 4GB (default: free device "
+                                                            "memory minus a margin)")
+    pl.add_argument("--lookahead", type=int, default=2, help="units read ahead of the one computing")
     pl.add_argument("--no-measure", action="store_true", help="skip the read-bandwidth measurement")
     return p
 

@@ -47,10 +47,11 @@ def model_args(p: argparse.ArgumentParser) -> None:
 
 
 def gen_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", "-n", type=int, default=128)
+    p.add_argument("--max-new-tokens", "-n", type=int, default=128, help="most tokens to generate (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep the most likely tokens "
+                                                              "whose probabilities sum to P (with --temperature)")
+    p.add_argument("--seed", type=int, default=None, help="seed the sampling, for reproducible samples")
     p.add_argument("--prompt-lookup", type=int, default=None, metavar="N",
                    help="speculative decoding from the prompt itself: up to N tokens copied from it per sweep")
 
