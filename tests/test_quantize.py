@@ -82,6 +82,7 @@ def test_embedded_int4_is_lossless_and_small(tmp_path, smol_reference):
     r = run_cli("split", "--quantize", "int4", __import__("layerstream.sources", fromlist=["x"]).embedded_model(),
                 tmp_path / "int4")
     assert r.returncode == 0, r.stderr
+    assert "int4 blocks for the linear weights" in r.stderr and "torch." not in r.stderr, r.stderr[-2000:]
     s = Store(tmp_path / "int4")
     for u in s.manifest.units:
         if u.kind == "layer":

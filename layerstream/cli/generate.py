@@ -101,12 +101,12 @@ class _Interrupt:
 
 
 def cmd_chat(a) -> int:
+    m = load_model(a)   # first: it says it imports torch and transformers, and how long that took
     from transformers import StoppingCriteriaList, TextStreamer
 
     from ..engine import ChatSession
     from ..errors import InputError
 
-    m = load_model(a)
     tokenizer_of(m)
     chat = ChatSession(m, system=a.system)
     interactive = sys.stdin.isatty()

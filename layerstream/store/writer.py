@@ -170,7 +170,10 @@ def split(source, out=None, dtype: torch.dtype | None = None, progress: bool = T
     if kept:
         log(f"note: {src.path.name} holds {', '.join(sorted(kept))} blocks; this store holds them as {store_dtype}. "
             f"Served in place (the default without a dtype; `layerstream split --in-place`) they stay as they are")
-    log(f"splitting {src.path} -> {out} ({len(lay.units)} units, {fmt_bytes(need)}, {store_dtype}"
+    what = str(store_dtype).replace("torch.", "")
+    if quant:
+        what = f"{quant} blocks for the linear weights, {what} for the rest"
+    log(f"splitting {src.path} -> {out} ({len(lay.units)} units, {fmt_bytes(need)}, {what}"
         + (f"; resuming, {len(done)} done" if done else "") + ")")
 
     bar = tqdm(total=need, unit="B", unit_scale=True, desc="split", disable=not progress, file=sys.stderr)
