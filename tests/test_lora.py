@@ -132,11 +132,11 @@ def test_cli_run_with_an_adapter_gives_peft_text(embedded_store, tmp_path):
     want = tok.decode(ref.eval().generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:],
                       skip_special_tokens=True)
     r = run_cli("run", prompt, "--raw", "--model", embedded_store, "--adapter", tmp_path / "adapter", "--max-ram",
-                "0", "--max-new-tokens", "8")
+                "0", "--max-new-tokens", "8", "--greedy")
     assert r.returncode == 0, r.stderr
     assert "LoRA adapter adapter: rank 8, 60 linear layers" in r.stderr
     assert r.stdout.strip() == want.strip()
-    plain = run_cli("run", prompt, "--raw", "--model", embedded_store, "--max-new-tokens", "8")
+    plain = run_cli("run", prompt, "--raw", "--model", embedded_store, "--max-new-tokens", "8", "--greedy")
     assert plain.returncode == 0 and plain.stdout.strip() != want.strip()   # the adapter changed the text
 
 

@@ -48,9 +48,18 @@ def model_args(p: argparse.ArgumentParser) -> None:
 
 def gen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", "-n", type=int, default=128, help="most tokens to generate (default 128)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--temperature", "-t", type=float, default=None,
+                   help="sampling temperature; 0 = greedy (default: the model's generation_config, else 0.8)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep the most likely tokens "
-                                                              "whose probabilities sum to P (with --temperature)")
+                                                              "whose probabilities sum to P (default 0.95)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the K most likely tokens; 0 = all "
+                                                            "(default 40)")
+    p.add_argument("--min-p", type=float, default=None, help="drop tokens less likely than P x the most likely "
+                                                              "one (default 0.05)")
+    p.add_argument("--repeat-penalty", type=float, default=None,
+                   help="divide the scores of tokens already seen by this; 1 = off (default 1.1 when sampling)")
+    p.add_argument("--greedy", action="store_true",
+                   help="always the most likely token, no penalty: exact and reproducible (same as -t 0)")
     p.add_argument("--seed", type=int, default=None, help="seed the sampling, for reproducible samples")
     p.add_argument("--prompt-lookup", type=int, default=None, metavar="N",
                    help="speculative decoding from the prompt itself: up to N tokens copied from it per sweep")
@@ -65,14 +74,34 @@ def pipeline_args(p: argparse.ArgumentParser) -> None:
                    help="with --pipeline: the Ray cluster (default: RAY_ADDRESS, else a new local Ray)")
 
 
-def gen_kwargs(a) -> dict:
-    kw = {"max_new_tokens": a.max_new_tokens}
-    if a.temperature and a.temperature > 0:
-        kw.update(do_sample=True, temperature=a.temperature)
-        if a.top_p is not None:
-            kw["top_p"] = a.top_p
-    else:
-        kw["do_sample"] = False
+def sampling_of(a, model):
+    """The sampling settings of `run` / `chat`: the model's defaults (`layerstream.sampling`) with the options
+    given."""
+    import math
+
+    from ..errors import InputError
+    from ..sampling import choose, model_defaults
+
+    for flag, v, ok in (("--temperature", a.temperature, lambda v: v >= 0),
+                        ("--top-p", a.top_p, lambda v: 0 < v <= 1), ("--top-k", a.top_k, lambda v: v >= 0),
+                        ("--min-p", a.min_p, lambda v: 0 <= v < 1),
+                        ("--repeat-penalty", a.repeat_penalty, lambda v: v > 0)):
+        if v is not None and not (math.isfinite(v) and ok(v)):
+            raise InputError(f"{flag} {v} is out of range")
+    return choose(model_defaults(getattr(model, "generation_config", None)), a.temperature, a.top_p, a.top_k,
+                  a.min_p, a.repeat_penalty, greedy=a.greedy)
+
+
+def gen_kwargs(a, model) -> dict:
+    """transformers' `generate` arguments for `run` / `chat`."""
+    s = sampling_of(a, model)
+    kw = {"max_new_tokens": a.max_new_tokens, **s.generate_kwargs()}
+    if getattr(model, "stages", None) is not None:   # a Ray pipeline samples with temperature and top_p only
+        for key in ("top_k", "min_p", "repetition_penalty"):
+            kw.pop(key, None)
+    if not getattr(a, "_said_sampling", False):
+        log(f"sampling: {s.describe()}" + ("" if s.greedy else "; --greedy for exact, reproducible answers"))
+        a._said_sampling = True
     if getattr(a, "prompt_lookup", None):
         kw["prompt_lookup_num_tokens"] = a.prompt_lookup
     if a.seed is not None:

@@ -65,7 +65,7 @@ def cmd_run(a) -> int:
                                       return_tensors="pt")
     else:
         enc = tok(prompt, return_tensors="pt")
-    m.generate(enc, streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True), **gen_kwargs(a))
+    m.generate(enc, streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True), **gen_kwargs(a, m))
     print(flush=True)
     log(stats_line(m))
     return 0
@@ -136,7 +136,7 @@ def cmd_chat(a) -> int:
         try:
             with _Interrupt() as stop:
                 chat.send(line, streamer=TextStreamer(m.tokenizer, skip_prompt=True, skip_special_tokens=True),
-                          stopping_criteria=StoppingCriteriaList([stop]), **gen_kwargs(a))
+                          stopping_criteria=StoppingCriteriaList([stop]), **gen_kwargs(a, m))
         except InputError as e:
             log(f"error: {e}")
             continue
