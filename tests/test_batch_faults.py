@@ -133,7 +133,6 @@ def test_cli_refuses_unwritable_outputs_before_the_model_loads(tmp_path):
     nomodel = ("--model", tmp_path / "no-such-model")
     (tmp_path / "outdir").mkdir()
     one_line_error(cli_batch(src, tmp_path / "outdir", *nomodel), "is a directory")
-    one_line_error(cli_batch(src, tmp_path / "missing" / "out.jsonl", *nomodel), "no such directory")
     target = tmp_path / "precious.txt"
     target.write_text("keep me")
     for suffix in (".tmp", ".partial"):
@@ -159,20 +158,28 @@ def test_cli_refuses_a_read_only_directory_before_the_model_loads(tmp_path):
         ro.chmod(0o755)
 
 
-def test_too_little_free_space_is_refused_before_the_model_loads(tmp_path, monkeypatch):
-    """The free-space check (a full disk cannot be made here without privileges: the file system's answer is
-    replaced by one of 4096 bytes free)."""
+def test_the_path_checks_of_run_batch(tmp_path, monkeypatch):
+    """What `check_paths` (run before the model loads) refuses, each with its message; the free-space check
+    with the file system's answer replaced by one of 4096 bytes free (a full disk cannot be made here)."""
     import shutil
 
     from layerstream.engine.batch import check_paths
-    from layerstream.errors import DiskSpaceError
+    from layerstream.errors import DiskSpaceError, InputError
 
     src = write_lines(tmp_path / "in.jsonl", [req("a", prompt="x", max_tokens=2)])
     check_paths(src, tmp_path / "out.jsonl")
+    (tmp_path / "out.jsonl.partial").mkdir()
+    for out, message in ((tmp_path / "missing" / "out.jsonl", "missing: no such directory for the output"),
+                         (src, "is the input file"), (tmp_path, "is a directory"),
+                         (tmp_path / "out.jsonl", "out.jsonl.partial exists and is not a file")):
+        with pytest.raises(InputError, match=message):
+            check_paths(src, out)
+    with pytest.raises(InputError, match="no such input file"):
+        check_paths(tmp_path / "none.jsonl", tmp_path / "x.jsonl")
     real = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=4096))
     with pytest.raises(DiskSpaceError, match="has 4096 bytes free; a batch job needs at least"):
-        check_paths(src, tmp_path / "out.jsonl")
+        check_paths(src, tmp_path / "other.jsonl")
 
 
 def test_the_output_is_never_written_through_a_planted_link(tmp_path, model):

@@ -648,8 +648,8 @@ class Engine:
             self._release(s)
         while self.entries and self._cached_bytes() > self.prefix_budget and self._evict():
             pass
-        if not self.active and not self.entries:
-            self._reset_cache()
+        if not self.active and not self.entries and not any(n > 0 for n in self.refs.values()):
+            self._reset_cache()   # (a row about to join may still read columns it borrowed: then not)
             return
         self._compact()
 
