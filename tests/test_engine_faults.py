@@ -186,3 +186,22 @@ def test_a_failed_sweep_fails_its_rows_and_the_engine_serves_on(tiny):
     assert hs[2].result().token_ids == want[2]
     assert [c.token_ids for c in eng.generate(PROMPTS[:2], [SamplingParams(max_tokens=n) for n in LIMITS[:2]])] \
         == want[:2]
+
+
+def test_a_row_whose_drafting_fails_ends_alone(tiny):
+    """With a draft model (the same tiny model, resident: every draft is accepted), a row whose max_tokens was
+    turned into a float after submit's checks cannot be drafted for: it ends with a GenerationError, and the
+    rows drafted beside it get exactly generate's tokens."""
+    m, want = tiny
+    draft = AutoModel.from_pretrained(m.store.path, progress=False)
+    eng = Engine(m, max_batch=4, draft=draft)
+    good = [eng.submit(p, SamplingParams(max_tokens=n)) for p, n in zip(PROMPTS[:3], LIMITS[:3])]
+    p = SamplingParams(max_tokens=LIMITS[3])
+    bad = eng.submit(PROMPTS[3], p)
+    eng.step()
+    p.max_tokens = 9.5   # its next draft but one: min(4, 9.5 - 6 - 1) tokens, not a count
+    run(eng, good + [bad])
+    assert [h.result().token_ids for h in good] == want[:3]
+    assert eng.stats["drafted"] > 0 and eng.stats["accepted"] > 0
+    with pytest.raises(GenerationError, match="req-3 failed while drafting: TypeError"):
+        bad.result()
