@@ -302,7 +302,8 @@ class Engine:
     # -- running
     def generate(self, prompts, params=None, progress=None) -> list[Completion]:
         """Run every prompt to its end and return the completions in order. `params`: one SamplingParams
-        for all, or a list (one per prompt). `progress(completion)` is called as each finishes."""
+        for all, or a list (one per prompt). `progress(completion)` is called as each finishes. A request that
+        failed (GenerationError) raises its error, after the others have run."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
         handles = [self.submit(p, sp) for p, sp in zip(prompts, plist)]
         left = set(range(len(handles)))
@@ -310,7 +311,7 @@ class Engine:
             self.step()
             for i in [i for i in left if handles[i].done]:
                 left.discard(i)
-                if progress:
+                if progress and handles[i].error is None:
                     progress(handles[i].result())
         return [h.result() for h in handles]
 
