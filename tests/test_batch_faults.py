@@ -127,21 +127,19 @@ def one_line_error(r, *words):
 
 def test_cli_refuses_unwritable_outputs_before_the_model_loads(tmp_path):
     """Each refused with a one-line error, exit status 1, before the model loads (the model named does not even
-    exist: its error would come first if it loaded; nothing is imported for it). A link planted at OUT.tmp or
-    OUT.partial is refused and its target left as it was."""
+    exist: its error would come first if it loaded; nothing is imported for it). A link planted at OUT.tmp is
+    refused and its target left as it was (OUT.partial: test_the_path_checks_of_run_batch)."""
     src = write_lines(tmp_path / "in.jsonl", [req("a", prompt="x", max_tokens=2)])
     nomodel = ("--model", tmp_path / "no-such-model")
     (tmp_path / "outdir").mkdir()
     one_line_error(cli_batch(src, tmp_path / "outdir", *nomodel), "is a directory")
     target = tmp_path / "precious.txt"
     target.write_text("keep me")
-    for suffix in (".tmp", ".partial"):
-        link = tmp_path / f"out{suffix}.jsonl"
-        os.symlink(target, str(link) + suffix)
-        r = cli_batch(src, link, *nomodel)
-        one_line_error(r, f"{link}{suffix} is a symbolic link", "remove it")
-        assert "importing torch" not in r.stderr
-        assert target.read_text() == "keep me" and not link.exists()
+    os.symlink(target, tmp_path / "out.jsonl.tmp")
+    r = cli_batch(src, tmp_path / "out.jsonl", *nomodel)
+    one_line_error(r, f"{tmp_path / 'out.jsonl.tmp'} is a symbolic link", "remove it")
+    assert "importing torch" not in r.stderr
+    assert target.read_text() == "keep me" and not (tmp_path / "out.jsonl").exists()
 
 
 @pytest.mark.skipif(ROOT, reason="root writes in a read-only directory")
@@ -169,11 +167,17 @@ def test_the_path_checks_of_run_batch(tmp_path, monkeypatch):
     src = write_lines(tmp_path / "in.jsonl", [req("a", prompt="x", max_tokens=2)])
     check_paths(src, tmp_path / "out.jsonl")
     (tmp_path / "out.jsonl.partial").mkdir()
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    os.symlink(target, tmp_path / "linked.jsonl.partial")
     for out, message in ((tmp_path / "missing" / "out.jsonl", "missing: no such directory for the output"),
                          (src, "is the input file"), (tmp_path, "is a directory"),
-                         (tmp_path / "out.jsonl", "out.jsonl.partial exists and is not a file")):
+                         (tmp_path / "out.jsonl", "out.jsonl.partial exists and is not a file"),
+                         (tmp_path / "linked.jsonl", "linked.jsonl.partial is a symbolic link: a batch job keeps "
+                                                     "its journal there")):
         with pytest.raises(InputError, match=message):
             check_paths(src, out)
+    assert target.read_text() == "keep me"
     with pytest.raises(InputError, match="no such input file"):
         check_paths(tmp_path / "none.jsonl", tmp_path / "x.jsonl")
     real = shutil.disk_usage
@@ -184,9 +188,10 @@ def test_the_path_checks_of_run_batch(tmp_path, monkeypatch):
 
 def test_the_output_is_never_written_through_a_planted_link(tmp_path, model):
     """OUT.tmp planted as a link after the job's checks (or left as a file by a killed job) is removed and made
-    anew: the link's target is unchanged, OUT is right. A job refuses a link planted before it starts."""
+    anew: the link's target is unchanged, OUT is right. A journal path that is a link is never opened. A job
+    refuses a link planted before it starts."""
     from layerstream.engine.batch import run_batch
-    from layerstream.engine.journal import Journal, write_output
+    from layerstream.engine.journal import Journal, OutputError, write_output
     from layerstream.errors import InputError
 
     target = tmp_path / "precious.txt"
@@ -204,6 +209,11 @@ def test_the_output_is_never_written_through_a_planted_link(tmp_path, model):
         assert [r["n"] for r in read_records(tmp_path / "out.jsonl")] == [0, 1, 2]
     finally:
         journal.close()
+
+    os.symlink(target, tmp_path / "late.jsonl.partial")   # a journal link planted after the checks: not opened
+    with pytest.raises(OutputError, match="late.jsonl.partial .it is a symbolic link, which a batch job never"):
+        Journal(tmp_path / "late.jsonl.partial", {"test": 1})
+    assert target.read_text() == "keep me"
 
     src = write_lines(tmp_path / "in.jsonl", [req("a", prompt="x", max_tokens=2, temperature=0)])
     os.symlink(target, tmp_path / "job.jsonl.tmp")
