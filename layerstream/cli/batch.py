@@ -31,11 +31,13 @@ def cmd_batch(a) -> int:
             raise InputError(f"{flag} needs --ray")
         if value is not None and value < 1:
             raise InputError(f"{flag} must be positive, got {value}")
-    # before torch loads (run_batch checks these and more again)
-    if not Path(a.input).is_file():
+    # before the model loads (run_batch checks them again): the input, the output's directory (exists, writable,
+    # room for a few lines), OUT not a directory, OUT.tmp and OUT.partial not links
+    if not Path(a.input).is_file():   # the commonest mistake, said before torch is imported
         raise InputError(f"{a.input}: no such input file")
-    if not Path(a.output).resolve().parent.is_dir():
-        raise InputError(f"{Path(a.output).parent}: no such directory for the output")
+    from ..engine.batch import check_paths
+
+    check_paths(a.input, a.output)
     if a.ray is not None:
         from ..ray import require, run_batch
 

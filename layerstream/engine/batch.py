@@ -3,12 +3,21 @@
 Input: one request a line, `{"custom_id", "method": "POST", "url": "/v1/chat/completions" | "/v1/completions",
 "body": {...}}`; blank lines are skipped. Output: one record a line, in input order, `{"id", "custom_id",
 "response": {"status_code", "request_id", "body"}, "error"}`. A line that is not a valid request becomes an
-error record and the job goes on.
+error record and the job goes on, as does a request that fails in the engine (its own sampling, stop strings
+or detokenizing: a 500 record, `"code": "internal_error"`; the other requests keep their exact results). Only
+a failure of the engine's shared sweep (a damaged store, a read error) stops the job, the journal keeping
+what is done.
+
+The paths are checked before the model loads (`check_paths`): the input is a readable file, OUT's directory
+exists and is writable, OUT is not a directory, `OUT.tmp` and `OUT.partial` are not links, and the disk has
+room for a few lines; an error writing the journal or the output while the job runs (disk full, permission
+denied) is a one-line `OutputError`, the journal keeping every finished request.
 
 Resumable and never half-written: each finished request is appended to a journal, `OUT.partial`, as one
 line keyed by the input line's index and a hash of its bytes (a changed line is run again; a journal made with
 another model is discarded). A rerun reads the journal (a torn last line is cut off) and runs only what is
-missing; at the end OUT is written to `OUT.tmp`, fsynced and renamed over OUT, and the journal is removed.
+missing; at the end OUT is written to `OUT.tmp` (made anew: never through a link planted there), fsynced and
+renamed over OUT, and the journal is removed.
 Every field of the output is a function of the input file and the model, not of time or chance, so a job
 killed at any moment and rerun gives the same bytes as a job never interrupted:
 
@@ -20,32 +29,29 @@ killed at any moment and rerun gives the same bytes as a job never interrupted:
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 import time
 from pathlib import Path
 
 from ..errors import InputError
 from ..utils import log
-from .journal import Journal, fingerprint, line_hash, write_output
+from .journal import Journal, check_output, fingerprint, journal_path, line_hash, write_output
 from .openai import BadLine, OpenAIRequests, envelope, failure, success
-from .scheduler import Engine
-
-
-def journal_path(out_path) -> Path:
-    return Path(str(out_path) + ".partial")
+from .scheduler import Engine, GenerationError
 
 
 def check_paths(in_path, out_path) -> tuple[Path, Path]:
-    """The input and output paths, refused with a clear message before any model is loaded."""
+    """The input and output paths, refused with a one-line message before any model is loaded (the output's
+    checks: `journal.check_output`)."""
     src, out = Path(in_path), Path(out_path)
     if not src.is_file():
         raise InputError(f"{src}: no such input file")
+    if not os.access(src, os.R_OK):
+        raise InputError(f"{src}: cannot read the input file (permission denied)")
     if out.exists() and src.resolve() == out.resolve():
         raise InputError(f"the output {out} is the input file; choose another output path")
-    if out.is_dir():
-        raise InputError(f"the output {out} is a directory; give a file path")
-    if not out.parent.is_dir():
-        raise InputError(f"{out.parent}: no such directory for the output")
+    check_output(out)
     return src, out
 
 
@@ -209,9 +215,16 @@ class Runner:
 
     def submit(self, req: dict, obj: dict, refused):
         """The handle of the request `obj` submitted to the engine, or None after `refused(req, record)` for a
-        request whose body is invalid."""
+        request whose body is invalid (a 400 record) or that could not be made into token ids (a 500 record)."""
         try:
-            prompt, params = self.parser.request(obj, req)
+            try:
+                prompt, params = self.parser.request(obj, req)
+            except BadLine:
+                raise
+            except Exception as e:   # the tokenizer or the chat template failed on this line's text
+                refused(req, internal_error(req, f"this request could not be made into token ids: "
+                                                 f"{type(e).__name__}: {e}"))
+                return None
             try:
                 return self.engine.submit(prompt, params, request_id=f"line-{req['i']}")
             except InputError as e:
@@ -221,9 +234,20 @@ class Runner:
             return None
 
     def result(self, req: dict, handle, created: int) -> tuple[dict, int, int]:
-        """A finished request's record, prompt tokens and completion tokens."""
-        c = handle.result()
+        """A finished request's record, prompt tokens and completion tokens: a 500 error record for a request
+        that failed in the engine on its own (GenerationError); another error (the shared sweep's) is raised."""
+        try:
+            c = handle.result()
+        except GenerationError as e:
+            return internal_error(req, str(e)), 0, 0
         return success(req, c, created), c.prompt_tokens, c.completion_tokens
+
+
+def internal_error(req: dict, message: str) -> dict:
+    """The error record of a request that failed on the server's side: a 500 with OpenAI's server_error body."""
+    record = failure(req, BadLine("internal_error", message, 500))
+    record["response"]["body"]["error"]["type"] = "server_error"
+    return record
 
 
 def _lines(path: Path):

@@ -15,6 +15,12 @@ tokens (no padding), whatever the mix of prompts and decodes. Columns of finishe
 and dropped from the cache once they are a quarter of it (compaction). Families whose cache is not plain
 full attention (sliding windows, recurrent states) run one sequence at a time, through the same API.
 
+Rows are isolated: a request whose own sampling, stop strings, detokenizing or drafting fails ends alone with
+a `GenerationError` on its handle, and the others go on with exactly the tokens they would have had; values
+that cannot be computed (NaN or infinite temperature or top_p, token ids outside the vocabulary, ...) are
+refused at `submit`. Only a failure of the shared sweep fails the rows in it; the engine then starts again
+from an empty cache.
+
 API: `Engine(model, max_batch)`; `submit(prompt_ids, SamplingParams) -> Handle` (thread-safe);
 `Handle.stream()` yields `Delta`s as tokens come, `Handle.result()` the `Completion`; `step()` runs one
 sweep; `generate(requests)` runs a list to the end (jobs); `start()` runs steps on a thread (servers).
@@ -23,6 +29,7 @@ sweep; `generate(requests)` runs a list to the end (jobs); `start()` runs steps 
 from __future__ import annotations
 
 import itertools
+import math
 import queue
 import threading
 import time
@@ -33,14 +40,17 @@ import torch
 
 from ..errors import InputError
 from ..plan.planner import kv_bytes_per_token, prefix_budget
-from .step import eos_ids, forward, new_cache, sample
+from ..utils import log
+from .step import GREEDY_BELOW, GenerationError, eos_ids, forward, new_cache, sample
 
 MIN_SHARE = 8       # shortest prefix worth borrowing from the prefix cache (tokens)
 
 
 @dataclass
 class SamplingParams:
-    """Per request: token limit, greedy (temperature 0) or sampled (temperature, top_p, seed), stop strings."""
+    """Per request: token limit, greedy (temperature 0, or below GREEDY_BELOW = 1e-5) or sampled (temperature,
+    top_p, seed), stop strings. Values that cannot be computed (NaN, infinite, out of range) raise InputError,
+    here and again at `Engine.submit`."""
 
     max_tokens: int = 16
     temperature: float = 0.0
@@ -52,14 +62,37 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        self.check()
+
+    def check(self) -> None:
+        """InputError unless every value can be computed with."""
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens <= 0:
             raise InputError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            raise InputError(f"temperature must be a number >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            raise InputError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not all(isinstance(s, str) and s for s in self.stop):
+        if not _number(self.temperature) or self.temperature < 0:
+            raise InputError(f"temperature must be a finite number >= 0 (0: greedy), got {self.temperature!r}")
+        if not _number(self.top_p) or not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not -2**63 <= self.seed < 2**64):
+            raise InputError(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
             raise InputError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
+        if self.adapter is not None and not isinstance(self.adapter, str):
+            raise InputError(f"adapter must be an adapter's name, got {self.adapter!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
+
+
+def _number(x) -> bool:
+    """A finite int or float (not a bool)."""
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:   # an int beyond float's range
+        return False
 
 
 @dataclass
@@ -182,6 +215,7 @@ class Engine:
         self.kv_per_token = kv_bytes_per_token(model.config.get_text_config().to_dict(), model.dtype.itemsize)
         self.kv_budget = kv_budget if kv_budget is not None else model.plan.kv_budget
         self.context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        self.vocab = getattr(model.config.get_text_config(), "vocab_size", None)
         self.batched = batchable(model)
         # the prefix cache: bytes of finished requests' KV kept for reuse (the plan's share of the KV budget)
         if prefix_cache is None:
@@ -204,16 +238,28 @@ class Engine:
         self._slots = itertools.count()
         self._thread: threading.Thread | None = None
         self._stop = False
+        self._swept: BaseException | None = None   # the error of a failed sweep, already handed to its rows
         self.stats = {"steps": 0, "tokens": 0, "prefill_tokens": 0, "max_batch_seen": 0, "seconds": 0.0,
                       "kv_peak_tokens": 0, "bytes_read": 0, "prefix_hit_tokens": 0,
                       "drafted": 0, "accepted": 0}
 
     # -- submitting
     def submit(self, prompt_ids, params: SamplingParams | None = None, request_id: str | None = None) -> Handle:
+        """Queue a request; InputError (nothing queued) for one that cannot run: an empty prompt, token ids outside
+        the vocabulary, parameters that cannot be computed, too long for the context or the KV budget."""
         params = params or SamplingParams()
-        prompt = [int(t) for t in (prompt_ids.tolist() if torch.is_tensor(prompt_ids) else prompt_ids)]
+        if not isinstance(params, SamplingParams):
+            raise InputError(f"params must be a SamplingParams, got {type(params).__name__}")
+        params.check()   # again: a SamplingParams can be changed after it was made
+        try:
+            prompt = [int(t) for t in (prompt_ids.tolist() if torch.is_tensor(prompt_ids) else prompt_ids)]
+        except (TypeError, ValueError, OverflowError):
+            raise InputError("the prompt must be a sequence of token ids (integers)") from None
         if not prompt:
             raise InputError("the prompt is empty")
+        if self.vocab and not all(0 <= t < self.vocab for t in prompt):
+            bad = next(t for t in prompt if not 0 <= t < self.vocab)
+            raise InputError(f"token id {bad} is outside this model's vocabulary [0, {self.vocab})")
         why = self.refusal(len(prompt), params.max_tokens)
         if why is not None:
             raise InputError(why[1])
@@ -256,7 +302,8 @@ class Engine:
     # -- running
     def generate(self, prompts, params=None, progress=None) -> list[Completion]:
         """Run every prompt to its end and return the completions in order. `params`: one SamplingParams
-        for all, or a list (one per prompt). `progress(completion)` is called as each finishes."""
+        for all, or a list (one per prompt). `progress(completion)` is called as each finishes. A request that
+        failed (GenerationError) raises its error, after the others have run."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
         handles = [self.submit(p, sp) for p, sp in zip(prompts, plist)]
         left = set(range(len(handles)))
@@ -264,7 +311,7 @@ class Engine:
             self.step()
             for i in [i for i in left if handles[i].done]:
                 left.discard(i)
-                if progress:
+                if progress and handles[i].error is None:
                     progress(handles[i].result())
         return [h.result() for h in handles]
 
@@ -292,17 +339,20 @@ class Engine:
                 return
             try:
                 self.step()
-            except BaseException as e:   # handed to every request in flight; the engine goes on
-                self._fail_all(e)
+            except BaseException as e:
+                if e is self._swept:   # a failed sweep: its rows have the error, waiting requests go on
+                    log(f"engine: a sweep failed ({type(e).__name__}: {e}); its requests got the error, the engine "
+                        f"goes on")
+                else:   # anything else: handed to every request in flight; the engine goes on
+                    self._fail_all(e)
+                self._swept = None
 
     def _fail_all(self, err: BaseException):
         with self.lock:
             seqs, self.active, self.waiting = self.active + self.waiting, [], []
         self._reset_cache()
         for s in seqs:
-            s.handle.error = err
-            s.handle._done.set()
-            s.handle._put(err)
+            self._fail(s, err)
 
     def _reset_cache(self):
         self.cache = self.owner = self.pos = None
@@ -310,7 +360,12 @@ class Engine:
         self.refs.clear()
 
     def step(self) -> list[Delta]:
-        """One sweep over every active sequence (joining ones prefill in it). Returns the deltas it made."""
+        """One sweep over every active sequence (joining ones prefill in it). Returns the deltas it made.
+
+        A row whose own work fails (drafting, sampling, stop strings, detokenizing) ends alone: its handle gets a
+        GenerationError and the other rows go on as if it had never been there. A failure of the shared sweep
+        fails the rows in it (each handle gets the error), empties the cache so that the engine can serve later
+        requests, and is raised again; waiting requests stay queued."""
         t0 = time.perf_counter()
         with self.lock:
             for s in [s for s in self.waiting if s.cancelled]:
@@ -321,44 +376,81 @@ class Engine:
         self._drop([s for s in self.active if s.cancelled])
         if not self.active and not joining:
             return deltas
-        rows = self.active + joining
-        if self.draft is not None and len(rows) <= self.draft_rows:
+        if self.draft is not None and len(self.active) + len(joining) <= self.draft_rows:
+            failed = []
             for r in self.active:
-                self._propose(r)
+                try:
+                    self._propose(r)
+                except Exception as e:
+                    failed.append((r, self._row_error(r, "drafting", e)))
+            self._drop([], failed)
+            if not self.active and not joining:
+                return deltas
+        rows = self.active + joining
         prof = getattr(self.model, "profiler", None)
         before = prof.bytes_read if prof is not None else 0
-        logits = self._sweep(joining)
+        try:
+            logits = self._sweep(joining)
+        except BaseException as e:
+            self._sweep_failed(rows, e)
+            raise
         if prof is not None:
             self.stats["bytes_read"] += max(prof.bytes_read - before, 0)
         self.stats["steps"] += 1
         self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(rows))
-        done, at = [], 0
+        done, failed, at = [], [], 0
         for s in rows:
-            if s.drafted:
-                n = len(s.drafted) + 1
-                toks = self._verify(s, logits[at:at + n])
-                at += n
-            else:
-                toks = [int(sample(logits[at:at + 1], s.params.temperature, s.params.top_p, s.gen)[0])]
-                at += 1
-            for tok in toks:
-                s.tokens.append(tok)
-                self.stats["tokens"] += 1
-                d = self._delta(s, tok)
-                deltas.append(d)
-                if d.finish_reason:
-                    done.append(s)
-                    break
-                s.handle._put(d)
-        self._drop(done)
+            n = len(s.drafted) + 1 if s.drafted else 1
+            mine, at = logits[at:at + n], at + n
+            what = "sampling"
+            try:
+                if s.drafted:
+                    toks = self._verify(s, mine)
+                else:
+                    toks = [int(sample(mine, s.params.temperature, s.params.top_p, s.gen)[0])]
+                what = "decoding its tokens and applying its stop strings"
+                for tok in toks:
+                    s.tokens.append(tok)
+                    self.stats["tokens"] += 1
+                    d = self._delta(s, tok)
+                    deltas.append(d)
+                    if d.finish_reason:
+                        done.append(s)
+                        break
+                    s.handle._put(d)
+            except Exception as e:
+                failed.append((s, self._row_error(s, what, e)))
+        self._drop(done, failed)
         self.stats["seconds"] += time.perf_counter() - t0
         return deltas
+
+    def _row_error(self, s: _Seq, what: str, e: Exception) -> GenerationError:
+        if isinstance(e, GenerationError):
+            err = GenerationError(f"request {s.id} failed while {what}: {e}")
+        else:
+            err = GenerationError(f"request {s.id} failed while {what}: {type(e).__name__}: {e}")
+        err.__cause__ = e
+        return err
+
+    def _sweep_failed(self, rows: list[_Seq], err: BaseException) -> None:
+        """The shared sweep raised: the cache may hold some layers' keys of it and not others', so it goes, with
+        every row that read it; the error goes to each of their handles."""
+        self._swept = err
+        self.active = []
+        self._reset_cache()
+        for s in rows:
+            self._fail(s, err)
+
+    def _fail(self, s: _Seq, err: BaseException) -> None:
+        s.handle.error = err
+        s.handle._done.set()
+        s.handle._put(err)
 
     def _propose(self, s: _Seq) -> None:
         """Draft up to `draft_tokens` greedy tokens for a decoding row with the resident draft model."""
         s.drafted = []
         k = min(self.draft_tokens, s.params.max_tokens - len(s.tokens) - 1)
-        if s.params.temperature > 0 or k < 1 or s.cancelled:
+        if not s.params.greedy or k < 1 or s.cancelled:
             return
         full = s.prompt + s.tokens     # the cache holds full[:real]; full[real] is the token to feed next
         if s.dcache is None:
@@ -537,12 +629,17 @@ class Engine:
                                  position_ids=qpos[None], keep=last)
         return logits[0]
 
-    def _drop(self, done: list[_Seq]) -> None:
+    def _drop(self, done: list[_Seq], failed: list[tuple[_Seq, BaseException]] = ()) -> None:
         """Remove finished rows: their columns become a prefix-cache entry (within its budget) or are masked;
-        masked columns are dropped from the cache once they are a quarter of it."""
-        if not done:
+        masked columns are dropped from the cache once they are a quarter of it. `failed`: rows that end with
+        an error (their handles get it; their columns are masked, never reused)."""
+        if not done and not failed:
             return
-        self.active = [s for s in self.active if s not in done]
+        gone = set(map(id, done)) | {id(s) for s, _ in failed}
+        self.active = [s for s in self.active if id(s) not in gone]
+        for s, err in failed:
+            self._release(s)
+            self._fail(s, err)
         for s in done:
             if self.prefix_budget and s.real > s.shared:
                 self.entries[s.slot] = _Entry(s)
@@ -552,8 +649,8 @@ class Engine:
             self._release(s)
         while self.entries and self._cached_bytes() > self.prefix_budget and self._evict():
             pass
-        if not self.active and not self.entries:
-            self._reset_cache()
+        if not self.active and not self.entries and not any(n > 0 for n in self.refs.values()):
+            self._reset_cache()   # (a row about to join may still read columns it borrowed: then not)
             return
         self._compact()
 

@@ -11,7 +11,14 @@ from collections.abc import Iterator
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, LayerstreamError
+
+GREEDY_BELOW = 1e-5   # a temperature below this samples greedily (as vLLM does): logits / T would overflow float32
+
+
+class GenerationError(LayerstreamError):
+    """One request could not go on (its sampling, stop handling, detokenizing or drafting failed); the other
+    requests of its sweeps are not affected."""
 
 
 def new_cache(model):
@@ -63,9 +70,11 @@ def decode_step(model, tokens: torch.Tensor, cache) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
            generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next tokens [batch] from logits [batch, vocab]: greedy at temperature 0, else softmax(logits / T)
-    restricted to the smallest set of tokens whose probability reaches top_p (as transformers' warpers do)."""
-    if not temperature or temperature <= 0:
+    """Next tokens [batch] from logits [batch, vocab]: greedy at temperature 0 (and below GREEDY_BELOW), else
+    softmax(logits / T) restricted to the smallest set of tokens whose probability reaches top_p (as
+    transformers' warpers do). Probabilities that are not finite (NaN or infinite logits) raise
+    GenerationError rather than sample from nonsense."""
+    if not temperature or temperature < GREEDY_BELOW:
         return logits.argmax(-1)
     logits = logits / temperature
     if top_p is not None and top_p < 1.0:
@@ -75,6 +84,9 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
         drop[..., -1:] = False   # always keep the most likely token
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     probs = logits.softmax(-1)
+    if not bool(torch.isfinite(probs).all()):
+        raise GenerationError(f"the sampling probabilities are not finite (temperature {temperature!r}, top_p "
+                              f"{top_p!r}): the model's logits hold NaN or infinite values")
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
 
 
