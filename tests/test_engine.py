@@ -161,6 +161,29 @@ def test_seeded_sampling_does_not_depend_on_the_batch(tiny):
     assert other[0].token_ids != alone
 
 
+def test_penalized_greedy_requests_give_generates_tokens_beside_plain_ones(tiny):
+    """A greedy request with a repetition penalty gets transformers' `generate(repetition_penalty=...)` tokens,
+    whatever shares its sweeps; sampled ones with top_k / min_p are seeded reproducibly; OpenAI's penalties
+    change the tokens of a request that repeats."""
+    src, m, want = tiny
+    p, n = PROMPTS[1], 12
+    ref = m.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False, repetition_penalty=1.5)[0, len(p):].tolist()
+    assert ref != want[1]   # the penalty changes this prompt's greedy tokens
+    out = Engine(m, max_batch=3).generate([PROMPTS[0], p, PROMPTS[2]],
+                                          [SamplingParams(max_tokens=LIMITS[0]),
+                                           SamplingParams(max_tokens=n, repetition_penalty=1.5),
+                                           SamplingParams(max_tokens=LIMITS[2])])
+    assert out[1].token_ids == ref
+    assert out[0].token_ids == want[0] and out[2].token_ids == want[2]
+    sp = SamplingParams(max_tokens=8, temperature=0.9, top_k=5, min_p=0.1, seed=3)
+    a, b = (Engine(m, max_batch=2).generate([p, PROMPTS[0]], [sp, SamplingParams(max_tokens=4)])[0].token_ids
+            for _ in range(2))
+    assert a == b
+    freq = Engine(m, max_batch=1).generate([p], [SamplingParams(max_tokens=n, frequency_penalty=2.0,
+                                                                presence_penalty=2.0)])[0].token_ids
+    assert len(set(freq)) > len(set(want[1]))   # fewer repeats than plain greedy
+
+
 def test_bad_requests_are_refused(tiny):
     src, m, want = tiny
     eng = Engine(m)

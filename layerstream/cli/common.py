@@ -96,9 +96,6 @@ def gen_kwargs(a, model) -> dict:
     """transformers' `generate` arguments for `run` / `chat`."""
     s = sampling_of(a, model)
     kw = {"max_new_tokens": a.max_new_tokens, **s.generate_kwargs()}
-    if getattr(model, "stages", None) is not None:   # a Ray pipeline samples with temperature and top_p only
-        for key in ("top_k", "min_p", "repetition_penalty"):
-            kw.pop(key, None)
     if not getattr(a, "_said_sampling", False):
         log(f"sampling: {s.describe()}" + ("" if s.greedy else "; --greedy for exact, reproducible answers"))
         a._said_sampling = True

@@ -41,7 +41,7 @@ import torch
 from ..errors import InputError
 from ..plan.planner import kv_bytes_per_token, prefix_budget
 from ..utils import log
-from .step import GREEDY_BELOW, GenerationError, eos_ids, forward, new_cache, sample
+from .step import GREEDY_BELOW, GenerationError, eos_ids, forward, new_cache, penalize, sample
 
 MIN_SHARE = 8       # shortest prefix worth borrowing from the prefix cache (tokens)
 
@@ -55,6 +55,11 @@ class SamplingParams:
     max_tokens: int = 16
     temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int = 0                     # 0: all tokens
+    min_p: float = 0.0                 # 0: off
+    repetition_penalty: float = 1.0    # 1: off (prompt and output tokens; transformers' and llama.cpp's rule)
+    frequency_penalty: float = 0.0     # OpenAI's, over the output tokens
+    presence_penalty: float = 0.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     adapter: str | None = None   # a LoRA adapter of the model by name (None: its default adapter, or none)
@@ -72,6 +77,16 @@ class SamplingParams:
             raise InputError(f"temperature must be a finite number >= 0 (0: greedy), got {self.temperature!r}")
         if not _number(self.top_p) or not 0 < self.top_p <= 1:
             raise InputError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise InputError(f"top_k must be an integer >= 0 (0: all tokens), got {self.top_k!r}")
+        if not _number(self.min_p) or not 0 <= self.min_p < 1:
+            raise InputError(f"min_p must be a number in [0, 1), got {self.min_p!r}")
+        if not _number(self.repetition_penalty) or not 0 < self.repetition_penalty <= 10:
+            raise InputError(f"repetition_penalty must be a number in (0, 10] (1: off), got "
+                             f"{self.repetition_penalty!r}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not _number(getattr(self, name)) or not -2 <= getattr(self, name) <= 2:
+                raise InputError(f"{name} must be a number in [-2, 2], got {getattr(self, name)!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
                                       or not -2**63 <= self.seed < 2**64):
             raise InputError(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
@@ -83,6 +98,17 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or bool(self.frequency_penalty) or bool(self.presence_penalty)
+
+    def next_tokens(self, logits: torch.Tensor, prompt: list[int], tokens: list[int], gen) -> torch.Tensor:
+        """This request's next token from its logits [1, vocab], after its penalties."""
+        if self.penalized:
+            logits = penalize(logits, prompt + tokens, self.repetition_penalty, tokens, self.frequency_penalty,
+                              self.presence_penalty)
+        return sample(logits, self.temperature, self.top_p, gen, self.top_k, self.min_p)
 
 
 def _number(x) -> bool:
@@ -407,7 +433,7 @@ class Engine:
                 if s.drafted:
                     toks = self._verify(s, mine)
                 else:
-                    toks = [int(sample(mine, s.params.temperature, s.params.top_p, s.gen)[0])]
+                    toks = [int(s.params.next_tokens(mine, s.prompt, s.tokens, s.gen)[0])]
                 what = "decoding its tokens and applying its stop strings"
                 for tok in toks:
                     s.tokens.append(tok)
@@ -450,7 +476,7 @@ class Engine:
         """Draft up to `draft_tokens` greedy tokens for a decoding row with the resident draft model."""
         s.drafted = []
         k = min(self.draft_tokens, s.params.max_tokens - len(s.tokens) - 1)
-        if not s.params.greedy or k < 1 or s.cancelled:
+        if not s.params.greedy or s.params.penalized or k < 1 or s.cancelled:
             return
         full = s.prompt + s.tokens     # the cache holds full[:real]; full[real] is the token to feed next
         if s.dcache is None:

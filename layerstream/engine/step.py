@@ -12,8 +12,7 @@ from collections.abc import Iterator
 import torch
 
 from ..errors import InputError, LayerstreamError
-
-GREEDY_BELOW = 1e-5   # a temperature below this samples greedily (as vLLM does): logits / T would overflow float32
+from ..sampling import MIN_TEMPERATURE as GREEDY_BELOW  # below: greedy (as vLLM does); logits / T would overflow
 
 
 class GenerationError(LayerstreamError):
@@ -68,21 +67,49 @@ def decode_step(model, tokens: torch.Tensor, cache) -> torch.Tensor:
     return forward(model, tokens.reshape(-1, 1), cache)
 
 
+def penalize(logits: torch.Tensor, seen, repetition: float = 1.0, generated=(), frequency: float = 0.0,
+             presence: float = 0.0) -> torch.Tensor:
+    """Logits [vocab] (or [n, vocab], each row the same sequence) with penalties for tokens already there:
+    `repetition` divides the positive logits of every token `seen` (prompt and output) and multiplies the negative
+    ones (transformers' and llama.cpp's rule, 1 = off); OpenAI's `frequency` and `presence` penalties subtract
+    count x frequency + presence from the logits of the `generated` tokens."""
+    rep, pen = repetition != 1.0 and len(seen), bool(frequency or presence) and len(generated)
+    if not (rep or pen):
+        return logits
+    logits = logits.clone()
+    if rep:
+        ids = torch.as_tensor(list(set(seen)), dtype=torch.long, device=logits.device)
+        picked = logits[..., ids]
+        logits[..., ids] = torch.where(picked > 0, picked / repetition, picked * repetition)
+    if pen:
+        ids, counts = torch.as_tensor(list(generated), dtype=torch.long, device=logits.device).unique(
+            return_counts=True)
+        logits[..., ids] -= counts.to(logits.dtype) * frequency + presence
+    return logits
+
+
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> torch.Tensor:
+           generator: torch.Generator | None = None, top_k: int = 0, min_p: float = 0.0) -> torch.Tensor:
     """Next tokens [batch] from logits [batch, vocab]: greedy at temperature 0 (and below GREEDY_BELOW), else
-    softmax(logits / T) restricted to the smallest set of tokens whose probability reaches top_p (as
-    transformers' warpers do). Probabilities that are not finite (NaN or infinite logits) raise
+    softmax(logits / T) restricted to the `top_k` most likely tokens (0: all), then to the smallest set whose
+    probability reaches `top_p`, then to those at least `min_p` x the most likely one's probability (as
+    transformers' warpers do, in that order). Probabilities that are not finite (NaN or infinite logits) raise
     GenerationError rather than sample from nonsense."""
     if not temperature or temperature < GREEDY_BELOW:
         return logits.argmax(-1)
     logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum <= (1 - top_p)
         drop[..., -1:] = False   # always keep the most likely token
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    if min_p:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"))
     probs = logits.softmax(-1)
     if not bool(torch.isfinite(probs).all()):
         raise GenerationError(f"the sampling probabilities are not finite (temperature {temperature!r}, top_p "

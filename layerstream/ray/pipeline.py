@@ -293,15 +293,18 @@ class PipelineModel:
         return _Output(torch.cat([out[s] for s in seqs]))
 
     def generate(self, input_ids=None, max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
-                 top_p: float = 1.0, eos_token_id=None, pad_token_id=None, streamer=None, seed: int | None = None,
+                 top_p: float = 1.0, top_k: int | None = None, min_p: float | None = None,
+                 repetition_penalty: float | None = None, eos_token_id=None, pad_token_id=None, streamer=None,
+                 seed: int | None = None,
                  attention_mask=None, micro_batches: int | None = None, use_cache: bool = True,
                  **unknown) -> torch.Tensor:
         """Prompt rows (no padding) -> [rows, prompt + new] token ids, rows that ended early padded with
         `pad_token_id` (as transformers does). The rows go down the pipeline as `micro_batches` groups (default:
         one per stage), each a sequence of its own that shares its sweeps: while one stage computes a group the
-        others compute the next. Greedy by default; `do_sample` with `temperature`, `top_p`, `seed`.
+        others compute the next. Greedy by default; `do_sample` with `temperature`, `top_p`, `top_k`, `min_p`,
+        `seed`; `repetition_penalty` as transformers applies it.
         `streamer.put(ids)` / `.end()` as transformers calls them (one row)."""
-        from ..engine.step import eos_ids, sample
+        from ..engine.step import eos_ids, penalize, sample
 
         if unknown:
             raise InputError(f"a pipeline's generate does not take {', '.join(sorted(unknown))}")
@@ -334,7 +337,12 @@ class PipelineModel:
             steps += 1
             feeds = {}
             for s, lg in logits.items():
-                nxt = sample(lg[:, -1], temperature if do_sample else 0.0, top_p, gen).tolist()
+                last_logits = lg[:, -1]
+                if repetition_penalty not in (None, 1.0):
+                    last_logits = torch.stack([penalize(row, outs[s][j], repetition_penalty)
+                                               for j, row in enumerate(last_logits)])
+                nxt = sample(last_logits, temperature if do_sample else 0.0, top_p, gen, top_k or 0,
+                             min_p or 0.0).tolist()
                 for j, t in enumerate(nxt):
                     if not ended[s][j]:
                         outs[s][j].append(t)

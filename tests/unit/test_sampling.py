@@ -73,3 +73,41 @@ def test_sampled_tokens_stay_on_the_logits_device_and_dtype():
     got = sample(logits, temperature=0.7, top_p=0.9, generator=torch.Generator().manual_seed(0))
     assert got.shape == (2,) and got.dtype == torch.int64 and got.device == logits.device
     assert ((got >= 0) & (got < 30)).all()
+
+
+def test_penalties_and_top_k_min_p_match_transformers_processors():
+    """The repeat penalty, top-k and min-p keep exactly the tokens (and scores) transformers' processors keep."""
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+    )
+
+    from layerstream.engine.step import penalize
+
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(1, 300, generator=g) * 3
+    seen = [5, 7, 7, 250, 3]
+    ids = torch.tensor([seen])
+    want = RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone())
+    got = penalize(logits, seen, 1.3)
+    torch.testing.assert_close(got, want)
+    assert not torch.equal(got, logits)   # the caller's logits are not changed in place: a copy was penalized
+    # OpenAI's frequency and presence penalties: over the generated tokens, count x frequency + presence
+    out = penalize(logits, [], 1.0, [7, 7, 9], frequency=0.5, presence=0.25)
+    assert torch.isclose(out[0, 7], logits[0, 7] - 1.25) and torch.isclose(out[0, 9], logits[0, 9] - 0.75)
+    assert torch.equal(out[0, :7], logits[0, :7])
+    # top-k then min-p at temperature 0.7: the support of our distribution is transformers'
+    ref = MinPLogitsWarper(0.1)(ids, TopKLogitsWarper(20)(ids, TemperatureLogitsWarper(0.7)(ids, logits.clone())))
+    keep = torch.isfinite(ref[0])
+    drawn = {int(sample(logits, 0.7, 1.0, g, top_k=20, min_p=0.1)) for _ in range(400)}
+    assert drawn <= set(keep.nonzero().flatten().tolist())
+    assert len(drawn) >= 2 and 2 <= int(keep.sum()) <= 20
+
+
+def test_greedy_takes_the_penalized_argmax():
+    from layerstream.engine.step import penalize
+
+    logits = torch.tensor([[1.0, 3.0, 2.9]])
+    assert int(sample(penalize(logits, [1], 1.1), 0)[0]) == 2
