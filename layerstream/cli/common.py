@@ -108,11 +108,21 @@ def gen_kwargs(a, model) -> dict:
     return kw
 
 
-def load_model(a):
+def import_stack() -> None:
+    """Import torch, transformers and the engine, saying so (seconds on a cold start); once per process."""
+    if "layerstream.engine.model" in sys.modules:
+        return
     log("importing torch and transformers …")
     t0 = time.perf_counter()
+    import layerstream.engine.model  # noqa: F401
+    log(f"imported in {time.perf_counter() - t0:.1f} s")
+
+
+def load_model(a):
+    import_stack()
     from ..engine import AutoModel
-    log(f"imported in {time.perf_counter() - t0:.1f} s; opening {a.model or 'the embedded SmolLM2-135M-Instruct'}")
+
+    log(f"opening {a.model or 'the embedded SmolLM2-135M-Instruct'}")
     if getattr(a, "ray", None) and getattr(a, "pipeline", None):
         os.environ["RAY_ADDRESS"] = a.ray
     m = AutoModel.from_pretrained(a.model, options_of(a))
