@@ -530,7 +530,8 @@ def timed_protocol(read_timeout: float):
             body = json.dumps(error_body(f"{msg} (a malformed HTTP request, or headers over 16 KiB)",
                                          "invalid_request")).encode()
             for event in (h11.Response(status_code=400, reason=b"Bad Request",
-                                       headers=[(b"content-type", b"application/json"), (b"connection", b"close")]),
+                                       headers=[(b"content-type", b"application/json"), (b"connection", b"close"),
+                                                (b"content-length", str(len(body)).encode())]),
                           h11.Data(data=body), h11.EndOfMessage()):
                 self.transport.write(self.conn.send(event))
             self.transport.close()
