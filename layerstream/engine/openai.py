@@ -185,6 +185,9 @@ def envelope(raw: bytes, req: dict) -> dict:
     cid = obj.get("custom_id")
     if not isinstance(cid, str) or not cid:
         raise BadLine("invalid_request", "custom_id is missing or not a non-empty string")
+    if not encodable(cid):
+        raise BadLine("invalid_request", f"custom_id {cid!r} is not valid Unicode text (a lone UTF-16 surrogate): "
+                                         f"send whole characters")
     req["custom_id"] = cid
     if obj.get("method") != "POST":
         raise BadLine("invalid_request", f"method must be \"POST\", got {obj.get('method')!r}")
