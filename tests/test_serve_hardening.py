@@ -220,6 +220,7 @@ def test_hostile_requests_beside_innocent_clients(hardened):
             e = error(post({**good, field: value}), 400, "unsupported_parameter", field)
             assert "not supported" in e["message"] and field in e["message"]
         error(post({**good, "n": 2}), 400, "invalid_value", "n")
+        error(post({**good, "stop": [f"s{k}" for k in range(10_000)]}), 400, "invalid_value", "stop")
         # HTTP that is not HTTP, routes that do not exist
         status, body = raw_json(raw(port, b"NOT HTTP AT ALL\r\n\r\n")[1])
         assert status == 400 and body["error"]["code"] == "invalid_request"
@@ -252,6 +253,21 @@ def test_an_unexpected_error_is_a_json_500(hardened):
     e = error(httpx.get(f"{url}/broken"), 500, "internal_error")
     assert "KeyError" in e["message"] and "a bug" in e["message"] and e["type"] == "server_error"
     assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_host_check():
+    """Which Host headers reach the server: IP addresses, localhost and the bound name (any port); other names only
+    when listed in --allowed-hosts, or all with '*'; this machine's names when bound to every address."""
+    from layerstream.server.app import host_check
+
+    ok = host_check("127.0.0.1")
+    assert all(map(ok, ("127.0.0.1:8000", "[::1]:8000", "localhost:8000", "LOCALHOST", "localhost.", "10.0.0.7",
+                        None)))
+    assert not any(map(ok, ("rebound.example:8000", "localhost.rebound.example", "127.0.0.1.rebound.example", "")))
+    assert host_check("127.0.0.1", ["rebound.example"])("rebound.example:8000")
+    assert host_check("127.0.0.1", ["*"])("anything.example")
+    assert host_check("box.lan")("box.lan:8000") and not host_check("box.lan")("other.lan")
+    assert host_check("0.0.0.0")(socket.gethostname())
 
 
 def test_batch_lines_that_crashed_become_error_records(hardened, tmp_path):

@@ -18,6 +18,7 @@ from .scheduler import SamplingParams
 URLS = {"/v1/chat/completions": "chat", "/v1/completions": "text"}
 CHAT_MAX_TOKENS = 256                   # chat's default max_tokens (bounded by the context); completions: 16
 MAX_CHARS_PER_TOKEN = 32                # a text longer than context x this is refused before it is tokenized
+MAX_STOP = 16                           # stop strings per request
 GREEDY_BELOW = 1e-5                     # a temperature below this samples as greedy (0): no overflow, no NaN
 # OpenAI fields not honoured here, and the values that mean "not used" (accepted: clients send them as defaults)
 UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []), "tool_choice": (None, "none"),
@@ -91,8 +92,11 @@ class OpenAIRequests:
         stop = [] if stop is None else stop
         if not (isinstance(stop, str) and stop) and not (isinstance(stop, list) and
                                                          all(isinstance(x, str) and x for x in stop)):
-            raise BadLine("invalid_value", f"stop must be a non-empty string or a list of them, got {stop!r}", 400,
-                          "stop")
+            raise BadLine("invalid_value", f"stop must be a non-empty string or a list of them, got {short(stop)}",
+                          400, "stop")
+        if isinstance(stop, list) and len(stop) > MAX_STOP:   # each is searched for after every token
+            raise BadLine("invalid_value", f"stop may list at most {MAX_STOP} strings (OpenAI allows 4), got "
+                                           f"{len(stop)}", 400, "stop")
         checks = ((param, max_tokens, isinstance(max_tokens, int) and max_tokens > 0, "a positive integer"),
                   ("temperature", temperature, isinstance(temperature, (int, float)) and math.isfinite(temperature)
                    and temperature >= 0, "a finite number >= 0"),
