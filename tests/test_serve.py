@@ -74,13 +74,13 @@ def client(url, key=KEY):
 
 
 def post(url, path, body, key=KEY, raw=None):
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
     return httpx.post(f"{url}{path}", content=raw if raw is not None else json.dumps(body), headers=headers,
                       timeout=120)
 
 
 def metric(url, name) -> float:
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
+    for line in httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text.splitlines():
         if line.startswith(name + " ") or line.startswith(name + "{"):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{name} not in /metrics")
@@ -264,7 +264,8 @@ def test_a_full_queue_answers_429_and_disconnects_free_their_slots(served):
 def test_metrics_in_prometheus_text_format(served):
     url, engine, want = served
     client(url).completions.create(model="smol", prompt=TEXT, max_tokens=2)
-    r = httpx.get(f"{url}/metrics")
+    assert httpx.get(f"{url}/metrics").status_code == 401   # behind the key, like /v1
+    r = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     assert metric(url, 'layerstream_requests_total{route="completions",status="200"}') >= 1
     assert metric(url, "layerstream_completion_tokens_total") >= 2

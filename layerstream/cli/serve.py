@@ -18,6 +18,18 @@ def serve_args(p) -> None:
                    help="KV memory kept for reuse by later requests with the same prefix (default: a quarter "
                         "of the KV budget, at most 8192 tokens; 0 = off)")
     p.add_argument("--served-model-name", default=None, help="the model id clients use (default: the model's name)")
+    p.add_argument("--max-body-bytes", default=None, metavar="SIZE",
+                   help="largest request body, refused with 413 as it streams in (default: 32 bytes per token of "
+                        "the context plus 1 MiB)")
+    p.add_argument("--read-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="a request's headers, and then its body, must arrive within this (default 30); a slower "
+                        "connection is closed (headers) or gets 408 (body)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM or Ctrl-C, requests in flight get this long to finish (default 30); the rest "
+                        "end with an error event (streams) or a 503")
+    p.add_argument("--allowed-hosts", default=None, metavar="NAMES",
+                   help="Host header names accepted besides localhost, the bound host and IP addresses (comma "
+                        "list; '*' for any: e.g. behind a reverse proxy with its own name)")
 
 
 def cmd_serve(a) -> int:
@@ -29,6 +41,19 @@ def cmd_serve(a) -> int:
         raise InputError(f"--max-queue must be 0 or more, got {a.max_queue}")
     if not 0 <= a.port < 65536:
         raise InputError(f"--port must be in 0..65535, got {a.port}")
+    if a.api_key is not None and not a.api_key.strip():
+        raise InputError("--api-key is empty: give a key (clients send it as 'Authorization: Bearer KEY'), or leave "
+                         "the option out for a server without one")
+    if not 0 < a.read_timeout < float("inf"):
+        raise InputError(f"--read-timeout must be a positive number of seconds, got {a.read_timeout:g}")
+    if not 0 <= a.shutdown_timeout < float("inf"):
+        raise InputError(f"--shutdown-timeout must be 0 or more seconds, got {a.shutdown_timeout:g}")
+    from ..utils import parse_size
+
+    max_body = parse_size(a.max_body_bytes, "--max-body-bytes")
+    if max_body == 0:
+        raise InputError("--max-body-bytes must be positive, like '4MiB'")
+    hosts = None if a.allowed_hosts is None else [h for h in a.allowed_hosts.split(",") if h.strip()]
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
@@ -43,7 +68,7 @@ def cmd_serve(a) -> int:
     from ..engine.batch import default_model_name
     from ..engine.scheduler import Engine
     from ..server import serve
-    from ..utils import fmt_bytes, parse_size
+    from ..utils import fmt_bytes
 
     prefix = None if a.prefix_cache is None else parse_size(a.prefix_cache)
     engine = Engine(m, max_batch=a.max_concurrency, prefix_cache=prefix)
@@ -59,12 +84,13 @@ def cmd_serve(a) -> int:
             + ("" if a.api_key else " and it has no --api-key"))
 
     def ready(url):
-        log(f"serving {name} at {url}/v1 (OpenAI API), chat page at {url}/ ; Ctrl-C stops")
+        log(f"serving {name} at {url}/v1 (OpenAI API), chat page at {url}/ ; Ctrl-C or SIGTERM stops (requests in "
+            f"flight get {a.shutdown_timeout:g} s to finish)")
 
     try:
-        serve(engine, name, host=a.host, port=a.port, api_key=a.api_key, max_queue=a.max_queue, ready=ready)
-    except KeyboardInterrupt:   # uvicorn shut down gracefully on Ctrl-C, then re-raised it: a normal stop
-        pass
+        serve(engine, name, host=a.host, port=a.port, api_key=a.api_key, max_queue=a.max_queue, ready=ready,
+              max_body_bytes=max_body, read_timeout=a.read_timeout, shutdown_timeout=a.shutdown_timeout,
+              allowed_hosts=hosts)
     finally:
         engine.stop()
         m.close()

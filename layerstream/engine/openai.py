@@ -2,19 +2,31 @@
 
 `OpenAIRequests.request` turns a chat or completion body (`messages` through the model's chat template, or
 `prompt`; `max_tokens`, `temperature`, `top_p`, `seed`, `stop`, `n=1`) into token ids and `SamplingParams`,
-or raises `BadLine` with OpenAI's error code, message and parameter; `success` / `failure` build the
-records of a batch job's output.
+or raises `BadLine` with OpenAI's error code, message and parameter (also for a field we do not honour, a
+string that is not valid Unicode, or a text longer than the context could hold, refused before tokenizing);
+`success` / `failure` build the records of a batch job's output.
 """
 
 from __future__ import annotations
 
 import json
+import math
 
 from ..errors import InputError
 from .scheduler import SamplingParams
 
 URLS = {"/v1/chat/completions": "chat", "/v1/completions": "text"}
 CHAT_MAX_TOKENS = 256                   # chat's default max_tokens (bounded by the context); completions: 16
+MAX_CHARS_PER_TOKEN = 32                # a text longer than context x this is refused before it is tokenized
+MAX_STOP = 16                           # stop strings per request
+GREEDY_BELOW = 1e-5                     # a temperature below this samples as greedy (0): no overflow, no NaN
+# OpenAI fields not honoured here, and the values that mean "not used" (accepted: clients send them as defaults)
+UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []), "tool_choice": (None, "none"),
+               "functions": (None, []), "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
+               "logit_bias": (None, {}), "best_of": (None, 1), "frequency_penalty": (None, 0),
+               "presence_penalty": (None, 0), "echo": (None, False), "suffix": (None, ""), "audio": (None,),
+               "modalities": (None, ["text"]), "prediction": (None,), "top_k": (None, 0, -1), "min_p": (None, 0),
+               "repetition_penalty": (None, 1)}
 
 
 class BadLine(Exception):
@@ -42,6 +54,14 @@ class OpenAIRequests:
         n = body.get("n")
         if n is not None and n != 1:
             raise BadLine("invalid_value", f"n must be 1 here (one choice per request), got {n!r}", 400, "n")
+        for key, defaults in UNSUPPORTED.items():
+            if key in body and not unused(body[key], defaults):
+                raise BadLine("unsupported_parameter", f"{key} is not supported here yet (got "
+                                                       f"{short(body[key])}): leave it out", 400, key)
+        where = invalid_text(body)
+        if where is not None:
+            raise BadLine("invalid_value", f"{where} is not valid Unicode text (a lone UTF-16 surrogate such as "
+                                           f"\\ud800): send whole characters", 400, where)
         if kind == "chat":
             prompt = self.chat_ids(body.get("messages"))
             max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -59,6 +79,8 @@ class OpenAIRequests:
         temperature = 1.0 if temperature is None else temperature
         top_p = body.get("top_p")
         top_p = 1.0 if top_p is None else top_p
+        if isinstance(temperature, (int, float)) and 0 < temperature < GREEDY_BELOW:
+            temperature = 0.0   # logits / 1e-300 overflow: so small a temperature is greedy
         seed = body.get("seed")
         if seed is not None:
             if not isinstance(seed, int) or isinstance(seed, bool) or not -2**63 <= seed < 2**63:
@@ -70,11 +92,14 @@ class OpenAIRequests:
         stop = [] if stop is None else stop
         if not (isinstance(stop, str) and stop) and not (isinstance(stop, list) and
                                                          all(isinstance(x, str) and x for x in stop)):
-            raise BadLine("invalid_value", f"stop must be a non-empty string or a list of them, got {stop!r}", 400,
-                          "stop")
+            raise BadLine("invalid_value", f"stop must be a non-empty string or a list of them, got {short(stop)}",
+                          400, "stop")
+        if isinstance(stop, list) and len(stop) > MAX_STOP:   # each is searched for after every token
+            raise BadLine("invalid_value", f"stop may list at most {MAX_STOP} strings (OpenAI allows 4), got "
+                                           f"{len(stop)}", 400, "stop")
         checks = ((param, max_tokens, isinstance(max_tokens, int) and max_tokens > 0, "a positive integer"),
-                  ("temperature", temperature, isinstance(temperature, (int, float)) and temperature >= 0,
-                   "a number >= 0"),
+                  ("temperature", temperature, isinstance(temperature, (int, float)) and math.isfinite(temperature)
+                   and temperature >= 0, "a finite number >= 0"),
                   ("top_p", top_p, isinstance(top_p, (int, float)) and 0 < top_p <= 1, "a number in (0, 1]"))
         for key, value, ok, what in checks:
             if not ok or isinstance(value, bool):
@@ -114,6 +139,7 @@ class OpenAIRequests:
                 raise BadLine("invalid_value", f"messages[{k}].content must be a string or a list of text parts",
                               400, f"messages[{k}].content")
             clean.append({**msg, "content": content if content is not None else ""})
+        self.check_length(sum(len(v) for msg in clean for v in msg.values() if isinstance(v, str)), "messages")
         if not getattr(self.tok, "chat_template", None):
             raise BadLine("invalid_request", "this model has no chat template: use /v1/completions with a prompt",
                           400, "messages")
@@ -125,10 +151,19 @@ class OpenAIRequests:
         ids = enc["input_ids"] if hasattr(enc, "keys") else enc
         return [int(t) for t in ids]
 
+    def check_length(self, chars: int, param: str) -> None:
+        """Refuse, before tokenizing it, a text too long for the context at any plausible characters per token."""
+        if self.context and chars > self.context * MAX_CHARS_PER_TOKEN:
+            raise BadLine("context_length_exceeded", f"the prompt has {chars} characters, more than this model's "
+                                                     f"context of {self.context} tokens can hold (at most "
+                                                     f"{MAX_CHARS_PER_TOKEN} characters a token): shorten it", 400,
+                          param)
+
     def text_ids(self, prompt) -> list[int]:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
         if isinstance(prompt, str):
+            self.check_length(len(prompt), "prompt")
             return [int(t) for t in self.tok(prompt)["input_ids"]]
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             vocab = self.vocab
@@ -147,11 +182,16 @@ def envelope(raw: bytes, req: dict) -> dict:
         obj = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise BadLine("invalid_json", f"the line is not valid JSON: {e}") from None
+    except RecursionError:
+        raise BadLine("invalid_json", "the line's JSON is nested too deeply") from None
     if not isinstance(obj, dict):
         raise BadLine("invalid_request", "the line must be a JSON object")
     cid = obj.get("custom_id")
     if not isinstance(cid, str) or not cid:
         raise BadLine("invalid_request", "custom_id is missing or not a non-empty string")
+    if not encodable(cid):
+        raise BadLine("invalid_request", f"custom_id {cid!r} is not valid Unicode text (a lone UTF-16 surrogate): "
+                                         f"send whole characters")
     req["custom_id"] = cid
     if obj.get("method") != "POST":
         raise BadLine("invalid_request", f"method must be \"POST\", got {obj.get('method')!r}")
@@ -162,6 +202,46 @@ def envelope(raw: bytes, req: dict) -> dict:
     if not isinstance(obj.get("body"), dict):
         raise BadLine("invalid_request", "body is missing or not a JSON object")
     return obj
+
+
+def invalid_text(body) -> str | None:
+    """Where in a parsed JSON body a string (or key) is not valid Unicode (a lone surrogate, which JSON's \\u
+    escapes allow), e.g. "messages[0].content"; None if every string is valid. Iterative: any depth."""
+    def at(path, k):
+        return f"{path}[{k}]" if isinstance(k, int) else f"{path}.{k}" if path else k
+
+    todo = [(body, "")]
+    while todo:
+        obj, path = todo.pop()
+        for k, v in (obj.items() if isinstance(obj, dict) else enumerate(obj)):
+            if isinstance(k, str) and not encodable(k):
+                return at(path, short(k))
+            if isinstance(v, str) and not encodable(v):
+                return at(path, k)
+            if isinstance(v, (dict, list)):
+                todo.append((v, at(path, k)))
+    return None
+
+
+def unused(value, defaults) -> bool:
+    """Whether `value` is one of a field's `defaults` (None and booleans by identity: `0` is not `false`)."""
+    return any(value is d if d is None or isinstance(d, bool) else value == d and not isinstance(value, bool)
+               for d in defaults)
+
+
+def encodable(s: str) -> bool:
+    if s.isascii():
+        return True
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def short(value, n: int = 60) -> str:
+    r = repr(value)
+    return r if len(r) <= n else r[:n] + "..."
 
 
 def completion_body(kind: str, rid: str, model: str, created: int, c) -> dict:
