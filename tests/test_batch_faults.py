@@ -44,10 +44,10 @@ def poisoned_sampler(monkeypatch):
 
     real = scheduler.sample
 
-    def sample(logits, temperature=0.0, top_p=1.0, generator=None):
+    def sample(logits, temperature=0.0, top_p=1.0, *args, **kwargs):
         if top_p == 0.123:
             raise RuntimeError("injected fault")
-        return real(logits, temperature, top_p, generator)
+        return real(logits, temperature, top_p, *args, **kwargs)
 
     monkeypatch.setattr(scheduler, "sample", sample)
 

@@ -215,10 +215,13 @@ def test_hostile_requests_beside_innocent_clients(hardened):
                              ("tools", [{"type": "function", "function": {"name": "f"}}]),
                              ("functions", [{"name": "f"}]),
                              ("response_format", {"type": "json_object"}), ("logit_bias", {"50256": -100}),
-                             ("best_of", 2), ("frequency_penalty", 0.5), ("presence_penalty", -1), ("echo", True),
-                             ("suffix", "!")):
+                             ("best_of", 2), ("echo", True), ("suffix", "!")):
             e = error(post({**good, field: value}), 400, "unsupported_parameter", field)
             assert "not supported" in e["message"] and field in e["message"]
+        # sampling fields we honour, out of range
+        for field, value in (("frequency_penalty", 3), ("presence_penalty", -2.5), ("top_k", -2), ("top_k", 1.5),
+                             ("min_p", 1), ("repetition_penalty", 0), ("top_p", 0)):
+            error(post({**good, field: value}), 400, "invalid_value", field)
         error(post({**good, "n": 2}), 400, "invalid_value", "n")
         error(post({**good, "stop": [f"s{k}" for k in range(10_000)]}), 400, "invalid_value", "stop")
         # HTTP that is not HTTP, routes that do not exist
@@ -271,9 +274,9 @@ def test_host_check():
 
 
 def test_batch_lines_that_crashed_become_error_records(hardened, tmp_path):
-    """The same parser in batch jobs: a lone surrogate (in a prompt or a custom_id), 100,000-deep JSON, an
-    unsupported field and an infinite temperature each become an error record; a tiny temperature runs greedy;
-    the job finishes."""
+    """The same parser in batch jobs: a lone surrogate in a prompt, 100,000-deep JSON, an unsupported field and
+    an infinite temperature each become an error record; a tiny temperature runs greedy; a custom_id with a lone
+    surrogate runs and is written back as its escape; the job finishes."""
     from layerstream.engine.batch import run_batch
 
     url, port, m, app = hardened
@@ -292,11 +295,12 @@ def test_batch_lines_that_crashed_become_error_records(hardened, tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_bytes(b"".join(x + b"\n" for x in lines))
     s = run_batch(m, src, tmp_path / "out.jsonl", progress=False)
-    assert s["requests"] == 7 and s["succeeded"] == 2 and s["failed"] == 5
+    assert s["requests"] == 7 and s["succeeded"] == 3 and s["failed"] == 4
     recs = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [r["error"] and r["error"]["code"] for r in recs] == [None, "invalid_value", "invalid_json",
                                                                  "unsupported_parameter", "invalid_value", None,
-                                                                 "invalid_request"]
+                                                                 None]
+    assert recs[6]["custom_id"] == "\ud800"   # kept, written as its escape
     text = [r["response"]["body"]["choices"][0]["text"] for r in (recs[0], recs[5])]
     assert text[0] == text[1]
 

@@ -1,7 +1,9 @@
 """OpenAI request bodies and response objects, shared by batch jobs and the server.
 
 `OpenAIRequests.request` turns a chat or completion body (`messages` through the model's chat template, or
-`prompt`; `max_tokens`, `temperature`, `top_p`, `seed`, `stop`, `n=1`) into token ids and `SamplingParams`,
+`prompt`; `max_tokens`, `temperature`, `top_p`, `top_k`, `min_p`, `repetition_penalty`, `frequency_penalty`,
+`presence_penalty`, `seed`, `stop`, `n=1`; what is left out comes from the model's sampling defaults,
+`layerstream.sampling`) into token ids and `SamplingParams`,
 or raises `BadLine` with OpenAI's error code, message and parameter (also for a field we do not honour, a
 string that is not valid Unicode, or a text longer than the context could hold, refused before tokenizing);
 `success` / `failure` build the records of a batch job's output.
@@ -13,20 +15,18 @@ import json
 import math
 
 from ..errors import InputError
+from ..sampling import choose, model_defaults
 from .scheduler import SamplingParams
 
 URLS = {"/v1/chat/completions": "chat", "/v1/completions": "text"}
 CHAT_MAX_TOKENS = 256                   # chat's default max_tokens (bounded by the context); completions: 16
 MAX_CHARS_PER_TOKEN = 32                # a text longer than context x this is refused before it is tokenized
 MAX_STOP = 16                           # stop strings per request
-GREEDY_BELOW = 1e-5                     # a temperature below this samples as greedy (0): no overflow, no NaN
 # OpenAI fields not honoured here, and the values that mean "not used" (accepted: clients send them as defaults)
 UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []), "tool_choice": (None, "none"),
                "functions": (None, []), "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
-               "logit_bias": (None, {}), "best_of": (None, 1), "frequency_penalty": (None, 0),
-               "presence_penalty": (None, 0), "echo": (None, False), "suffix": (None, ""), "audio": (None,),
-               "modalities": (None, ["text"]), "prediction": (None,), "top_k": (None, 0, -1), "min_p": (None, 0),
-               "repetition_penalty": (None, 1)}
+               "logit_bias": (None, {}), "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),
+               "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,)}
 
 
 class BadLine(Exception):
@@ -45,6 +45,7 @@ class OpenAIRequests:
         self.engine, self.tok, self.name = engine, tokenizer, default_name
         self.context = engine.context
         self.vocab = engine.model.config.get_text_config().vocab_size
+        self.defaults = model_defaults(getattr(engine.model, "generation_config", None))
 
     def request(self, obj: dict, req: dict) -> tuple[list[int], SamplingParams]:
         """Token ids and sampling parameters of a request body, or BadLine (status 400)."""
@@ -75,12 +76,34 @@ class OpenAIRequests:
         if max_tokens is None:
             max_tokens = 16 if kind == "text" else min(CHAT_MAX_TOKENS, max(room, 1)) if room is not None \
                 else CHAT_MAX_TOKENS
-        temperature = body.get("temperature")
-        temperature = 1.0 if temperature is None else temperature
-        top_p = body.get("top_p")
-        top_p = 1.0 if top_p is None else top_p
-        if isinstance(temperature, (int, float)) and 0 < temperature < GREEDY_BELOW:
-            temperature = 0.0   # logits / 1e-300 overflow: so small a temperature is greedy
+        number = (int, float)
+        checks = ((param, max_tokens, isinstance(max_tokens, int) and max_tokens > 0, "a positive integer"),
+                  ("temperature", body.get("temperature"), isinstance(body.get("temperature"), number)
+                   and math.isfinite(body["temperature"]) and body["temperature"] >= 0, "a finite number >= 0"),
+                  ("top_p", body.get("top_p"), isinstance(body.get("top_p"), number) and 0 < body["top_p"] <= 1,
+                   "a number in (0, 1]"),
+                  ("top_k", body.get("top_k"), isinstance(body.get("top_k"), int) and body["top_k"] >= -1,
+                   "an integer >= -1 (0 or -1: all tokens)"),
+                  ("min_p", body.get("min_p"), isinstance(body.get("min_p"), number) and 0 <= body["min_p"] < 1,
+                   "a number in [0, 1)"),
+                  ("repetition_penalty", body.get("repetition_penalty"),
+                   isinstance(body.get("repetition_penalty"), number) and 0 < body["repetition_penalty"] <= 10,
+                   "a number in (0, 10] (1: off)"),
+                  ("frequency_penalty", body.get("frequency_penalty"),
+                   isinstance(body.get("frequency_penalty"), number) and -2 <= body["frequency_penalty"] <= 2,
+                   "a number in [-2, 2]"),
+                  ("presence_penalty", body.get("presence_penalty"),
+                   isinstance(body.get("presence_penalty"), number) and -2 <= body["presence_penalty"] <= 2,
+                   "a number in [-2, 2]"))
+        for key, value, ok, what in checks:
+            if (value is not None or key == param) and (not ok or isinstance(value, bool)):
+                raise BadLine("invalid_value", f"{key} must be {what}, got {value!r}", 400, key)
+        # what the request leaves out comes from the model's defaults (its generation_config, else llama.cpp's:
+        # layerstream.sampling); a temperature below sampling.MIN_TEMPERATURE is greedy (logits / 1e-300 overflow)
+        top_k = body.get("top_k")
+        sampling = choose(self.defaults, body.get("temperature"), body.get("top_p"),
+                          None if top_k is None else max(top_k, 0), body.get("min_p"), body.get("repetition_penalty"))
+        temperature = sampling.temperature
         seed = body.get("seed")
         if seed is not None:
             if not isinstance(seed, int) or isinstance(seed, bool) or not -2**63 <= seed < 2**63:
@@ -97,18 +120,15 @@ class OpenAIRequests:
         if isinstance(stop, list) and len(stop) > MAX_STOP:   # each is searched for after every token
             raise BadLine("invalid_value", f"stop may list at most {MAX_STOP} strings (OpenAI allows 4), got "
                                            f"{len(stop)}", 400, "stop")
-        checks = ((param, max_tokens, isinstance(max_tokens, int) and max_tokens > 0, "a positive integer"),
-                  ("temperature", temperature, isinstance(temperature, (int, float)) and math.isfinite(temperature)
-                   and temperature >= 0, "a finite number >= 0"),
-                  ("top_p", top_p, isinstance(top_p, (int, float)) and 0 < top_p <= 1, "a number in (0, 1]"))
-        for key, value, ok, what in checks:
-            if not ok or isinstance(value, bool):
-                raise BadLine("invalid_value", f"{key} must be {what}, got {value!r}", 400, key)
         lora = getattr(self.engine.model, "lora", None)   # a `model` naming one of its adapters chooses it
         adapter = req["model"] if lora is not None and req["model"] in lora.adapters else None
         try:
-            params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                                    stop=stop, adapter=adapter)
+            params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=sampling.top_p,
+                                    top_k=sampling.top_k, min_p=sampling.min_p,
+                                    repetition_penalty=sampling.repeat_penalty,
+                                    frequency_penalty=body.get("frequency_penalty") or 0.0,
+                                    presence_penalty=body.get("presence_penalty") or 0.0, seed=seed, stop=stop,
+                                    adapter=adapter)
         except InputError as e:
             raise BadLine("invalid_value", str(e), 400) from None
         why = self.engine.refusal(len(prompt), params.max_tokens)
@@ -189,9 +209,7 @@ def envelope(raw: bytes, req: dict) -> dict:
     cid = obj.get("custom_id")
     if not isinstance(cid, str) or not cid:
         raise BadLine("invalid_request", "custom_id is missing or not a non-empty string")
-    if not encodable(cid):
-        raise BadLine("invalid_request", f"custom_id {cid!r} is not valid Unicode text (a lone UTF-16 surrogate): "
-                                         f"send whole characters")
+    # a custom_id with a lone surrogate is kept: the records write it back as its JSON escape
     req["custom_id"] = cid
     if obj.get("method") != "POST":
         raise BadLine("invalid_request", f"method must be \"POST\", got {obj.get('method')!r}")
