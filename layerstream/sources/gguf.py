@@ -140,10 +140,11 @@ def check_gguf(path: Path) -> None:
         keys, alignment = set(), 32
         for i in range(n_kv):
             key = string(f"metadata key {i}")
+            shown = repr(key[:60])
             if key in keys:
-                raise _Bad(f"metadata key {key} appears twice")
+                raise _Bad(f"metadata key {shown} appears twice")
             keys.add(key)
-            got = value(num("I", f"the type of {key}"), f"the value of {key}")
+            got = value(num("I", f"the type of {shown}"), f"the value of {shown}")
             if key == "general.alignment":
                 if got is None or got == 0 or got & (got - 1):
                     raise _Bad("general.alignment is not a power of two (UINT32)")
@@ -151,28 +152,31 @@ def check_gguf(path: Path) -> None:
         tensors, names = [], set()
         for i in range(n_tensors):
             name = string(f"tensor name {i}")
+            shown = name if name.isprintable() and len(name) <= 60 else repr(name[:60])
             if name in names:
-                raise _Bad(f"tensor {name} appears twice")
+                raise _Bad(f"tensor {shown} appears twice")
             names.add(name)
-            n_dims = num("I", f"tensor {name}'s dimension count")
+            n_dims = num("I", f"tensor {shown}'s dimension count")
             if not 1 <= n_dims <= 4:
-                raise _Bad(f"tensor {name} has {n_dims} dimensions (1 to 4)")
-            dims = [num("Q", f"tensor {name}'s dimensions") for _ in range(n_dims)]
-            ttype = num("I", f"tensor {name}'s type")
+                raise _Bad(f"tensor {shown} has {n_dims} dimensions (1 to 4)")
+            dims = [num("Q", f"tensor {shown}'s dimensions") for _ in range(n_dims)]
+            if 0 in dims:
+                raise _Bad(f"tensor {shown} has a dimension of 0")
+            ttype = num("I", f"tensor {shown}'s type")
             try:
                 block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
             except (ValueError, KeyError):
-                raise _Bad(f"tensor {name} has the type {ttype}, which this gguf package does not know") from None
-            offset = num("Q", f"tensor {name}'s offset")
+                raise _Bad(f"tensor {shown} has the type {ttype}, which this gguf package does not know") from None
+            offset = num("Q", f"tensor {shown}'s offset")
             if dims[0] % block:
-                raise _Bad(f"tensor {name}'s rows ({dims[0]}) are not whole blocks of its type "
+                raise _Bad(f"tensor {shown}'s rows ({dims[0]}) are not whole blocks of its type "
                            f"{GGMLQuantizationType(ttype).name} ({block})")
             if offset % alignment:
-                raise _Bad(f"tensor {name}'s offset {offset} is not aligned to {alignment}")
+                raise _Bad(f"tensor {shown}'s offset {offset} is not aligned to {alignment}")
             numel = 1
             for d in dims:
                 numel *= d
-            tensors.append((offset, offset + numel // block * type_size, name))
+            tensors.append((offset, offset + numel // block * type_size, shown))
         data = -(-pos // alignment) * alignment
         end = 0
         for begin, stop, name in sorted(tensors):
@@ -217,7 +221,8 @@ class GGUFSource:
         except (ValueError, KeyError, OSError) as e:
             raise SourceError(f"{path}: not a readable GGUF model ({e})") from None
         except Exception as e:   # metadata of an odd type trips transformers' reader in many ways
-            raise SourceError(f"{path}: not a readable GGUF model (its metadata: {type(e).__name__}: {e}); "
+            raise SourceError(f"{path}: not a readable GGUF model (its metadata: {type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:300]}); "
                               f"is it a complete, undamaged GGUF of a supported architecture?") from None
         self._check_sizes()
         arch = self._field("general.architecture")
@@ -279,6 +284,12 @@ class GGUFSource:
                     self._map.setdefault(hf, []).append(t)
             for ts in self._map.values():
                 ts.sort(key=lambda t: ".ffn_up" in t.name)
+            want = {n: t.numel() for n, t in skeleton.state_dict(keep_vars=True).items()}
+            for hf, ts in self._map.items():
+                if hf in want and sum(int(t.n_elements) for t in ts) != want[hf]:
+                    raise SourceError(f"{self.path}: tensor {ts[0].name} holds {sum(int(t.n_elements) for t in ts)} "
+                                      f"values but the model its metadata describes needs {want[hf]} for {hf}; the "
+                                      f"file is damaged: download it again")
         return self._map
 
     def _kept(self, name: str) -> list | None:
@@ -319,6 +330,16 @@ class GGUFSource:
         return name in self.experts or name in self._mapping()
 
     def get(self, name: str) -> torch.Tensor:
+        try:
+            return self._get(name)
+        except NotImplementedError as e:   # a block type gguf-py cannot dequantize (I32, Q8_1 ...)
+            raise SourceError(f"{self.path}: weight {name} cannot be read ({e}); layerstream reads the float and "
+                              f"quantized block types gguf-py dequantizes") from None
+        except ValueError as e:   # transformers' processor cannot reshape it: not the shape the metadata implies
+            raise SourceError(f"{self.path}: weight {name} does not have the shape the file's metadata implies "
+                              f"({e}); the file is damaged: download it again") from None
+
+    def _get(self, name: str) -> torch.Tensor:
         import numpy as np
         from gguf import dequantize
 
@@ -396,7 +417,11 @@ class GGUFSource:
         from transformers import AutoTokenizer, GenerationConfig
 
         log("reading the tokenizer from the GGUF file")
-        with _parsed_once(self._parsed):
-            tok = AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
+        try:
+            with _parsed_once(self._parsed):
+                tok = AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
+        except Exception as e:   # a damaged vocabulary or merges list fails in tokenizers' Rust code, in many ways
+            raise SourceError(f"{self.path}: its tokenizer cannot be built ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:200]}); the file is damaged: download it again") from None
         tok.save_pretrained(out)
         GenerationConfig.from_model_config(self.config).save_pretrained(out)
