@@ -75,8 +75,9 @@ class SafetensorsSource:
                                   f"does not match its shards: download the model again")
         try:
             self.config = AutoConfig.from_pretrained(path)
-        except (ValueError, KeyError, OSError) as e:
-            raise SourceError(f"{path}/config.json: cannot be read by transformers ({e})") from None
+        except Exception as e:   # transformers' config classes refuse a field of the wrong type in many ways
+            raise SourceError(f"{path}/config.json: cannot be read by transformers ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:300]})") from None
         self.identity = file_identity(self.files + [path / "config.json"])
         self.name = path.name
         # names as the model holds them, where the checkpoint's differ (map_names fills these)

@@ -110,6 +110,25 @@ def test_a_malformed_index_is_one_error(tiny_dir, tmp_path, index, match):
     assert "model.safetensors.index.json" in str(e.value)
 
 
+
+@pytest.mark.parametrize("config", ["[]", "{", '{"model_type": 5}',
+                                    '{"model_type": "llama", "num_hidden_layers": "x"}'])
+def test_a_malformed_config_is_one_error(tiny_dir, tmp_path, config):
+    src = tmp_path / "src"
+    shutil.copytree(tiny_dir, src)
+    (src / "config.json").write_text(config)
+    with pytest.raises(SourceError, match=r"config\.json: cannot be read by transformers") as e:
+        open_source(src)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["a/..", "../x", "org/x..y", "org/a b", "/etc/passwd", "a/b/c"])
+def test_only_hub_ids_as_the_hub_spells_them_go_to_the_hub(name):
+    from layerstream.sources import looks_like_hub_id
+
+    assert not looks_like_hub_id(name)
+    assert looks_like_hub_id("HuggingFaceTB/SmolLM2-135M-Instruct")
+
 @pytest.mark.parametrize("edit, match", [
     (lambda h: h[_first(h)].update(data_offsets=[0, 1 << 62]), "span"),
     (lambda h: h[_first(h)].update(shape=[-1, 64]), "not a list of sizes"),
