@@ -57,7 +57,7 @@ def _load(store):
 
 @pytest.mark.parametrize("damage, match", [
     (_no_units, "it lists no units"),
-    (_drop_layer, "layer.1 is missing"),
+    (_drop_layer, "lacks unit layer.1"),
     (_missing_file, "layer.0.safetensors: unit file missing"),
     (_wrong_checksum, "layer.1.safetensors: content checksum mismatch"),
 ], ids=["no-units", "missing-unit", "missing-file", "wrong-checksum"])

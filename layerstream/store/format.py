@@ -94,8 +94,8 @@ def _inside(path: str, folder: Path) -> bool:
 
 def check_manifest(d, store: Path) -> Manifest:
     """A manifest's JSON checked before anything in it is used: its shape (each field of its type), its units
-    (every unit of a model present once: embed, layers 0..n-1 with n the config's layer count, their experts
-    0..e-1, head), each unit's file inside the store (none outside it, by `..`, an absolute path or a symlink),
+    (each once: embed, layers 0..n-1, their experts 0..e-1, head; `Store.check_units` compares them with the
+    model's own), each unit's file inside the store (none outside it, by `..`, an absolute path or a symlink),
     an in-place unit's byte ranges in the source files it records and its tensors inside them. Raises
     ValueError saying what is wrong."""
     if not isinstance(d, dict):
@@ -161,12 +161,10 @@ def check_manifest(d, store: Path) -> Manifest:
                 raise ValueError(f"unit {name}'s file {u['file']!r} is outside the store")
     if "embed" not in names or "head" not in names:
         raise ValueError(f"it lacks the {'embed' if 'embed' not in names else 'head'} unit")
-    want = _config_layers(store)
     n = max(layers, default=-1) + 1
-    if layers != set(range(n)) or (want is not None and n != want):
-        missing = sorted(set(range(max(n, want or 0))) - layers)
-        raise ValueError(f"it lists {len(layers)} layer units" + (f" of the config's {want}" if want else "")
-                         + (f" (layer.{missing[0]} is missing)" if missing else ""))
+    if layers != set(range(n)):
+        raise ValueError(f"it lists {len(layers)} layer units of {n} (layer.{min(set(range(n)) - layers)} is "
+                         f"missing)")
     for i, js in experts.items():
         if i not in layers or js != set(range(len(js))):
             raise ValueError(f"the expert units of layer {i} are not experts 0..{len(js) - 1} of a layer")
@@ -208,17 +206,6 @@ def _check_in_place_unit(u: dict, files: dict) -> None:
             raise ValueError(f"unit {name}'s tensor {t} has a malformed slot {entry!r}")
 
 
-def _config_layers(store: Path) -> int | None:
-    """The number of decoder layers the store's config.json gives (None where it gives none)."""
-    try:
-        c = json.loads((store / "config.json").read_text())
-    except (OSError, ValueError, RecursionError):
-        return None
-    c = c.get("text_config") or c if isinstance(c, dict) else {}
-    n = c.get("num_hidden_layers") if isinstance(c, dict) else None
-    return n if _is_int(n) else None
-
-
 class Store:
     """An opened store: manifest, paths, per-unit layouts."""
 
@@ -237,6 +224,7 @@ class Store:
             raise StoreError(f"{mpath}: damaged or foreign manifest ({why}); delete the store and split the model "
                              f"again") from None
         self.units = {u.name: u for u in self.manifest.units}
+        self._on_disk = {u.name: u.kind for u in self.manifest.units}   # (a view of some units keeps them all)
         self._layouts: dict[str, UnitLayout] = {}
 
     @staticmethod
@@ -263,6 +251,35 @@ class Store:
             return
         for u in self.manifest.units:
             self.check_unit_file(u.name)
+
+    def check_units(self, lay) -> None:
+        """The manifest's units are the model's (`lay`: the layout of the model its config builds, as a load
+        builds it): each unit present, of its kind, and none besides."""
+        want = {u.name: u.kind for u in lay.units}
+        if want != self._on_disk:
+            missing = [n for n in want if n not in self._on_disk]
+            extra = [n for n in self._on_disk if n not in want]
+            other = [n for n in want if n in self._on_disk and want[n] != self._on_disk[n]]
+            why = (f"lacks unit {missing[0]}" if missing else f"has unit {extra[0]}, which the model does not have"
+                   if extra else f"holds unit {other[0]} as a {self._on_disk[other[0]]}, not a {want[other[0]]}")
+            raise StoreError(f"{self.path / MANIFEST}: {why} ({len(want)} units in the model of its config.json, "
+                             f"{len(self._on_disk)} in the manifest); the store is damaged or foreign: delete it "
+                             f"and split the model again")
+
+    def model_layout(self):
+        """The units of the model the store's config.json builds (on the meta device: no memory), as a load
+        finds them."""
+        from transformers import AutoConfig
+
+        from ..arch import build_skeleton, layout
+
+        try:
+            config = AutoConfig.from_pretrained(self.path)
+        except Exception as e:   # transformers' config classes refuse a field of the wrong type in many ways
+            raise StoreError(f"{self.path}/config.json: cannot be read by transformers ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:300]}); delete the store and split the model again") \
+                from None
+        return layout(build_skeleton(config, torch.float32, device="meta"))
 
     def check_unit_file(self, unit: str) -> None:
         """A split store's unit file exists with the size the manifest records."""
@@ -334,8 +351,13 @@ class Store:
 
     def verify(self, progress=None) -> list[str]:
         """Every check a load makes, on every unit, read whole: the manifest (checked when the store opened),
-        the files' sizes (in place: the source files' sizes and mtimes), each unit file's header against the
-        manifest, and the xxh3 of each unit's bytes. Returns the problems found (none: the store loads)."""
+        its units against the model's, the files' sizes (in place: the source files' sizes and mtimes), each
+        unit file's header against the manifest, the xxh3 of each unit's bytes. Returns the problems found
+        (none: the store loads)."""
+        try:
+            self.check_units(self.model_layout())
+        except StoreError as e:
+            return [str(e)]
         problems = []
         if self.manifest.in_place:
             try:

@@ -260,7 +260,7 @@ def _edited_store(tiny_store, tmp_path, edit) -> Path:
     (lambda m: '"\\ud800' + "[" * 100000, "not JSON"),
     (lambda m: m.update(units="all"), "units is a str"),
     (lambda m: m.update(units=[]), "lists no units"),
-    (lambda m: m["units"].pop(1) and None, "layer.0 is missing"),
+    (lambda m: m["units"][1].update(name="layer.1"), "layer.0 is missing"),
     (lambda m: m["units"].pop(0) and None, "lacks the embed unit"),
     (lambda m: m["units"][1].update(bytes="12"), "bytes is str"),
     (lambda m: m["units"][1].update(kind="head"), "not a unit name and kind"),
