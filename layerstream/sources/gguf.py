@@ -108,19 +108,20 @@ def check_gguf(path: Path) -> None:
             return struct.unpack_from(order + "I", mm, at)[0] if vtype == _UINT32 else None
         if vtype == _STRING:
             string(what)
-        elif vtype == _ARRAY and depth == 0:
+        elif vtype == _ARRAY and depth < 4:
             itype, count = num("I", f"the type of {what}"), num("Q", f"the length of {what}")
             if itype in _SCALARS:
                 take(count * _SCALARS[itype], what)
-            elif itype == _STRING:
-                if count * 8 > size - pos:
-                    raise _Bad(f"{what} claims {count} strings, more than the file holds: truncated or damaged")
+            elif itype in (_STRING, _ARRAY):   # each item at least its 8-byte length (an array: 12 bytes)
+                if count * (8 if itype == _STRING else 12) > size - pos:
+                    raise _Bad(f"{what} claims {count} items, more than the file holds: truncated or damaged")
                 for _ in range(count):
-                    string(f"a string of {what}")
+                    value(itype, f"an item of {what}", depth + 1)
             else:
                 raise _Bad(f"{what} is an array of type {itype}, which GGUF does not have")
         else:
-            raise _Bad(f"{what} has the value type {vtype}, which GGUF does not have")
+            raise _Bad(f"{what} has the value type {vtype}, which GGUF does not have"
+                       + (" (or arrays nested deeper than 4)" if vtype == _ARRAY else ""))
         return None
 
     try:
