@@ -201,9 +201,19 @@ def _check_in_place_unit(u: dict, files: dict) -> None:
                     sum(piece(p) for p in entry[2]) == numel * DTYPES[entry[0]].itemsize
             else:
                 ok = len(entry) in (5, 6) and piece(entry[2:5]) == numel * DTYPES[entry[0]].itemsize and \
-                    (len(entry) == 5 or entry[5] is None or isinstance(entry[5], list))
+                    (len(entry) == 5 or entry[5] is None or _row_order(entry[5], entry[1]))
         if not ok:
             raise ValueError(f"unit {name}'s tensor {t} has a malformed slot {entry!r}")
+
+
+def _row_order(order, shape: list) -> bool:
+    """A slot's row order (`io.reorder_rows`): [a, b, c] with a * b * c rows, or a list of the rows."""
+    rows = shape[0] if shape else 0
+    if not rows or not isinstance(order, list) or not all(_is_int(x) for x in order):
+        return False
+    if len(order) == 3 and len(order) != rows:
+        return order[0] * order[1] * order[2] == rows
+    return len(order) == rows and all(x < rows for x in order)
 
 
 class Store:
