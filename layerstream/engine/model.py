@@ -119,6 +119,7 @@ class StreamedModel:
         except OSError:
             pass
         self.layout = layout(self.model)
+        self.store.check_units(self.layout)   # every unit of the model in the manifest (`verify` checks the same)
         blocks = set(block_weights(self.model, self.store)) if use_kernels(opts.kernels, self.device, self.store) \
             else set()
         # without ggml: int4 units computed on their blocks by torch's int4 kernel (bfloat16 only)

@@ -50,6 +50,150 @@ def _parsed_once(memo: dict):
         mg.load_gguf_checkpoint, gguf.get_tensor_name_map, gguf.GGUFReader = load, names, reader
 
 
+# GGUF value types: fixed sizes of the scalars (8: a string, 9: an array)
+_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY, _UINT32 = 8, 9, 4
+
+
+class _Bad(Exception):
+    pass
+
+
+def check_gguf(path: Path) -> None:
+    """Walk a GGUF file's header as the spec lays it out, every length, count, type and offset checked against
+    the file's size before anything is read or allocated: magic and version, the metadata (keys, value types,
+    string lengths, array counts, UTF-8), the tensor infos (names, dims, types, offsets) and the data (aligned,
+    inside the file, no two tensors overlapping). gguf-py's reader trusts all of these (a count too large makes
+    it loop without end; a truncated file, an IndexError). One SourceError naming the file and the fault."""
+    import mmap
+    import struct
+
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 24:
+                raise _Bad(f"{size} bytes, shorter than a GGUF header")
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as e:
+        raise SourceError(f"{path}: cannot be read ({e.strerror})") from None
+    except _Bad as e:
+        raise SourceError(f"{path}: not a valid GGUF file ({e}); it is damaged or truncated: download it again") \
+            from None
+    pos = 0
+
+    def take(n: int, what: str) -> int:
+        nonlocal pos
+        if n < 0 or pos + n > size:
+            raise _Bad(f"{what} at byte {pos} runs past the end of the file ({size} bytes): truncated")
+        pos += n
+        return pos - n
+
+    def num(fmt: str, what: str) -> int:
+        return struct.unpack_from(order + fmt, mm, take(struct.calcsize(fmt), what))[0]
+
+    def string(what: str) -> str:
+        n = num("Q", f"the length of {what}")
+        at = take(n, what)
+        try:
+            return mm[at:at + n].decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Bad(f"{what} at byte {at} is not UTF-8") from None
+
+    def value(vtype: int, what: str, depth: int = 0) -> int | None:
+        """Skip one value (checked); an UINT32's value is returned."""
+        if vtype in _SCALARS:
+            at = take(_SCALARS[vtype], what)
+            return struct.unpack_from(order + "I", mm, at)[0] if vtype == _UINT32 else None
+        if vtype == _STRING:
+            string(what)
+        elif vtype == _ARRAY and depth < 4:
+            itype, count = num("I", f"the type of {what}"), num("Q", f"the length of {what}")
+            if itype in _SCALARS:
+                take(count * _SCALARS[itype], what)
+            elif itype in (_STRING, _ARRAY):   # each item at least its 8-byte length (an array: 12 bytes)
+                if count * (8 if itype == _STRING else 12) > size - pos:
+                    raise _Bad(f"{what} claims {count} items, more than the file holds: truncated or damaged")
+                for _ in range(count):
+                    value(itype, f"an item of {what}", depth + 1)
+            else:
+                raise _Bad(f"{what} is an array of type {itype}, which GGUF does not have")
+        else:
+            raise _Bad(f"{what} has the value type {vtype}, which GGUF does not have"
+                       + (" (or arrays nested deeper than 4)" if vtype == _ARRAY else ""))
+        return None
+
+    try:
+        order = "<"
+        if mm[:4] != b"GGUF":
+            raise _Bad("it does not start with GGUF's magic bytes")
+        pos = 4
+        version = num("I", "the version")
+        if version & 0xFFFF == 0:   # a big-endian file (gguf-py reads those too)
+            order, version = ">", struct.unpack_from(">I", mm, 4)[0]
+        if version not in (2, 3):
+            raise _Bad(f"GGUF version {version}; versions 2 and 3 are read")
+        n_tensors, n_kv = num("Q", "the tensor count"), num("Q", "the metadata count")
+        if n_kv * 12 > size - pos or n_tensors * 24 > size - pos:
+            raise _Bad(f"it claims {n_kv} metadata entries and {n_tensors} tensors, more than its {size} bytes "
+                       f"can hold: truncated or damaged")
+        keys, alignment = set(), 32
+        for i in range(n_kv):
+            key = string(f"metadata key {i}")
+            shown = repr(key[:60])
+            if key in keys:
+                raise _Bad(f"metadata key {shown} appears twice")
+            keys.add(key)
+            got = value(num("I", f"the type of {shown}"), f"the value of {shown}")
+            if key == "general.alignment":
+                if got is None or got == 0 or got & (got - 1):
+                    raise _Bad("general.alignment is not a power of two (UINT32)")
+                alignment = got
+        tensors, names = [], set()
+        for i in range(n_tensors):
+            name = string(f"tensor name {i}")
+            shown = name if name.isprintable() and len(name) <= 60 else repr(name[:60])
+            if name in names:
+                raise _Bad(f"tensor {shown} appears twice")
+            names.add(name)
+            n_dims = num("I", f"tensor {shown}'s dimension count")
+            if not 1 <= n_dims <= 4:
+                raise _Bad(f"tensor {shown} has {n_dims} dimensions (1 to 4)")
+            dims = [num("Q", f"tensor {shown}'s dimensions") for _ in range(n_dims)]
+            if 0 in dims:
+                raise _Bad(f"tensor {shown} has a dimension of 0")
+            ttype = num("I", f"tensor {shown}'s type")
+            try:
+                block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
+            except (ValueError, KeyError):
+                raise _Bad(f"tensor {shown} has the type {ttype}, which this gguf package does not know") from None
+            offset = num("Q", f"tensor {shown}'s offset")
+            if dims[0] % block:
+                raise _Bad(f"tensor {shown}'s rows ({dims[0]}) are not whole blocks of its type "
+                           f"{GGMLQuantizationType(ttype).name} ({block})")
+            if offset % alignment:
+                raise _Bad(f"tensor {shown}'s offset {offset} is not aligned to {alignment}")
+            numel = 1
+            for d in dims:
+                numel *= d
+            tensors.append((offset, offset + numel // block * type_size, shown))
+        data = -(-pos // alignment) * alignment
+        end = 0
+        for begin, stop, name in sorted(tensors):
+            if begin < end and stop > begin:
+                raise _Bad(f"tensor {name}'s data overlaps another tensor's")
+            if data + stop > size:
+                raise _Bad(f"tensor {name}'s data (bytes {data + begin}..{data + stop}) runs past the end of the "
+                           f"file ({size} bytes): truncated")
+            end = max(end, stop)
+    except (_Bad, struct.error) as e:
+        raise SourceError(f"{path}: not a valid GGUF file ({e}); it is damaged or truncated: download it again") \
+            from None
+    finally:
+        mm.close()
+
+
 class GGUFSource:
     """A .gguf file, read tensor by tensor (memory-mapped) and dequantized to float per tensor. A MoE layer's
     `ffn_{gate,up,down}_exps` tensors hold every expert ([experts, rows, cols]); each expert's slice is read
@@ -68,6 +212,7 @@ class GGUFSource:
             raise SourceError("reading .gguf files needs the `gguf` package: pip install gguf")
         self.path = path
         self._parsed: dict = {}   # the file's reader and transformers' parse of it, shared (_parsed_once)
+        check_gguf(path)
         try:
             with _parsed_once(self._parsed):
                 import gguf
@@ -76,6 +221,11 @@ class GGUFSource:
                 self.config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
         except (ValueError, KeyError, OSError) as e:
             raise SourceError(f"{path}: not a readable GGUF model ({e})") from None
+        except Exception as e:   # metadata of an odd type trips transformers' reader in many ways
+            raise SourceError(f"{path}: not a readable GGUF model (its metadata: {type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:300]}); "
+                              f"is it a complete, undamaged GGUF of a supported architecture?") from None
+        self._check_sizes()
         arch = self._field("general.architecture")
         for key, attr in self.SIZES.items():
             value = self._field(f"{arch}.{key}")
@@ -85,6 +235,23 @@ class GGUFSource:
         self.name = path.stem
         self._map = None
         self.experts: dict[str, tuple[list, int]] = {}   # store name of expert j's weight -> (GGUF tensors, j)
+
+    def _check_sizes(self) -> None:
+        """The metadata's layer count and width against the tensors the file holds: a value edited to a huge
+        number would otherwise build a model of that size."""
+        import re
+
+        text = self.config.get_text_config()
+        layers = {int(m[1]) for t in self.reader.tensors if (m := re.match(r"blk\.(\d+)\.", t.name))}
+        n = getattr(text, "num_hidden_layers", None)
+        if isinstance(n, int) and n > len(layers):
+            raise SourceError(f"{self.path}: its metadata says {n} layers but it holds the tensors of {len(layers)}; "
+                              f"the file is damaged: download it again")
+        embed = next((t for t in self.reader.tensors if t.name == "token_embd.weight"), None)
+        hidden = getattr(text, "hidden_size", None)
+        if embed is not None and isinstance(hidden, int) and int(embed.shape[0]) != hidden:
+            raise SourceError(f"{self.path}: its metadata says a width of {hidden} but token_embd.weight is "
+                              f"{int(embed.shape[0])} wide; the file is damaged: download it again")
 
     def _field(self, key: str):
         f = self.reader.fields.get(key)
@@ -118,6 +285,12 @@ class GGUFSource:
                     self._map.setdefault(hf, []).append(t)
             for ts in self._map.values():
                 ts.sort(key=lambda t: ".ffn_up" in t.name)
+            want = {n: t.numel() for n, t in skeleton.state_dict(keep_vars=True).items()}
+            for hf, ts in self._map.items():
+                if hf in want and sum(int(t.n_elements) for t in ts) != want[hf]:
+                    raise SourceError(f"{self.path}: tensor {ts[0].name} holds {sum(int(t.n_elements) for t in ts)} "
+                                      f"values but the model its metadata describes needs {want[hf]} for {hf}; the "
+                                      f"file is damaged: download it again")
         return self._map
 
     def _kept(self, name: str) -> list | None:
@@ -158,6 +331,16 @@ class GGUFSource:
         return name in self.experts or name in self._mapping()
 
     def get(self, name: str) -> torch.Tensor:
+        try:
+            return self._get(name)
+        except NotImplementedError as e:   # a block type gguf-py cannot dequantize (I32, Q8_1 ...)
+            raise SourceError(f"{self.path}: weight {name} cannot be read ({e}); layerstream reads the float and "
+                              f"quantized block types gguf-py dequantizes") from None
+        except ValueError as e:   # transformers' processor cannot reshape it: not the shape the metadata implies
+            raise SourceError(f"{self.path}: weight {name} does not have the shape the file's metadata implies "
+                              f"({e}); the file is damaged: download it again") from None
+
+    def _get(self, name: str) -> torch.Tensor:
         import numpy as np
         from gguf import dequantize
 
@@ -235,7 +418,11 @@ class GGUFSource:
         from transformers import AutoTokenizer, GenerationConfig
 
         log("reading the tokenizer from the GGUF file")
-        with _parsed_once(self._parsed):
-            tok = AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
+        try:
+            with _parsed_once(self._parsed):
+                tok = AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
+        except Exception as e:   # a damaged vocabulary or merges list fails in tokenizers' Rust code, in many ways
+            raise SourceError(f"{self.path}: its tokenizer cannot be built ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:200]}); the file is damaged: download it again") from None
         tok.save_pretrained(out)
         GenerationConfig.from_model_config(self.config).save_pretrained(out)

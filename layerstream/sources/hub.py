@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 from ..errors import SourceError
@@ -26,8 +27,11 @@ def embedded_model() -> Path:
 
 
 def looks_like_hub_id(s: str) -> bool:
+    """`owner/name` as the hub spells repository ids (letters, digits, `-`, `_`, `.`; no `..`): never a path
+    that climbs out of the hub's cache."""
     parts = str(s).split("/")
-    return len(parts) == 2 and all(parts) and not str(s).startswith((".", "/", "~")) and not Path(s).exists()
+    return len(parts) == 2 and all(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", p) for p in parts) \
+        and ".." not in str(s) and not Path(s).exists()
 
 
 def download_hub(repo_id: str) -> Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
 
@@ -14,6 +14,27 @@ from ..utils import file_identity
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "added_tokens.json")
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """A sharded checkpoint's index: {tensor: shard}, checked (a JSON object whose weight_map names shards
+    inside the model directory: no absolute path, no `..`)."""
+    fix = "the index is damaged: download the model again"
+    try:
+        d = json.loads(index.read_text())
+    except OSError as e:
+        raise SourceError(f"{index}: cannot be read ({e.strerror})") from None
+    except (ValueError, RecursionError) as e:   # not JSON, not UTF-8, nested too deep
+        raise SourceError(f"{index}: not JSON ({type(e).__name__}); {fix}") from None
+    wm = d.get("weight_map") if isinstance(d, dict) else None
+    if not isinstance(wm, dict) or not wm or not all(isinstance(v, str) for v in wm.values()):
+        raise SourceError(f"{index}: no weight_map of tensor names to shard files; {fix}")
+    for f in set(wm.values()):
+        p = PurePosixPath(f)
+        if not f or p.is_absolute() or PureWindowsPath(f).is_absolute() or ".." in p.parts or "\\" in f:
+            raise SourceError(f"{index}: names the shard {f!r}, outside the model directory; only files inside "
+                              f"{index.parent} are read: {fix}")
+    return wm
 
 
 class SafetensorsSource:
@@ -29,10 +50,13 @@ class SafetensorsSource:
             raise SourceError(f"{path}: not a model directory (no config.json); pass a transformers model "
                               f"directory, a .gguf file, a hub id or a layerstream store")
         index = path / "model.safetensors.index.json"
+        self._handles = {}   # shard -> {tensor: slot}, every shard's header read and checked at open
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = _weight_map(index)
         elif (path / "model.safetensors").is_file():
-            weight_map = {sl.name: "model.safetensors" for sl in read_header(path / "model.safetensors")[0]}
+            self._handles["model.safetensors"] = {sl.name: sl for sl in
+                                                  read_header(path / "model.safetensors", source=True)[0]}
+            weight_map = dict.fromkeys(self._handles["model.safetensors"], "model.safetensors")
         elif any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
             raise SourceError(f"{path}: has only pickle weights (.bin/.pt); layerstream loads safetensors only, "
                               f"for safety. Convert them to safetensors first")
@@ -40,16 +64,22 @@ class SafetensorsSource:
             raise SourceError(f"{path}: no model.safetensors or model.safetensors.index.json found")
         self.weight_map = weight_map
         self.files = sorted({path / f for f in weight_map.values()})
-        for f in self.files:
-            if not f.is_file():
-                raise SourceError(f"{f}: shard named in the index is missing")
+        for fname in sorted(set(weight_map.values())):
+            if not (path / fname).is_file():
+                raise SourceError(f"{path / fname}: shard named in the index is missing")
+            if fname not in self._handles:
+                self._handles[fname] = {sl.name: sl for sl in read_header(path / fname, source=True)[0]}
+        for key, fname in weight_map.items():
+            if key not in self._handles[fname]:
+                raise SourceError(f"{index}: names tensor {key} in {fname}, which does not hold it; the index "
+                                  f"does not match its shards: download the model again")
         try:
             self.config = AutoConfig.from_pretrained(path)
-        except (ValueError, KeyError, OSError) as e:
-            raise SourceError(f"{path}/config.json: cannot be read by transformers ({e})") from None
+        except Exception as e:   # transformers' config classes refuse a field of the wrong type in many ways
+            raise SourceError(f"{path}/config.json: cannot be read by transformers ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:300]})") from None
         self.identity = file_identity(self.files + [path / "config.json"])
         self.name = path.name
-        self._handles = {}
         # names as the model holds them, where the checkpoint's differ (map_names fills these)
         self.alias: dict[str, str] = {}                       # skeleton name -> checkpoint key
         self.parts: dict[str, tuple[list[str], list]] = {}    # expert tensor -> (checkpoint keys, per-expert ops)
@@ -137,6 +167,20 @@ class SafetensorsSource:
                             raise SourceError(f"{self.path}: experts stored as {keys[0]} need the conversion "
                                               f"{type(op).__name__}, which layerstream cannot apply per expert yet")
                         self.parts[name] = (keys, per_expert)
+        self._check_shapes(skeleton)
+
+    def _check_shapes(self, skeleton) -> None:
+        """Each tensor the model takes as it lies in the checkpoint (no conversion) has the shape the model's
+        config gives it: a damaged header or a config of another model is refused before anything is read."""
+        for n, t in skeleton.state_dict(keep_vars=True).items():
+            key = self.key(n)
+            if n in self.converted or n in self.parts or key not in self.weight_map:
+                continue
+            fname, slot = self._slot(key)
+            if tuple(slot.shape) != tuple(t.shape):
+                raise SourceError(f"{self.path / fname}: tensor {key} has shape {list(slot.shape)} but the model "
+                                  f"of {self.path / 'config.json'} needs {list(t.shape)}; the checkpoint is "
+                                  f"damaged or not this config's model: download it again")
 
     def needs_conversion(self) -> bool:
         """Whether some tensor is made by more than joining checkpoint bytes (the store must be split, not
@@ -189,8 +233,6 @@ class SafetensorsSource:
 
     def _slot(self, key: str):
         fname = self.weight_map[key]
-        if fname not in self._handles:
-            self._handles[fname] = {sl.name: sl for sl in read_header(self.path / fname)[0]}
         return fname, self._handles[fname][key]
 
     def _raw(self, name: str, row: int | None = None) -> torch.Tensor:

@@ -3,13 +3,14 @@ units point at byte ranges of the source's own safetensors shards (no second cop
 
 Every file is written to a temporary name, fsynced and renamed; the manifest is written last, so a
 directory with a manifest is a complete store. Unit bytes are checked against the manifest (size
-always, xxh3 of the content on first read, sha256 or xxh3 on `verify`).
+always, xxh3 of the content on first read; `verify` makes every check a load makes, on every unit).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 import xxhash
 
 from ..errors import StoreError
-from .io import TensorSlot, UnitLayout, file_digests, in_place_slots, layout_xxh3, make_layout, read_header
+from .io import TensorSlot, UnitLayout, in_place_slots, layout_xxh3, make_layout, read_header
 
 FORMAT = "layerstream-store"
 VERSION = 1
@@ -71,6 +72,150 @@ class Manifest:
         return sum(u.bytes for u in self.units)
 
 
+# a manifest's fields and the JSON types each must have (None: null allowed)
+_FIELDS = {"architecture": (str,), "model_type": (str,), "dtype": (str,), "source": (dict,), "units": (list,),
+           "tied": (dict,), "quantization": (str, type(None)), "in_place": (bool,), "source_files": (dict,),
+           "format": (str,), "version": (int,)}
+_UNIT_FIELDS = {"name": (str,), "kind": (str,), "file": (str,), "bytes": (int,), "sha256": (str,), "xxh3": (str,),
+                "tensors": (list,), "ranges": (list, type(None)), "slots": (dict, type(None))}
+_UNIT_NAME = re.compile(r"embed|head|layer\.(\d+)(\.expert\.(\d+))?")
+
+
+def _is_int(x) -> bool:
+    return type(x) is int and x >= 0
+
+
+def _inside(path: str, folder: Path) -> bool:
+    """Whether `path` lies in `folder` as written (no `..`; symlinks are not followed: a model directory of the
+    hub's cache holds links into its blob folder)."""
+    p, f = os.path.abspath(path), os.path.abspath(folder)
+    return ".." not in Path(path).parts and os.path.commonpath([p, f]) == f
+
+
+def check_manifest(d, store: Path) -> Manifest:
+    """A manifest's JSON checked before anything in it is used: its shape (each field of its type), its units
+    (each once: embed, layers 0..n-1, their experts 0..e-1, head; `Store.check_units` compares them with the
+    model's own), each unit's file inside the store (none outside it, by `..`, an absolute path or a symlink),
+    an in-place unit's byte ranges in the source files it records and its tensors inside them. Raises
+    ValueError saying what is wrong."""
+    if not isinstance(d, dict):
+        raise ValueError(f"a JSON {type(d).__name__}, not an object")
+    if d.get("format") != FORMAT:
+        raise ValueError(f"format is {d.get('format')!r}")
+    if d.get("version") != VERSION:
+        raise ValueError(f"store version {d.get('version')} but this layerstream reads version {VERSION}")
+    for k, types in _FIELDS.items():
+        if k not in d and k in ("tied", "quantization", "in_place", "source_files"):
+            continue
+        if not isinstance(d.get(k), types) or (bool not in types and isinstance(d.get(k), bool)):
+            got = "missing" if k not in d else f"a {type(d[k]).__name__}, not {types[0].__name__}"
+            raise ValueError(f"{k} is {got}")
+    if set(d) - set(_FIELDS):
+        raise ValueError(f"unknown fields {sorted(set(d) - set(_FIELDS))}")
+    if not isinstance(getattr(torch, d["dtype"], None), torch.dtype):
+        raise ValueError(f"dtype {d['dtype']!r} is not a torch dtype")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in d.get("tied", {}).items()):
+        raise ValueError("tied is not an object of names")
+    files = d.get("source_files", {})
+    if not all(isinstance(v, list) and len(v) == 2 and all(_is_int(x) for x in v) for v in files.values()):
+        raise ValueError("source_files is not an object of [size, mtime]")
+    if not d["units"]:
+        raise ValueError("it lists no units")
+    where = [Path(str(d["source"].get("path", "")))]
+    where.append(where[0].parent if d["source"].get("kind") == "gguf" else where[0])
+    for f in files:
+        if not (_inside(f, store) or _inside(f, where[1])):
+            raise ValueError(f"source file {f} is outside the store and the model's directory")
+    names, layers, experts = set(), set(), {}
+    for u in d["units"]:
+        if not isinstance(u, dict):
+            raise ValueError(f"a unit is a {type(u).__name__}, not an object")
+        for k, types in _UNIT_FIELDS.items():
+            if k not in u and k in ("ranges", "slots"):
+                continue
+            if not isinstance(u.get(k), types) or isinstance(u.get(k), bool):
+                raise ValueError(f"a unit's {k} is {'missing' if k not in u else type(u[k]).__name__}")
+        if set(u) - set(_UNIT_FIELDS):
+            raise ValueError(f"a unit has unknown fields {sorted(set(u) - set(_UNIT_FIELDS))}")
+        name = u["name"]
+        m = _UNIT_NAME.fullmatch(name)
+        kind = None if m is None else name if name in ("embed", "head") else "expert" if m[3] else "layer"
+        if kind is None or u["kind"] != kind or name in names:
+            raise ValueError(f"unit {name!r} ({u['kind']!r}) is not a unit name and kind, or appears twice")
+        names.add(name)
+        if kind == "layer":
+            layers.add(int(m[1]))
+        elif kind == "expert":
+            experts.setdefault(int(m[1]), set()).add(int(m[3]))
+        if not _is_int(u["bytes"]) or not u["tensors"] or not all(isinstance(t, str) for t in u["tensors"]):
+            raise ValueError(f"unit {name}'s bytes or tensors are malformed")
+        if bool(u.get("ranges")) != bool(d.get("in_place")):
+            raise ValueError(f"unit {name} {'lacks' if d.get('in_place') else 'has'} the byte ranges of an "
+                             f"in-place store")
+        if u.get("ranges"):
+            _check_in_place_unit(u, files)
+        else:
+            p = Path(u["file"])
+            if not u["file"] or p.is_absolute() or ".." in p.parts or \
+                    not (store / p).resolve().is_relative_to(store.resolve()):
+                raise ValueError(f"unit {name}'s file {u['file']!r} is outside the store")
+    if "embed" not in names or "head" not in names:
+        raise ValueError(f"it lacks the {'embed' if 'embed' not in names else 'head'} unit")
+    n = max(layers, default=-1) + 1
+    if layers != set(range(n)):
+        raise ValueError(f"it lists {len(layers)} layer units of {n} (layer.{min(set(range(n)) - layers)} is "
+                         f"missing)")
+    for i, js in experts.items():
+        if i not in layers or js != set(range(len(js))):
+            raise ValueError(f"the expert units of layer {i} are not experts 0..{len(js) - 1} of a layer")
+    return Manifest.from_dict(d)
+
+
+def _check_in_place_unit(u: dict, files: dict) -> None:
+    """An in-place unit: ranges [file, begin, end) of the recorded source files, slots inside them."""
+    from .io import DTYPES
+
+    name, ranges = u["name"], u["ranges"]
+    for r in ranges:
+        if not (isinstance(r, list) and len(r) == 3 and isinstance(r[0], str) and _is_int(r[1]) and _is_int(r[2])
+                and r[1] <= r[2] and r[0] in files and r[2] <= files[r[0]][0]):
+            raise ValueError(f"unit {name} has a byte range {r!r} that is not inside a source file it records")
+    if u["bytes"] != sum(e - b for _, b, e in ranges) or not isinstance(u.get("slots"), dict):
+        raise ValueError(f"unit {name}'s bytes or slots do not match its ranges")
+
+    def piece(p) -> int:
+        if not (isinstance(p, list) and len(p) == 3 and all(_is_int(x) for x in p) and p[0] < len(ranges)
+                and p[1] <= p[2] <= ranges[p[0]][2] - ranges[p[0]][1]):
+            raise ValueError(f"unit {name} has a tensor piece {p!r} outside its ranges")
+        return p[2] - p[1]
+
+    for t, entry in u["slots"].items():
+        ok = isinstance(entry, list) and len(entry) >= 3 and entry[0] in DTYPES and isinstance(entry[1], list) \
+            and all(_is_int(x) for x in entry[1])
+        if ok:
+            numel = 1
+            for x in entry[1]:
+                numel *= x
+            if len(entry) == 3:   # pieces
+                ok = isinstance(entry[2], list) and bool(entry[2]) and \
+                    sum(piece(p) for p in entry[2]) == numel * DTYPES[entry[0]].itemsize
+            else:
+                ok = len(entry) in (5, 6) and piece(entry[2:5]) == numel * DTYPES[entry[0]].itemsize and \
+                    (len(entry) == 5 or entry[5] is None or _row_order(entry[5], entry[1]))
+        if not ok:
+            raise ValueError(f"unit {name}'s tensor {t} has a malformed slot {entry!r}")
+
+
+def _row_order(order, shape: list) -> bool:
+    """A slot's row order (`io.reorder_rows`): [a, b, c] with a * b * c rows, or a list of the rows."""
+    rows = shape[0] if shape else 0
+    if not rows or not isinstance(order, list) or not all(_is_int(x) for x in order):
+        return False
+    if len(order) == 3 and len(order) != rows:
+        return order[0] * order[1] * order[2] == rows
+    return len(order) == rows and all(x < rows for x in order)
+
+
 class Store:
     """An opened store: manifest, paths, per-unit layouts."""
 
@@ -81,15 +226,15 @@ class Store:
             raise StoreError(f"{self.path}: no {MANIFEST}; this is not a complete layerstream store "
                              f"(an interrupted split resumes with `layerstream split SRC {self.path}`)")
         try:
-            d = json.loads(mpath.read_text())
-            if d.get("format") != FORMAT:
-                raise ValueError(f"format is {d.get('format')!r}")
-            if d.get("version") != VERSION:
-                raise ValueError(f"store version {d.get('version')} but this layerstream reads version {VERSION}")
-            self.manifest = Manifest.from_dict(d)
-        except (ValueError, TypeError, KeyError) as e:
-            raise StoreError(f"{mpath}: damaged or foreign manifest ({e}); split the model again") from None
+            self.manifest = check_manifest(json.loads(mpath.read_text()), self.path)
+        except OSError as e:
+            raise StoreError(f"{mpath}: cannot be read ({e.strerror})") from None
+        except (ValueError, RecursionError) as e:   # (not JSON, not UTF-8: ValueErrors too)
+            why = str(e) if type(e) is ValueError else f"not JSON: {type(e).__name__}"
+            raise StoreError(f"{mpath}: damaged or foreign manifest ({why}); delete the store and split the model "
+                             f"again") from None
         self.units = {u.name: u for u in self.manifest.units}
+        self._on_disk = {u.name: u.kind for u in self.manifest.units}   # (a view of some units keeps them all)
         self._layouts: dict[str, UnitLayout] = {}
 
     @staticmethod
@@ -115,14 +260,48 @@ class Store:
                                      f"model again (`layerstream split --in-place SRC {self.path}`)")
             return
         for u in self.manifest.units:
-            p = self.path / u.file
-            try:
-                size = p.stat().st_size
-            except OSError:
-                raise StoreError(f"{p}: unit file missing; re-split the model (`layerstream split`)") from None
-            if size != u.bytes:
-                raise StoreError(f"{p}: size {size} bytes, manifest says {u.bytes} (truncated or replaced); "
-                                 f"run `layerstream verify {self.path}` and re-split the model")
+            self.check_unit_file(u.name)
+
+    def check_units(self, lay) -> None:
+        """The manifest's units are the model's (`lay`: the layout of the model its config builds, as a load
+        builds it): each unit present, of its kind, and none besides."""
+        want = {u.name: u.kind for u in lay.units}
+        if want != self._on_disk:
+            missing = [n for n in want if n not in self._on_disk]
+            extra = [n for n in self._on_disk if n not in want]
+            other = [n for n in want if n in self._on_disk and want[n] != self._on_disk[n]]
+            why = (f"lacks unit {missing[0]}" if missing else f"has unit {extra[0]}, which the model does not have"
+                   if extra else f"holds unit {other[0]} as a {self._on_disk[other[0]]}, not a {want[other[0]]}")
+            raise StoreError(f"{self.path / MANIFEST}: {why} ({len(want)} units in the model of its config.json, "
+                             f"{len(self._on_disk)} in the manifest); the store is damaged or foreign: delete it "
+                             f"and split the model again")
+
+    def model_layout(self):
+        """The units of the model the store's config.json builds (on the meta device: no memory), as a load
+        finds them."""
+        from transformers import AutoConfig
+
+        from ..arch import build_skeleton, layout
+
+        try:
+            config = AutoConfig.from_pretrained(self.path)
+        except Exception as e:   # transformers' config classes refuse a field of the wrong type in many ways
+            raise StoreError(f"{self.path}/config.json: cannot be read by transformers ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:300]}); delete the store and split the model again") \
+                from None
+        return layout(build_skeleton(config, torch.float32, device="meta"))
+
+    def check_unit_file(self, unit: str) -> None:
+        """A split store's unit file exists with the size the manifest records."""
+        u = self.units[unit]
+        p = self.path / u.file
+        try:
+            size = p.stat().st_size
+        except OSError:
+            raise StoreError(f"{p}: unit file missing; re-split the model (`layerstream split`)") from None
+        if size != u.bytes:
+            raise StoreError(f"{p}: size {size} bytes, manifest says {u.bytes} (truncated or replaced); "
+                             f"run `layerstream verify {self.path}` and re-split the model")
 
     def layout(self, unit: str) -> UnitLayout:
         if unit not in self._layouts:
@@ -181,29 +360,28 @@ class Store:
         return [(Path(f), b, e) for f, b, e in u.ranges] if u.ranges else [(self.path / u.file, 0, u.bytes)]
 
     def verify(self, progress=None) -> list[str]:
-        """Full check (sha256 of every unit file; in place: xxh3 of every range). Returns the problems found."""
+        """Every check a load makes, on every unit, read whole: the manifest (checked when the store opened),
+        its units against the model's, the files' sizes (in place: the source files' sizes and mtimes), each
+        unit file's header against the manifest, the xxh3 of each unit's bytes. Returns the problems found
+        (none: the store loads)."""
+        try:
+            self.check_units(self.model_layout())
+        except StoreError as e:
+            return [str(e)]
         problems = []
+        if self.manifest.in_place:
+            try:
+                self.check_files()
+            except StoreError as e:
+                return [str(e)]
         for u in self.manifest.units:
-            if u.ranges:
-                try:
-                    self.check_streaming(u.name)
-                except StoreError as e:
-                    problems.append(str(e))
-                if progress:
-                    progress(u.bytes)
-                continue
-            p = self.path / u.file
-            if not p.is_file():
-                problems.append(f"{p}: missing")
-                continue
-            if p.stat().st_size != u.bytes:
-                problems.append(f"{p}: size {p.stat().st_size}, expected {u.bytes}")
-                if progress:
-                    progress(u.bytes)
-                continue
-            sha, _ = file_digests(p)
-            if sha != u.sha256:
-                problems.append(f"{p}: sha256 mismatch (altered or foreign file)")
+            try:
+                if not u.ranges:
+                    self.check_unit_file(u.name)
+                self.layout(u.name)
+                self.check_streaming(u.name)
+            except StoreError as e:
+                problems.append(str(e))
             if progress:
                 progress(u.bytes)
         return problems

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import xxhash
 
-from ..errors import StoreError
+from ..errors import LayerstreamError, SourceError, StoreError
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -62,34 +62,70 @@ class TensorSlot:
     end: int
 
 
-def read_header(path: Path) -> tuple[list[TensorSlot], int]:
-    """Parse a safetensors header: tensor slots (file offsets) and the file size it implies."""
+def read_header(path: Path, source: bool = False) -> tuple[list[TensorSlot], int]:
+    """Parse a safetensors header: tensor slots (file offsets) and the file size it implies. Nothing in it is
+    trusted: its length is checked against the file before it is read, and each tensor's dtype, shape and
+    offsets (shape x dtype = its bytes, inside the data region, no two overlapping, the data region ending
+    where the file ends). Any fault is one StoreError naming the file (a SourceError for a checkpoint's own
+    file, `source`)."""
+    if source:
+        err, what, todo = SourceError, "safetensors checkpoint file", "the checkpoint is damaged: download it again"
+    else:
+        err, what, todo = StoreError, "safetensors unit file", "run `layerstream verify` on the store or split it again"
+
+    def bad(why: str) -> LayerstreamError:
+        return err(f"{path}: not a readable {what} ({why}); {todo}")
+
     try:
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             raw = f.read(8)
             if len(raw) != 8:
-                raise ValueError("shorter than a safetensors header")
+                raise bad("shorter than a safetensors header")
             (n,) = struct.unpack("<Q", raw)
             if n > 100 << 20:
-                raise ValueError("header length is implausible")
+                raise bad(f"header length is implausible: {n} bytes")
+            if 8 + n > size:
+                raise bad(f"header length {n} runs past the end of the file ({size} bytes): truncated")
             header = json.loads(f.read(n))
-    except (OSError, ValueError) as e:
-        raise StoreError(f"{path}: not a readable safetensors unit file ({e}); "
-                         f"run `layerstream verify` on the store or split it again") from None
+    except OSError as e:
+        raise bad(e.strerror or str(e)) from None
+    except (ValueError, RecursionError) as e:   # not JSON, not UTF-8, nested too deep
+        raise bad(f"the header is not JSON: {type(e).__name__}") from None
+    if not isinstance(header, dict):
+        raise bad(f"malformed header: a JSON {type(header).__name__}, not an object")
     base = 8 + n
-    slots, end = [], base
-    try:
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            b, e = info["data_offsets"]
-            if info["dtype"] not in DTYPES:
-                raise StoreError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-            slots.append(TensorSlot(name, DTYPES[info["dtype"]], tuple(info["shape"]), base + int(b), base + int(e)))
-            end = max(end, base + int(e))
-    except (AttributeError, KeyError, TypeError, ValueError) as e:   # valid JSON, not a safetensors header
-        raise StoreError(f"{path}: not a readable safetensors unit file (malformed header: {type(e).__name__} "
-                         f"{e}); run `layerstream verify` on the store or split it again") from None
+    slots = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            if not isinstance(info, dict):
+                raise bad("malformed header: __metadata__ is not an object")
+            continue
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+            raise bad(f"malformed header: tensor {name} is not an object with dtype, shape and data_offsets")
+        dt, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dt, str) or dt not in DTYPES:
+            raise bad(f"tensor {name} has unsupported dtype {dt}")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise bad(f"malformed header: tensor {name}'s shape {shape!r} is not a list of sizes")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets) \
+                or not 0 <= offsets[0] <= offsets[1]:
+            raise bad(f"malformed header: tensor {name}'s data_offsets {offsets!r} are not [begin, end]")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if numel * DTYPES[dt].itemsize != offsets[1] - offsets[0]:
+            raise bad(f"malformed header: tensor {name} is {dt} {shape}, {numel * DTYPES[dt].itemsize} bytes, "
+                      f"but its data_offsets span {offsets[1] - offsets[0]}")
+        slots.append(TensorSlot(name, DTYPES[dt], tuple(shape), base + offsets[0], base + offsets[1]))
+    end = base
+    for s in sorted(slots, key=lambda s: (s.begin, s.end)):
+        if s.begin < end and s.end > s.begin:
+            raise bad(f"malformed header: tensor {s.name}'s bytes overlap another tensor's")
+        end = max(end, s.end)
+    if end != size:
+        raise bad(f"the header describes {end} bytes but the file has {size}"
+                  + (": truncated" if end > size else ""))
     return slots, end
 
 
