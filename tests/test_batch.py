@@ -282,3 +282,41 @@ def test_cli_errors_are_one_line(tmp_path):
     r = run_cli("batch", tmp_path / "none.jsonl", tmp_path / "out.jsonl", timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("layerstream: error:") and "no such input file" in r.stderr
+
+
+def test_sampling_fields_left_out_come_from_the_models_defaults(model, tmp_path):
+    """A body without sampling fields samples with the model's defaults (layerstream.sampling: here llama.cpp's,
+    the tiny model's generation_config says nothing); temperature 0 is greedy with no penalty; the penalties and
+    top_k / min_p a body sends are honoured; the server and batch jobs parse bodies alike (OpenAIRequests)."""
+    from layerstream.engine.openai import OpenAIRequests
+    from layerstream.engine.scheduler import Engine
+    from layerstream.sampling import FALLBACK
+
+    parser = OpenAIRequests(Engine(model), model.tokenizer, "tiny")
+
+    def params(**body):
+        return parser.request({"body": {"prompt": "abc", **body}}, {"kind": "text", "h": "0" * 64})[1]
+
+    p = params()
+    assert (p.temperature, p.top_p, p.top_k, p.min_p, p.repetition_penalty) == \
+        (FALLBACK.temperature, FALLBACK.top_p, FALLBACK.top_k, FALLBACK.min_p, FALLBACK.repeat_penalty)
+    assert p.seed is not None   # sampled without a seed: one from the line, so a rerun agrees
+    g = params(temperature=0)
+    assert g.greedy and g.repetition_penalty == 1.0 and g.top_k == 0
+    s = params(temperature=0.5, top_k=-1, min_p=0.2, repetition_penalty=1.3, frequency_penalty=0.5,
+               presence_penalty=-0.5)
+    assert (s.temperature, s.top_k, s.min_p, s.repetition_penalty, s.frequency_penalty, s.presence_penalty) == \
+        (0.5, 0, 0.2, 1.3, 0.5, -0.5)
+    # through a job: penalties change a greedy line's text, and the same line gives the same record twice
+    lines = [req("plain", prompt="aaaa", max_tokens=12, temperature=0),
+             req("pen", prompt="aaaa", max_tokens=12, temperature=0, frequency_penalty=2.0, presence_penalty=2.0),
+             req("sampled", prompt="aaaa", max_tokens=12)]
+    from layerstream.engine.batch import run_batch
+
+    outs = []
+    for k in range(2):
+        run_batch(model, write_lines(tmp_path / f"in{k}.jsonl", lines), tmp_path / f"out{k}.jsonl", progress=False)
+        outs.append((tmp_path / f"out{k}.jsonl").read_text())
+    recs = {r["custom_id"]: r["response"]["body"]["choices"][0]["text"] for r in read_records(tmp_path / "out0.jsonl")}
+    assert recs["plain"] != recs["pen"]
+    assert outs[0] == outs[1]
