@@ -196,3 +196,16 @@ def test_version():
 
     r = run_cli("--version")
     assert r.returncode == 0 and r.stdout.strip() == f"layerstream {__version__}"
+
+
+def test_serve_says_a_busy_port_before_loading_the_model(tmp_path):
+    """A port in use is a one-line error at once: the model (here one that does not exist) is not even opened."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = run_cli("serve", "--model", tmp_path / "no-such-model", "--port", port, timeout=60)
+    assert_clean_error(r, f"port {port} on 127.0.0.1 is in use")
+    assert "importing torch" not in r.stderr

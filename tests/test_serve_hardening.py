@@ -420,6 +420,12 @@ def test_sigterm_with_8_requests_in_flight(embedded_store):
             else:
                 assert status == 200 and answer["choices"][0]["finish_reason"] in ("stop", "length"), (k, got)
     assert " finished in the grace period, 6 cut (" in log, log
+    # one line per request in the log: the 2 that finished with their tokens and time, the 6 cut with a 503/499
+    import re
+
+    done = re.findall(r"(chat|completions) \S+ 200: \d+ prompt \+ \d+ completion tokens in [\d.]+ s \((stop|length)\)",
+                      log)
+    assert len(done) == 2, log
 
 
 @pytest.mark.slow

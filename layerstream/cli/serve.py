@@ -60,6 +60,7 @@ def cmd_serve(a) -> int:
     except ImportError as e:
         raise InputError(f"serve needs fastapi and uvicorn, which layerstream depends on ({e}): reinstall it "
                          f"(pip install -e . in a checkout)") from None
+    sock = bind(a.host, a.port)   # before the model loads: a busy port is said at once
     m = load_model(a)
     if not a.verbose:   # a server says what it keeps where (--verbose printed it already, with the bandwidth)
         import sys
@@ -90,9 +91,39 @@ def cmd_serve(a) -> int:
     try:
         serve(engine, name, host=a.host, port=a.port, api_key=a.api_key, max_queue=a.max_queue, ready=ready,
               max_body_bytes=max_body, read_timeout=a.read_timeout, shutdown_timeout=a.shutdown_timeout,
-              allowed_hosts=hosts)
+              allowed_hosts=hosts, sock=sock)
     finally:
         engine.stop()
         m.close()
     log("stopped")
     return 0
+
+
+def bind(host: str, port: int):
+    """A socket bound to host:port for the server (uvicorn listens on it), or a one-line error: a port in use, an
+    address this machine does not have."""
+    import errno
+    import socket
+
+    from ..errors import InputError
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise InputError(f"--host {host}: not an address or name this machine can resolve ({e.strerror})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as uvicorn does: a restart reuses the port
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise InputError(f"port {port} on {host} is in use (another server?): stop it, or choose another with "
+                             f"--port (0: any free port)") from None
+        if e.errno == errno.EACCES:
+            raise InputError(f"port {port} on {host}: permission denied (ports below 1024 need privileges): choose "
+                             f"another with --port") from None
+        raise InputError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.set_inheritable(True)
+    return sock

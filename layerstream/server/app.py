@@ -584,10 +584,11 @@ def make_server(app, host: str = "127.0.0.1", port: int = 8000, read_timeout: fl
 
 def serve(engine, name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_queue: int = 64, log_level: str = "warning", ready=None, max_body_bytes: int | None = None,
-          read_timeout: float = READ_TIMEOUT, shutdown_timeout: float = SHUTDOWN_TIMEOUT, allowed_hosts=None) -> None:
+          read_timeout: float = READ_TIMEOUT, shutdown_timeout: float = SHUTDOWN_TIMEOUT, allowed_hosts=None,
+          sock=None) -> None:
     """Run the server until SIGTERM or SIGINT (a graceful shutdown, `make_server`); `ready(url)` is called once
-    it listens."""
+    it listens. `sock`: a socket already bound to host:port (`cli.serve.bind`), listened on instead."""
     app = build_app(engine, name, api_key=api_key, max_queue=max_queue, max_body_bytes=max_body_bytes,
                     read_timeout=read_timeout, host=host, allowed_hosts=allowed_hosts)
     make_server(app, host=host, port=port, read_timeout=read_timeout, shutdown_timeout=shutdown_timeout,
-                log_level=log_level, ready=ready).run()
+                log_level=log_level, ready=ready).run(sockets=None if sock is None else [sock])

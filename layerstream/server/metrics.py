@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..utils import log
+
 
 class Metrics:
     """Request counters and latency histograms of one app, and the engine's own statistics read at scrape time."""
@@ -24,13 +26,19 @@ class Metrics:
         self.registry.register(_EngineCollector(engine))
 
     def request(self, route: str, status: int) -> None:
+        """A request answered with an error (or 499: the client went away), counted and logged."""
         self.requests.labels(route, str(status)).inc()
+        if status != 200:
+            log(f"{route} {status}" + (" (the client went away)" if status == 499 else ""))
 
     def first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
 
     def finished(self, route: str, c, seconds: float) -> None:
+        """A request answered in full: counted, timed, and logged in one line (its id, tokens in and out, time)."""
         self.request(route, 200)
+        log(f"{route} {c.request_id} 200: {c.prompt_tokens} prompt + {c.completion_tokens} completion tokens in "
+            f"{seconds:.2f} s ({c.finish_reason})")
         self.prompt_tokens.inc(c.prompt_tokens)
         self.completion_tokens.inc(c.completion_tokens)
         self.latency.observe(seconds)
