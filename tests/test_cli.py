@@ -98,7 +98,7 @@ def test_split_info_verify(tmp_path):
     assert r.returncode == 0 and "MistralForCausalLM" in r.stdout and "3 layers" in r.stdout
     r = run_cli("verify", tmp_path / "store")
     assert r.returncode == 0, r.stderr
-    assert "ok: 5 units match their sha256 checksums" in r.stderr   # embed, 3 layers, head
+    assert "ok: 5 units match their xxh3 checksums" in r.stderr   # embed, 3 layers, head
     assert "damaged" not in r.stderr
     r = run_cli("plan", tmp_path / "store", "--max-ram", "0")
     assert r.returncode == 0 and "streamed per sweep" in r.stdout and "measured read bandwidth" in r.stdout
