@@ -137,10 +137,20 @@ def test_prompts_outside_the_vocabulary_are_refused_at_submit(tiny):
     eng = Engine(m)
     for prompt, message in (([1, 128], r"token id 128 is outside this model's vocabulary \[0, 128\)"),
                             ([-1, 5], "token id -1 is outside"), ([1, "x"], "must be a sequence of token ids"),
-                            (None, "must be a sequence of token ids")):
+                            (None, "must be a sequence of token ids"), ([1, 2.5], "must be a sequence of token ids"),
+                            ("hello", "not text: encode it with the tokenizer"),
+                            (torch.tensor([[1, 2], [3, 4]]), "one prompt, got a batch of 2 rows: submit each row")):
         with pytest.raises(InputError, match=message):
             eng.submit(prompt, SamplingParams())
     assert not eng.waiting
+
+
+def test_a_one_row_batch_is_that_prompt(tiny):
+    """tokenizer(..., return_tensors="pt").input_ids is (1, n): submitted as it is, it gives the 1-D prompt's tokens."""
+    m, _ = tiny
+    eng = Engine(m)
+    a, b = eng.generate([torch.tensor([PROMPTS[0]]), PROMPTS[0]], SamplingParams(max_tokens=4))
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 4
 
 
 def test_tiny_temperatures_sample_greedily_and_nonfinite_probabilities_fail(tiny):

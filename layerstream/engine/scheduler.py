@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
 import queue
 import threading
 import time
@@ -228,6 +229,23 @@ class _Entry:
         return self.ids
 
 
+def _token_list(prompt_ids) -> list[int]:
+    """One prompt's token ids as a list of ints. A (1, n) batch, as a tokenizer's `return_tensors="pt"` gives, is
+    that one row; a batch of several rows is refused by name (submit each row: they run batched anyway)."""
+    ids = prompt_ids.tolist() if torch.is_tensor(prompt_ids) or hasattr(prompt_ids, "tolist") else prompt_ids
+    if isinstance(ids, (list, tuple)) and ids and all(isinstance(r, (list, tuple)) for r in ids):
+        if len(ids) != 1:
+            raise InputError(f"submit takes one prompt, got a batch of {len(ids)} rows: submit each row "
+                             f"(the engine batches requests itself)")
+        ids = ids[0]
+    if isinstance(ids, (str, bytes)):
+        raise InputError("the prompt must be token ids, not text: encode it with the tokenizer first")
+    try:
+        return [operator.index(t) for t in ids]   # 1.5 or "3" are not token ids
+    except (TypeError, ValueError, OverflowError):
+        raise InputError("the prompt must be a sequence of token ids (integers)") from None
+
+
 class Engine:
     """A continuous-batching scheduler over a `StreamedModel` (see the module's docstring)."""
 
@@ -277,10 +295,7 @@ class Engine:
         if not isinstance(params, SamplingParams):
             raise InputError(f"params must be a SamplingParams, got {type(params).__name__}")
         params.check()   # again: a SamplingParams can be changed after it was made
-        try:
-            prompt = [int(t) for t in (prompt_ids.tolist() if torch.is_tensor(prompt_ids) else prompt_ids)]
-        except (TypeError, ValueError, OverflowError):
-            raise InputError("the prompt must be a sequence of token ids (integers)") from None
+        prompt = _token_list(prompt_ids)
         if not prompt:
             raise InputError("the prompt is empty")
         if self.vocab and not all(0 <= t < self.vocab for t in prompt):
