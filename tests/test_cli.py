@@ -110,7 +110,7 @@ def test_split_info_verify(tmp_path):
     r = run_cli("verify", tmp_path / "store")
     assert r.returncode == 1, r.stderr
     damaged = [line for line in r.stderr.splitlines() if line.startswith("damaged:")]
-    assert len(damaged) == 1 and "layer.1.safetensors" in damaged[0] and "sha256 mismatch" in damaged[0]
+    assert len(damaged) == 1 and "layer.1.safetensors" in damaged[0] and "content checksum mismatch" in damaged[0]
     assert "1 damaged unit file(s)" in r.stderr and "ok:" not in r.stderr and "Traceback" not in r.stderr
 
 
