@@ -10,6 +10,11 @@ the default options), warms it up, then `--clients` threads (default 6) loop for
 - malformed requests (raw HTTP): invalid JSON, wrong field types, out-of-range values, an unknown model;
   each must get its 4xx (400, or 404 for the model) with OpenAI's error object
   {"error": {"message", "type", "param", "code"}};
+- issue 23's hostile classes mixed in with the malformed ones: a temperature of 1e-300 (must be served,
+  greedily), NaN, a lone surrogate, 100,000-deep JSON, a body past the cap (the server runs with
+  --max-body-bytes 1MiB), a text/plain body, another site's Host, 10,000 stop strings, an OpenAI field not
+  honoured; and slow clients sending a byte a second (the server runs with --read-timeout 3: each must get
+  its JSON 408);
 - now and then a burst: `--burst` (default 24) requests at once, beyond what the queue holds; their 429s
   (and the 429s other requests get while a burst is on) are expected and counted apart.
 
@@ -47,7 +52,7 @@ PROMPTS = ["Tell me a joke.", "What is the capital of France?", "Write a haiku a
 TEXTS = ["Once upon a time", "The quick brown fox", "In the beginning", "def fibonacci(n):", "Dear diary,",
          "The three laws of robotics are", "My favourite recipe is", "1, 2, 3, 4,"]
 KINDS = {"chat": 20, "chat stream": 20, "completion": 12, "completion stream": 12, "disconnect": 12,
-         "malformed": 20, "burst": 4}
+         "malformed": 20, "slow client": 2, "burst": 4}
 BURST_KINDS = ["chat", "chat stream", "completion", "completion stream"]
 
 
@@ -81,6 +86,31 @@ def malformed_cases(model: str) -> list[tuple[str, str, bytes | dict, int]]:
         ("empty body", "completions", b"", 400),
         ("unknown model (chat)", "chat", {"model": "no-such-model", "messages": msgs}, 404),
         ("unknown model (completions)", "completions", {"model": "no-such-model", "prompt": "hi"}, 404),
+    ] + hostile_cases(model)
+
+
+MAX_BODY = 1 << 20       # the soak's server: --max-body-bytes 1MiB
+READ_TIMEOUT = 3.0       # and --read-timeout 3
+
+
+def hostile_cases(model: str) -> list[tuple]:
+    """Issue 23's hostile classes: (name, route, body, expected status, extra headers). The tiny temperature
+    must be served (greedy), the rest refused with their 4xx."""
+    msgs = [{"role": "user", "content": "hi"}]
+    return [
+        ("hostile: temperature 1e-300", "completions", b'{"prompt": "The sky is", "max_tokens": 4, '
+                                                       b'"temperature": 1e-300}', 200, None),
+        ("hostile: temperature NaN", "completions", b'{"prompt": "hi", "temperature": NaN}', 400, None),
+        ("hostile: lone surrogate", "completions", b'{"prompt": "a\\ud800b"}', 400, None),
+        ("hostile: 100000-deep JSON", "completions", b"[" * 100_000 + b"]" * 100_000, 400, None),
+        ("hostile: body past the cap", "completions", b'{"prompt": "' + b"a" * (MAX_BODY + 10) + b'"}', 413, None),
+        ("hostile: text/plain body", "chat", json.dumps({"messages": msgs}).encode(), 415,
+         {"content-type": "text/plain"}),
+        ("hostile: another site's Host", "chat", json.dumps({"messages": msgs}).encode(), 400,
+         {"host": "rebound.example"}),
+        ("hostile: 10000 stop strings", "completions", {"prompt": "hi", "stop": [f"s{k}" for k in range(10_000)]},
+         400, None),
+        ("hostile: logprobs (not honoured)", "chat", {"model": model, "messages": msgs, "logprobs": True}, 400, None),
     ]
 
 
@@ -200,10 +230,12 @@ def disconnect(client, model: str, rng: random.Random) -> None:
 
 
 def malformed(http, url: str, case, stats: Stats) -> None:
-    name, route, body, want = case
+    name, route, body, want, headers = (*case, None)[:5]
     t0 = time.perf_counter()
     kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else \
         {"json": body}
+    if headers:
+        kw["headers"] = {**kw.get("headers", {}), **headers}
     try:
         r = http.post(f"{url}/v1/{'chat/completions' if route == 'chat' else 'completions'}", timeout=TIMEOUT, **kw)
     except Exception as e:
@@ -221,10 +253,49 @@ def malformed(http, url: str, case, stats: Stats) -> None:
                               f"{err.get('param') if isinstance(err, dict) else '-'}"] += 1
     if r.status_code != want:
         stats.add("malformed", "failed", why=f"{name}: status {r.status_code}, expected {want}: {r.text[:300]}")
+    elif want == 200:   # a hostile request that must be served
+        ok = r.headers.get("content-type", "").startswith("application/json") and r.json().get("choices")
+        stats.add("malformed", "expected" if ok else "failed", dt, why=None if ok else f"{name}: {r.text[:300]}")
     elif not shape:
         stats.add("malformed", "failed", why=f"{name}: error body not OpenAI's shape: {r.text[:300]}")
     else:
         stats.add("malformed", "expected", dt)
+
+
+def slow_client(url: str) -> str | None:
+    """A client that sends its request a byte a second (issue 23's slow clients): the server must answer 408 in
+    JSON once --read-timeout has passed, and close the connection; None if it did."""
+    import socket
+
+    host, port = url.split("//", 1)[1].rsplit(":", 1)
+    t0 = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=READ_TIMEOUT + 30) as s:
+        req = b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n" \
+              b"Content-Length: 1000\r\n\r\n{"
+        s.sendall(req)
+        s.settimeout(1.0)
+        got = b""
+        while time.monotonic() - t0 < READ_TIMEOUT + 30:
+            try:
+                chunk = s.recv(65536)
+            except socket.timeout:
+                try:
+                    s.sendall(b" ")
+                except OSError:
+                    break
+                continue
+            except ConnectionResetError:
+                # our byte crossed the server's 408 and close: the kernel's reset drops the unread answer
+                if not got and time.monotonic() - t0 >= READ_TIMEOUT:
+                    return None   # cut off once the timeout had passed, as it should be
+                raise
+            if not chunk:
+                break
+            got += chunk
+    head = got.split(b"\r\n", 1)[0]
+    if b" 408 " not in head or b'"request_timeout"' not in got:
+        return f"expected a 408 request_timeout after {READ_TIMEOUT} s, got {got[:200]!r}"
+    return None
 
 
 # ---------------------------------------------------------------------------- the loops
@@ -279,6 +350,8 @@ def loop(i: int, srv: Server, deadline: float, seed: int, burst_size: int, stats
                 malformed(http, srv.url, case, stats)
             elif kind == "burst":
                 burst(client, srv.name, rng, burst_size, stats)
+            elif kind == "slow client":
+                attempt(stats, kind, lambda: slow_client(srv.url))
             elif kind == "disconnect":
                 attempt(stats, kind, lambda: disconnect(client, srv.name, rng))
             else:
@@ -327,7 +400,8 @@ def main() -> None:
     a = p.parse_args()
 
 
-    args = ["--max-queue", "16"] + (["--model", a.model] if a.model else []) + \
+    args = ["--max-queue", "16", "--max-body-bytes", str(MAX_BODY), "--read-timeout", str(READ_TIMEOUT)] + \
+        (["--model", a.model] if a.model else []) + \
         (["--prefix-cache", a.prefix_cache] if a.prefix_cache is not None else [])
     problems: list[str] = []
     stats = Stats()

@@ -247,29 +247,45 @@ def test_moe_gguf_streams_per_expert(tmp_path, qtype, compression):
 
 
 @pytest.mark.slow
-def test_moe_gguf_attention_computes_on_blocks(tmp_path):
-    """With ggml installed, a MoE GGUF's attention and head compute on their Q4_1 blocks while the experts
-    (fused expert tensors, no linear layer) keep the dequantize path, still streamed per routed expert: the
-    logits are the dequantize path's within ggml's 8-bit rounding of the activations, except where that rounding
-    tips a router's near-tie to another expert (here at most one position of eight: it changes that position's
-    logits by tens of percent, as a different expert would)."""
+@pytest.mark.parametrize("qtype, compression", [("Q4_1", None), ("Q8_0", None), ("Q4_1", "int4"), ("Q8_0", "int8")])
+def test_moe_gguf_computes_on_blocks(tmp_path, qtype, compression):
+    """With ggml installed, a MoE GGUF computes on its blocks everywhere: attention and head as `BlockLinear`s,
+    and the experts module on each routed expert's blocks (`block_experts_forward`: nothing dequantized or
+    stacked), streamed per routed expert at max_ram=0 and resident at the default budget; also from our int4 /
+    int8 stores of the same blocks. Against the dequantize path: the prompt's logits within ggml's 8-bit rounding
+    of the activations except where that rounding tips a router's near-tie to another expert (at most one
+    position of eight: it changes that position's logits as a different expert would, and the positions after
+    it through their attention, so greedy tokens of this random model are not compared). The experts' math
+    alone: tests/unit/test_kernels.py."""
     from layerstream.quant import kernels
 
     from gguf_tiny import make_moe_gguf
 
     if not kernels.available():
         pytest.skip("ggml-python is not installed (./install.sh builds it)")
-    g = make_moe_gguf(tmp_path / "tiny-moe.gguf", "Q4_1")
-    ref = AutoModel.from_pretrained(g, max_ram=0, store_path=tmp_path / "store", progress=False, kernels=False)
-    m = AutoModel.from_pretrained(tmp_path / "store", max_ram=0, progress=False)
-    blocks = [n for n, mod in m.model.named_modules() if isinstance(mod, kernels.BlockLinear)]
-    assert len(blocks) == 2 * 4 + 1, blocks   # q, k, v, o of both layers, and the head
-    assert all(u.startswith("layer.") or u in ("head", "embed") for u in m.plan.blocks)
+    g = make_moe_gguf(tmp_path / "tiny-moe.gguf", qtype)
+    ref = AutoModel.from_pretrained(g, max_ram=0, store_path=tmp_path / "store", progress=False, kernels=False,
+                                    compression=compression)
+    seq = ref.generate(IDS, max_new_tokens=8, do_sample=False)   # the prompt and 8 greedy tokens
     with torch.no_grad():
-        got, want = m(IDS).logits[0], ref(IDS).logits[0]
-    lp, lq = want.log_softmax(-1), got.log_softmax(-1)
-    kl = (lp.exp() * (lp - lq)).sum(-1)
-    assert int((kl < 0.02).sum()) >= len(kl) - 1 and bool(torch.isfinite(got).all()), kl
-    assert any(read for _, _, read in m.profiler.experts)   # routed experts still read one by one
+        want_logits = ref(IDS).logits[0]
+    for max_ram in (0, None):
+        m = AutoModel.from_pretrained(tmp_path / "store", max_ram=max_ram, progress=False)
+        blocks = [n for n, mod in m.model.named_modules() if isinstance(mod, kernels.BlockLinear)]
+        assert len(blocks) == 2 * 4 + 1, blocks   # q, k, v, o of both layers, and the head
+        assert sum(u.kind == "expert" and u.name in m.plan.blocks for u in m.plan.units) == 2 * 8
+        assert all(mod.forward.__func__ is kernels.block_experts_forward
+                   for n, mod in m.model.named_modules() if n.endswith("mlp.experts"))
+        assert not any(p.numel() for n, p in m.model.named_parameters() if ".experts." in n)   # nothing stacked
+        m.profiler.reset()
+        with torch.no_grad():
+            got = m(IDS).logits[0]
+        lp, lq = want_logits.log_softmax(-1), got.log_softmax(-1)
+        kl = (lp.exp() * (lp - lq)).sum(-1)
+        assert int((kl < 0.02).sum()) >= len(kl) - 1 and bool(torch.isfinite(got).all()), kl
+        reads = [read for _, _, read in m.profiler.experts]
+        assert reads and (all(reads) if max_ram == 0 else not any(reads)), m.profiler.experts
+        # decoding too (one token a sweep through the routed experts' blocks)
+        assert m.generate(IDS, max_new_tokens=8, do_sample=False).shape == seq.shape
+        m.close()
     ref.close()
-    m.close()

@@ -41,6 +41,16 @@ class Experts:
         return f"{self.module}.{j}.{param}"
 
 
+def expert_param(name: str) -> tuple[str, int, str]:
+    """(experts module, expert, parameter) of an expert's tensor `<module>.<j>.<param>` (`Experts.tensor`);
+    ValueError for another name."""
+    parent, _, param = name.rpartition(".")
+    module, _, j = parent.rpartition(".")
+    if not (module and param and j.isdigit()):
+        raise ValueError(f"{name!r} is not an expert's tensor")
+    return module, int(j), param
+
+
 @dataclass
 class Layout:
     units: list[Unit]

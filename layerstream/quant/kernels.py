@@ -242,3 +242,36 @@ class BlockLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.kind} blocks (ggml)"
+
+
+def experts_on_blocks(mod: nn.Module) -> bool:
+    """Whether a fused experts module (transformers' `use_experts_implementation` contract: `has_gate`,
+    `is_transposed`, ...) can compute on its experts' blocks with `block_experts_forward`: [out, in] weights
+    (not transposed), gate and up concatenated (or no gate), no biases, no norm after each expert."""
+    return (hasattr(mod, "has_gate") and hasattr(mod, "act_fn") and not getattr(mod, "is_transposed", True)
+            and getattr(mod, "is_concatenated", False) and not getattr(mod, "has_bias", True)
+            and not getattr(mod, "has_post_expert_norm", True) and not getattr(mod, "_is_expert_parallel", False))
+
+
+def block_experts_forward(mod: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                          top_k_weights: torch.Tensor) -> torch.Tensor:
+    """transformers' experts forward (hidden_states [tokens, hidden], the router's top-k indices and weights)
+    computed on each routed expert's GGUF blocks with ggml: `mod.ls_blocks` {expert: {param: (kind, blocks)}}
+    holds the experts this call routes to (bound by the streamer's hook). No expert is dequantized or stacked;
+    the per-expert math is transformers' eager path (gate and up, `_apply_gate`, down, weighted sum)."""
+    blocks = mod.ls_blocks
+    up_name = "gate_up_proj" if mod.has_gate else "up_proj"
+    x = hidden_states.to(torch.float32)
+    out = torch.zeros(x.shape, dtype=torch.float32)
+    for e in torch.unique(top_k_index).tolist():
+        if not 0 <= e < mod.num_experts:
+            continue
+        tok, pos = torch.where(top_k_index == e)
+        xe = x[tok].contiguous()
+        kind, w = blocks[e][up_name]
+        h = mul_mat(kind, w, xe, torch.empty((xe.shape[0], w.shape[0]), dtype=torch.float32))
+        h = (mod._apply_gate(h) if mod.has_gate else mod.act_fn(h)).contiguous()
+        kind, w = blocks[e]["down_proj"]
+        y = mul_mat(kind, w, h, torch.empty((h.shape[0], w.shape[0]), dtype=torch.float32))
+        out.index_add_(0, tok, y * top_k_weights[tok, pos, None].to(torch.float32))
+    return out.to(hidden_states.dtype)

@@ -16,6 +16,8 @@ import time
 
 import torch
 
+from ..arch.skeleton import expert_param
+
 
 class ExpertRouting:
     """Mixed into `Streamer`: uses its params, expert_views, expert_units, loader, prof and expert_counts."""
@@ -47,6 +49,9 @@ class ExpertRouting:
             args = _routing_args(args, kwargs)
             idx = args[1]
             routed = [j for j in torch.unique(idx).tolist() if 0 <= j < ex.num_experts]
+            if ex.module in self.expert_blocks:   # computed on the routed experts' blocks: nothing stacked
+                self._bind_expert_blocks(ex, mod, routed)
+                return tuple(args), kwargs
             if ex.module in self.fused:   # all resident and bound: count the routing only
                 self._record_routing(ex, routed, 0)
                 return tuple(args), kwargs
@@ -80,6 +85,35 @@ class ExpertRouting:
             return tuple(args), kwargs
         return hook
 
+    def _bind_expert_blocks(self, ex, mod, routed: list[int]) -> None:
+        """The routed experts' blocks for `block_experts_forward`: resident ones as bound at load, the others
+        read now (in parallel), kept as blocks by the loader, and handed back after the call."""
+        t0 = time.perf_counter()
+        resident = self.expert_blocks[ex.module]
+        todo = [self.expert_units[ex.unit(j)] for j in routed if j not in resident]
+        if self.expert_pool is not None and len(todo) > 1:
+            items = list(self.expert_pool.map(self.loader.load_now, todo))
+        else:
+            items = [self.loader.load_now(u) for u in todo]
+        self.expert_items[ex.module] = items
+        bound = {j: resident[j] for j in routed if j in resident}
+        for item in items:
+            if item.error is not None:
+                self._release_expert_blocks(ex, mod)
+                raise item.error
+            for name, t in item.views.items():
+                base, _, gk = name.rpartition(".")
+                _, j, param = expert_param(base)
+                bound.setdefault(j, {})[param] = (gk, t)
+        mod.ls_blocks = bound
+        self.prof.wait[ex.layer + ".experts"] += time.perf_counter() - t0
+        self._record_routing(ex, routed, len(todo))
+
+    def _release_expert_blocks(self, ex, mod) -> None:
+        mod.ls_blocks = {}
+        for item in self.expert_items.pop(ex.module, []):
+            self.loader.done(item)
+
     def _record_routing(self, ex, routed: list[int], read: int) -> None:
         """Count the experts chosen (for the store's expert counts) and log the call for the profiler."""
         for j in routed:
@@ -88,6 +122,10 @@ class ExpertRouting:
 
     def _experts_post(self, ex):
         def hook(mod, args, output):
+            if ex.module in self.expert_blocks:
+                self._release_expert_blocks(ex, mod)
+                self.prof.calls[ex.layer + ".experts"] += 1
+                return
             if ex.module in self.fused or ex.module in self.cpu_experts:
                 return
             mod.num_experts = ex.num_experts

@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from ..arch import Layout
+from ..arch.skeleton import expert_param
 from ..plan import Plan
 from ..quant import INT4_GGML, Int4PackedLinear, as_int4, dequantize, stored_names
-from ..quant.kernels import BlockLinear, kernel_kind, to_ggml
+from ..quant.kernels import BlockLinear, block_experts_forward, experts_on_blocks, kernel_kind, to_ggml
 from ..store import Store, aligned_empty, release_rows_as_read, tensor_views
 from .embedding import EmbeddingRows
 from .experts import ExpertRouting
@@ -30,8 +31,9 @@ def block_weights(model: nn.Module, store: Store) -> dict[str, dict[str, tuple[s
     """The units whose linear layers can compute on their stored blocks with ggml (`quant/kernels.py`):
     {unit: {stored weight: (module, GGUF kind)}}. A unit qualifies when every quantized weight in it has a
     kernel and belongs to a plain `nn.Linear`; the embedding qualifies too (its rows are gathered as blocks),
-    and when the head is tied to it, the head's linear layer computes on the embedding's blocks. MoE experts
-    (fused expert tensors, not linear layers) keep the dequantize path."""
+    and when the head is tied to it, the head's linear layer computes on the embedding's blocks. An expert unit
+    qualifies when its fused experts module follows transformers' experts contract in a form
+    `block_experts_forward` computes (`experts_on_blocks`); others keep the dequantize path."""
     mods = dict(model.named_modules())
     out_emb = model.get_output_embeddings()
     head_name = next((n for n, m in mods.items() if m is out_emb), None)
@@ -39,10 +41,13 @@ def block_weights(model: nn.Module, store: Store) -> dict[str, dict[str, tuple[s
         out_emb.weight is model.get_input_embeddings().weight
     found = {}
     for u in store.manifest.units:
-        if u.kind == "expert":
-            continue
         shapes = {sl.name: tuple(sl.shape) for sl in store.slots(u.name)}
         quant = stored_names(list(shapes))
+        if u.kind == "expert":
+            weights = _expert_blocks(mods, shapes, quant)
+            if weights:
+                found[u.name] = weights
+            continue
         weights = {}
         for base, (kind, names) in quant.items():
             gk = kernel_kind(kind, {sf: shapes[n] for sf, n in names.items()})
@@ -60,6 +65,26 @@ def block_weights(model: nn.Module, store: Store) -> dict[str, dict[str, tuple[s
     return found
 
 
+def _expert_blocks(mods: dict, shapes: dict, quant: dict) -> dict | None:
+    """One expert unit's weights {stored weight: (experts module, GGUF kind)} when its experts module computes on
+    blocks (`experts_on_blocks`) and every tensor of the unit is a weight ggml has a kernel for; else None."""
+    if not quant or len({n for _, names in quant.values() for n in names.values()}) != len(shapes):
+        return None   # a float tensor beside the blocks (a bias): the dequantize path
+    weights = {}
+    for base, (kind, names) in quant.items():
+        try:
+            mod_name, _, param = expert_param(base)
+        except ValueError:
+            return None
+        mod = mods.get(mod_name)
+        gk = kernel_kind(kind, {sf: shapes[n] for sf, n in names.items()})
+        wanted = ("gate_up_proj" if getattr(mod, "has_gate", True) else "up_proj", "down_proj")
+        if gk is None or mod is None or param not in wanted or not experts_on_blocks(mod):
+            return None
+        weights[base] = (mod_name, gk)
+    return weights
+
+
 class Streamer(ExpertRouting, EmbeddingRows):
     """Binds a skeleton's parameters to resident weights once and to streamed ones around each forward."""
 
@@ -70,6 +95,9 @@ class Streamer(ExpertRouting, EmbeddingRows):
         # linear layers that compute on their blocks (ggml): swapped in before the parameters are listed
         self.block_mods: dict[str, BlockLinear] = {}   # stored name of a weight's blocks -> its module
         self.block_kinds: dict[str, str] = {}          # stored weight -> the GGUF kind it computes as
+        # experts modules computing on their experts' blocks -> {expert: {param: (GGUF kind, blocks)}} resident
+        self.expert_blocks: dict[str, dict[int, dict[str, tuple[str, torch.Tensor]]]] = {}
+        self.expert_items: dict[str, list] = {}        # experts module -> loaded items of its call, released after
         self._swap_block_linears()
         self.device, self.dtype, self.prof = device, dtype, profiler
         self.params: dict[str, nn.Parameter] = dict(model.named_parameters(remove_duplicate=False))
@@ -139,6 +167,15 @@ class Streamer(ExpertRouting, EmbeddingRows):
         for unit, weights in block_weights(self.model, self.store).items():
             if unit not in self.plan.blocks:
                 continue
+            if unit.split(".")[2:3] == ["expert"]:   # its experts module computes on the routed experts' blocks
+                for base, (mod_name, gk) in weights.items():
+                    self.block_kinds[base] = gk
+                    if mod_name not in self.expert_blocks:
+                        self.expert_blocks[mod_name] = {}
+                        mod = mods[mod_name]
+                        mod.ls_blocks = {}
+                        mod.forward = block_experts_forward.__get__(mod)
+                continue
             for base, (mod_name, gk) in weights.items():
                 old = mods[mod_name]
                 new = BlockLinear.replacing(old, gk)
@@ -158,7 +195,11 @@ class Streamer(ExpertRouting, EmbeddingRows):
             parts = {sf: views.pop(n) for sf, n in names.items()}
             if base in self.block_kinds:
                 gk, raw = to_ggml(kind, parts)
-                self.block_mods[f"{base}.{gk}"].bind(raw)
+                if unit.split(".")[2:3] == ["expert"]:
+                    mod_name, j, param = expert_param(base)
+                    self.expert_blocks[mod_name].setdefault(j, {})[param] = (gk, raw)
+                else:
+                    self.block_mods[f"{base}.{gk}"].bind(raw)
         if unit == "embed":
             return
         for name, t in views.items():

@@ -116,3 +116,52 @@ def test_wrong_blocks_are_refused():
         mod.bind(torch.zeros(4, 100, dtype=torch.uint8))
     with pytest.raises(RuntimeError, match="no blocks bound"):
         mod(torch.randn(1, 256))
+
+
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0", "q4_k", "q6_k"])
+def test_experts_on_blocks_match_transformers_experts(kind):
+    """`block_experts_forward` (each routed expert's gate/up and down on its blocks) against transformers' own
+    experts module holding the dequantized weights, for 1 and 9 tokens routed top-2 over 4 experts (one never
+    routed): per token within the activations' rounding (twice the bound of one matmul: the expert's
+    intermediate is rounded to 8 bits again), and to float precision the sum of `BlockLinear`s token by token."""
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+    seed = zlib.crc32(b"experts" + kind.encode())
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    per = 256 if kind.endswith("_k") else 32
+    hidden, ff, n = per, 2 * per, 4
+    cfg = Qwen3MoeConfig(hidden_size=hidden, moe_intermediate_size=ff, num_experts=n, num_experts_per_tok=2)
+    ref = Qwen3MoeExperts(cfg).eval()
+    assert k.experts_on_blocks(ref)
+    blocks = {}
+    for e in range(n):
+        gate_up = torch.from_numpy(random_blocks(2 * ff, hidden, kind.upper(), rng).copy())
+        down = torch.from_numpy(random_blocks(hidden, ff, kind.upper(), rng).copy())
+        blocks[e] = {"gate_up_proj": (kind, gate_up), "down_proj": (kind, down)}
+        ref.gate_up_proj.data[e] = dequantize(kind, {"." + kind: gate_up}, torch.float32)
+        ref.down_proj.data[e] = dequantize(kind, {"." + kind: down}, torch.float32)
+    mod = Qwen3MoeExperts(cfg).eval()
+    mod.ls_blocks = blocks
+    for tokens in (1, 9):
+        x = torch.randn(tokens, hidden)
+        idx = torch.stack([torch.randperm(3)[:2] for _ in range(tokens)])   # expert 3 never routed
+        wts = torch.rand(tokens, 2).softmax(-1)
+        with torch.no_grad():
+            want = ref(x, idx, wts)
+            got = k.block_experts_forward(mod, x, idx, wts)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        scale = x.norm(dim=-1, keepdim=True) * ref.down_proj.data.norm() / ref.down_proj.data.numel() ** 0.5 * \
+            ref.gate_up_proj.data.norm() / ref.gate_up_proj.data.shape[-1] ** 0.5
+        err = float(((got - want).norm(dim=-1, keepdim=True) / (want.norm(dim=-1, keepdim=True) + scale)).max())
+        assert err < 2 * TOL, (kind, tokens, err)   # two matmuls, the intermediate rounded to 8 bits again
+        # exactly the composition of BlockLinears, token by token (a row's result is the same bits in any batch)
+        lin = {(e, p): k.BlockLinear(*(hidden, 2 * ff) if p == "gate_up_proj" else (ff, hidden), kind)
+               for e in range(n) for p in ("gate_up_proj", "down_proj")}
+        for (e, p), m in lin.items():
+            m.bind(blocks[e][p][1])
+        exact = torch.stack([sum(wts[t, j] * lin[int(idx[t, j]), "down_proj"](
+            mod._apply_gate(lin[int(idx[t, j]), "gate_up_proj"](x[t:t + 1]))) for j in range(2))[0]
+            for t in range(tokens)])
+        torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-6)
