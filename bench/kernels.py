@@ -12,7 +12,10 @@ Measured per system: prefill of a prompt (the chat prompt for SmolLM2; 512 token
 decode step over --tokens greedy tokens after it, tokens/s. llama.cpp (llama-cpp-python, optional: reported as
 "not installed" when missing) runs with its defaults (its CPU repack on) and n_threads = the cores.
 
-    .venv/bin/python bench/kernels.py [--dir /tmp/ls-bench] [--tokens 32] [--only smollm2|1.5b]
+    .venv/bin/python bench/kernels.py [--dir /tmp/ls-bench] [--tokens 32] [--only smollm2|1.5b|moe]
+
+--only moe (not in the default run): a Qwen3-MoE-shaped Q4_K GGUF (bench/moe.py's shape, random weights, about
+1 GB), its experts computed on their blocks per routed expert.
 """
 
 from __future__ import annotations
@@ -79,6 +82,74 @@ def run_layerstream(gguf: str, prompt_ids: list, tokens: int, opts: dict, store:
             "tokens": out, "block_linears": blocks}
 
 
+MOE = {"hidden": 1024, "heads": 16, "kv": 4, "head_dim": 64, "experts": 64, "topk": 8, "expert_ff": 512,
+       "vocab": 49152, "ctx": 1024}
+LAYERS_MOE = 16
+
+
+def make_moe(path: Path) -> Path:
+    """A Qwen3-MoE-shaped GGUF as llama.cpp's converter writes one (`ffn_{gate,up,down}_exps` [experts, rows,
+    cols] per layer): bench/moe.py's shape (16 layers of 64 experts, 8 routed, hidden 1024, expert width 512),
+    random weights, every matrix Q4_K but attn_v / ffn_down_exps of every other layer and the output in Q6_K."""
+    if path.exists():
+        return path
+    import gguf
+    import numpy as np
+
+    from layerstream.sources import embedded_model
+
+    from gguf_tiny import _copy_tokenizer, random_blocks
+
+    t = time.perf_counter()
+    d, arch, rng = MOE, "qwen3moe", np.random.default_rng(0)
+    tmp = path.with_suffix(".tmp.gguf")
+    w = gguf.GGUFWriter(str(tmp), arch)
+    for key, val in {"context_length": d["ctx"], "embedding_length": d["hidden"], "block_count": LAYERS_MOE,
+                     "feed_forward_length": 4 * d["hidden"], "expert_feed_forward_length": d["expert_ff"],
+                     "attention.head_count": d["heads"], "attention.head_count_kv": d["kv"],
+                     "attention.key_length": d["head_dim"], "attention.value_length": d["head_dim"],
+                     "expert_count": d["experts"], "expert_used_count": d["topk"]}.items():
+        w.add_uint32(f"{arch}.{key}", val)
+    w.add_float32(f"{arch}.rope.freq_base", 10000.0)
+    w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)
+    _copy_tokenizer(w, gguf.GGUFReader(embedded_model()), d["vocab"])
+
+    def put(name: str, shape: tuple, qtype: str):
+        *lead, rows, cols = shape
+        if qtype == "F32":
+            w.add_tensor(name, rng.uniform(0.5, 1.5, size=shape).astype(np.float32) if not rows else
+                         rng.normal(0, 0.05, size=shape).astype(np.float32))
+            return
+        n = int(np.prod(lead or [1]))
+        raw = random_blocks(n * rows, cols, qtype, rng)
+        w.add_tensor(name, raw.reshape(*lead, rows, -1), raw_dtype=getattr(gguf.GGMLQuantizationType, qtype))
+
+    h, hd, e, ff = d["hidden"], d["head_dim"], d["experts"], d["expert_ff"]
+    put("token_embd.weight", (d["vocab"], h), "Q4_K")
+    put("output_norm.weight", (0, h), "F32")
+    put("output.weight", (d["vocab"], h), "Q6_K")
+    for i in range(LAYERS_MOE):
+        put(f"blk.{i}.attn_q.weight", (d["heads"] * hd, h), "Q4_K")
+        put(f"blk.{i}.attn_k.weight", (d["kv"] * hd, h), "Q4_K")
+        put(f"blk.{i}.attn_v.weight", (d["kv"] * hd, h), q4_k_m("attn_v", i))
+        put(f"blk.{i}.attn_output.weight", (h, d["heads"] * hd), "Q4_K")
+        for norm in ("attn_norm", "ffn_norm"):
+            put(f"blk.{i}.{norm}.weight", (0, h), "F32")
+        for norm in ("attn_q_norm", "attn_k_norm"):
+            put(f"blk.{i}.{norm}.weight", (0, hd), "F32")
+        put(f"blk.{i}.ffn_gate_inp.weight", (e, h), "F32")
+        put(f"blk.{i}.ffn_gate_exps.weight", (e, ff, h), "Q4_K")
+        put(f"blk.{i}.ffn_up_exps.weight", (e, ff, h), "Q4_K")
+        put(f"blk.{i}.ffn_down_exps.weight", (e, h, ff), q4_k_m("ffn_down", i))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tmp.rename(path)
+    print(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t:.0f} s", flush=True)
+    return path
+
+
 def run_llama_cpp(gguf: str, prompt_ids: list, tokens: int) -> dict:
     """llama.cpp greedy: the prompt's evaluation (prefill) and then one token per step, each step timed from the
     token before it (its generator evaluates one token per yield)."""
@@ -142,7 +213,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default="/tmp/ls-bench")
     ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--only", choices=["smollm2", "1.5b"])
+    ap.add_argument("--only", choices=["smollm2", "1.5b", "moe"])
     ap.add_argument("--child")
     args = ap.parse_args()
     if args.child:
@@ -167,6 +238,18 @@ def main():
             ("layerstream in place, max_ram=0 (blocks streamed)", "layerstream", {"max_ram": 0}),
             ("layerstream kernels=False (dequantized once, float32)", "layerstream", {"kernels": False}),
         ])
+    if args.only == "moe":
+        g = str(make_moe(d / "qwen3-moe-shape-q4_k.gguf"))
+        ids = [(i * 7919) % 49000 + 100 for i in range(64)]
+        table("Qwen3-MoE-shaped Q4_K (16 layers x 64 experts, 8 routed; random weights)", g, ids, args.tokens,
+              str(d / "moe-store"), [
+                  ("llama.cpp", "llama.cpp", {}),
+                  ("layerstream default (blocks, resident)", "layerstream", {}),
+                  ("layerstream in place, max_ram=0 (blocks; experts read when routed)", "layerstream",
+                   {"max_ram": 0}),
+                  ("layerstream kernels=False (dequantized once, float32)", "layerstream", {"kernels": False}),
+              ])
+        return
     if args.only != "smollm2":
         g = str(make_15b(d / "qwen2.5-1.5b-shape-q4_k_m.gguf"))
         ids = [(i * 7919) % 49000 + 100 for i in range(512)]

@@ -337,10 +337,14 @@ def burst(client, model: str, rng: random.Random, n: int, stats: Stats) -> None:
 
 def loop(i: int, srv: Server, deadline: float, seed: int, burst_size: int, stats: Stats) -> None:
     rng = random.Random(seed * 1000 + i)
-    client = openai.OpenAI(base_url=srv.base_url, api_key="x", max_retries=0, timeout=TIMEOUT)
+    # the server closes idle connections after --read-timeout (3 s here): the clients drop theirs sooner (httpx's
+    # default, 5 s, would reuse connections the server is closing), as a client of a server with that setting must
+    limits = httpx.Limits(keepalive_expiry=1.0)
+    client = openai.OpenAI(base_url=srv.base_url, api_key="x", max_retries=0, timeout=TIMEOUT,
+                           http_client=httpx.Client(limits=limits, timeout=TIMEOUT))
     cases = malformed_cases(srv.name)
     kinds, weights = list(KINDS), list(KINDS.values())
-    with httpx.Client() as http:
+    with httpx.Client(limits=limits) as http:
         while time.monotonic() < deadline:
             kind = rng.choices(kinds, weights)[0]
             if kind == "malformed":

@@ -140,6 +140,40 @@ def test_slow_clients_are_cut_off(hardened):
     assert httpx.get(f"{url}/health").status_code == 200
 
 
+def test_idle_keep_alive_connections_last_the_read_timeout(hardened):
+    """An idle keep-alive connection is closed `--read-timeout` after its last response, not at uvicorn's 5 s:
+    those equal httpx's pool expiry (the openai client's), and a client reusing a connection as the server closes
+    it gets a reset. A server with a 7 s timeout: a connection idle 5.5 s still answers; idle 7 s more, closed."""
+    url, port, m, app = hardened
+    server = make_server(app, port=0, read_timeout=7.0, shutdown_timeout=1)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(400):
+        if server.started:
+            break
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    get = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            for wait in (0, 5.5):
+                time.sleep(wait)
+                s.sendall(get)
+                got = b""
+                while b"\r\n\r\n" not in got or len(got.split(b"\r\n\r\n", 1)[1]) < int(
+                        got.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0]):
+                    chunk = s.recv(65536)
+                    assert chunk, (wait, got)   # not closed before the whole answer
+                    got += chunk
+                assert got.startswith(b"HTTP/1.1 200"), (wait, got)
+            t0 = time.perf_counter()
+            assert s.recv(65536) == b""   # closed by the server
+            assert 6.0 < time.perf_counter() - t0 < 9.5
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
 def test_hostile_requests_beside_innocent_clients(hardened):
     """Each class of hostile request gets its JSON error (the field named where there is one) while three
     innocent openai clients (chat, streamed chat, completions) run beside them: every innocent request succeeds

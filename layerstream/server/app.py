@@ -577,8 +577,11 @@ def make_server(app, host: str = "127.0.0.1", port: int = 8000, read_timeout: fl
                 finally:
                     self._captured_signals.clear()   # a graceful stop on a signal is a normal exit (status 0)
 
+    # an idle keep-alive connection is closed by the protocol's deadline (`read_timeout` after its last response),
+    # not by uvicorn's 5 s timer: that equals httpx's (the openai client's) pool expiry, and a client reusing a
+    # connection as the server closes it gets a reset (seen in bench/soak.py)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, http=timed_protocol(read_timeout),
-                            timeout_graceful_shutdown=shutdown_timeout + 5)
+                            timeout_graceful_shutdown=shutdown_timeout + 5, timeout_keep_alive=read_timeout + 1)
     return Server(config)
 
 
