@@ -144,7 +144,8 @@ def test_idle_keep_alive_connections_last_the_read_timeout(hardened):
     """An idle keep-alive connection is closed `--read-timeout` after its last response, not at uvicorn's 5 s:
     those equal httpx's pool expiry (the openai client's), and a client reusing a connection as the server closes
     it gets a reset. A server with a 7 s timeout: a connection idle 5.5 s still answers; idle 7 s more, closed."""
-    url, port, m, app = hardened
+    url, port, m, _ = hardened
+    app = build_app(Engine(m, max_batch=2), "smol", api_key=KEY, read_timeout=7.0)   # its own: a stop drains it
     server = make_server(app, port=0, read_timeout=7.0, shutdown_timeout=1)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
