@@ -117,7 +117,7 @@ def make_moe(path: Path) -> Path:
     def put(name: str, shape: tuple, qtype: str):
         *lead, rows, cols = shape
         if qtype == "F32":
-            w.add_tensor(name, rng.uniform(0.5, 1.5, size=shape).astype(np.float32) if not rows else
+            w.add_tensor(name, rng.uniform(0.5, 1.5, size=(cols,)).astype(np.float32) if not rows else
                          rng.normal(0, 0.05, size=shape).astype(np.float32))
             return
         n = int(np.prod(lead or [1]))
