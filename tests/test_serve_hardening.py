@@ -29,13 +29,8 @@ READ_TIMEOUT = 1.5
 CHAT = [{"role": "user", "content": "Name a color."}]
 
 
-@pytest.fixture(scope="module")
-def hardened(embedded_store):
-    """The embedded model behind `make_server` (key required, 4 sequences per sweep, a 64 MiB body cap, a 1.5 s
-    read timeout), in a thread: (url, port, model, app)."""
-    m = AutoModel.from_pretrained(embedded_store, progress=False)
-    app = build_app(Engine(m, max_batch=4), "smol", api_key=KEY, max_body_bytes=64 << 20, read_timeout=READ_TIMEOUT)
-    server = make_server(app, port=0, read_timeout=READ_TIMEOUT, shutdown_timeout=5)
+def start(server):
+    """A uvicorn server run in a thread: (server, thread, port) once it listens."""
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     for _ in range(400):
@@ -43,7 +38,16 @@ def hardened(embedded_store):
             break
         time.sleep(0.05)
     assert server.started
-    port = server.servers[0].sockets[0].getsockname()[1]
+    return server, thread, server.servers[0].sockets[0].getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def hardened(embedded_store):
+    """The embedded model behind `make_server` (key required, 4 sequences per sweep, a 64 MiB body cap, a 1.5 s
+    read timeout), in a thread: (url, port, model, app)."""
+    m = AutoModel.from_pretrained(embedded_store, progress=False)
+    app = build_app(Engine(m, max_batch=4), "smol", api_key=KEY, max_body_bytes=64 << 20, read_timeout=READ_TIMEOUT)
+    server, thread, port = start(make_server(app, port=0, read_timeout=READ_TIMEOUT, shutdown_timeout=5))
     yield f"http://127.0.0.1:{port}", port, m, app
     server.should_exit = True
     thread.join(30)
@@ -146,14 +150,7 @@ def test_idle_keep_alive_connections_last_the_read_timeout(hardened):
     it gets a reset. A server with a 7 s timeout: a connection idle 5.5 s still answers; idle 7 s more, closed."""
     url, port, m, _ = hardened
     app = build_app(Engine(m, max_batch=2), "smol", api_key=KEY, read_timeout=7.0)   # its own: a stop drains it
-    server = make_server(app, port=0, read_timeout=7.0, shutdown_timeout=1)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(400):
-        if server.started:
-            break
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
+    server, thread, port = start(make_server(app, port=0, read_timeout=7.0, shutdown_timeout=1))
     get = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
