@@ -145,6 +145,22 @@ def test_prompts_outside_the_vocabulary_are_refused_at_submit(tiny):
     assert not eng.waiting
 
 
+def test_generate_refuses_a_bad_prompt_and_leaves_nothing_queued(tiny):
+    """generate with a bad third prompt raises naming it, and the two submitted before it do not stay queued (the
+    next step drops them); a params list of another length than the prompts is refused, not cut short."""
+    m, want = tiny
+    eng = Engine(m)
+    with pytest.raises(InputError, match=r"prompt 2: token id 500 is outside"):
+        eng.generate([PROMPTS[0], PROMPTS[1], [1, 500]], SamplingParams(max_tokens=2))
+    eng.step()
+    assert eng.pending() == 0
+    with pytest.raises(InputError, match="3 prompts but 2 SamplingParams"):
+        eng.generate(PROMPTS[:3], [SamplingParams(), SamplingParams()])
+    assert eng.pending() == 0
+    assert [c.token_ids for c in eng.generate(PROMPTS[:2], [SamplingParams(max_tokens=n) for n in LIMITS[:2]])] \
+        == want[:2]
+
+
 def test_a_one_row_batch_is_that_prompt(tiny):
     """tokenizer(..., return_tensors="pt").input_ids is (1, n): submitted as it is, it gives the 1-D prompt's tokens."""
     m, _ = tiny

@@ -346,7 +346,16 @@ class Engine:
         for all, or a list (one per prompt). `progress(completion)` is called as each finishes. A request that
         failed (GenerationError) raises its error, after the others have run."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
-        handles = [self.submit(p, sp) for p, sp in zip(prompts, plist)]
+        if len(plist) != len(prompts):
+            raise InputError(f"{len(prompts)} prompts but {len(plist)} SamplingParams: give one, or one per prompt")
+        handles = []
+        try:
+            for p, sp in zip(prompts, plist):
+                handles.append(self.submit(p, sp))
+        except InputError as e:   # nothing of this call is left queued
+            for h in handles:
+                self.cancel(h.request_id)
+            raise InputError(f"prompt {len(handles)}: {e}") from None
         left = set(range(len(handles)))
         while left:
             self.step()
