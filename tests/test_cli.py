@@ -167,10 +167,12 @@ def test_the_prompt_comes_from_the_argument_a_file_or_stdin(embedded_store, tmp_
     q = "Name three colors."
     (tmp_path / "q.txt").write_text(q)
     common = ["--model", embedded_store, "--max-new-tokens", "8", "--greedy"]
+    # `-t 0` instead of --greedy in one of them: the same exact tokens (test_run_samples_by_default...)
     outs = [run_cli("run", q, *common), run_cli("run", "-f", tmp_path / "q.txt", *common),
-            run_cli("run", *common, input=q), run_cli("run", "-", *common, input=q)]
+            run_cli("run", *common, input=q), run_cli("run", "-", *common[:-1], "-t", "0", input=q)]
     assert all(r.returncode == 0 for r in outs), [r.stderr[-500:] for r in outs]
     assert len({r.stdout for r in outs}) == 1 and outs[0].stdout.strip()
+    assert "sampling: greedy" in outs[0].stderr and "sampling: greedy" in outs[3].stderr
     demo = run_cli("run", *common, input="")
     assert demo.returncode == 0 and demo.stdout != outs[0].stdout
     assert_clean_error(run_cli("run", q, "-f", tmp_path / "q.txt", *common), "not both")
@@ -179,16 +181,17 @@ def test_the_prompt_comes_from_the_argument_a_file_or_stdin(embedded_store, tmp_
 
 @pytest.mark.slow
 def test_run_samples_by_default_seeded_reproducibly_and_greedy_on_request(embedded_store):
+    """Sampled by default (the model's defaults, else llama.cpp's), reproducible with --seed; a value out of
+    range is refused before the model loads. Greedy on request: test_the_prompt_comes_from... (--greedy, -t 0)."""
     args = ["run", "Write a short poem about the sea.", "--model", embedded_store, "--max-new-tokens", "24"]
     a, b = run_cli(*args, "--seed", "7"), run_cli(*args, "--seed", "7")
     assert a.returncode == 0 and b.returncode == 0, a.stderr[-2000:]
     assert "sampling: temperature 0.8, top_p 0.95, top_k 40, min_p 0.05, repeat penalty 1.1" in a.stderr
     assert a.stdout == b.stdout and a.stdout.strip()
-    g = run_cli(*args, "--greedy")
-    assert g.returncode == 0 and "sampling: greedy" in g.stderr
-    assert run_cli(*args, "-t", "0").stdout == g.stdout   # the same exact tokens
-    bad = run_cli(*args, "--top-p", "0")
-    assert bad.returncode == 1 and "--top-p 0.0 is out of range" in bad.stderr
+    for flag, value in (("--top-p", "0"), ("--min-p", "1"), ("-t", "-1")):
+        r = run_cli(*args, flag, value)
+        assert_clean_error(r, "is out of range")
+        assert "importing torch" not in r.stderr
 
 
 def test_version():

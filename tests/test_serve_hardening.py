@@ -147,14 +147,14 @@ def test_slow_clients_are_cut_off(hardened):
 def test_idle_keep_alive_connections_last_the_read_timeout(hardened):
     """An idle keep-alive connection is closed `--read-timeout` after its last response, not at uvicorn's 5 s:
     those equal httpx's pool expiry (the openai client's), and a client reusing a connection as the server closes
-    it gets a reset. A server with a 7 s timeout: a connection idle 5.5 s still answers; idle 7 s more, closed."""
+    it gets a reset. A server with a 5.6 s timeout: a connection idle 5.2 s still answers; idle 5.6 s more, closed."""
     url, port, m, _ = hardened
-    app = build_app(Engine(m, max_batch=2), "smol", api_key=KEY, read_timeout=7.0)   # its own: a stop drains it
-    server, thread, port = start(make_server(app, port=0, read_timeout=7.0, shutdown_timeout=1))
+    app = build_app(Engine(m, max_batch=2), "smol", api_key=KEY, read_timeout=5.6)   # its own: a stop drains it
+    server, thread, port = start(make_server(app, port=0, read_timeout=5.6, shutdown_timeout=1))
     get = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-            for wait in (0, 5.5):
+            for wait in (0, 5.2):
                 time.sleep(wait)
                 s.sendall(get)
                 got = b""
@@ -166,7 +166,7 @@ def test_idle_keep_alive_connections_last_the_read_timeout(hardened):
                 assert got.startswith(b"HTTP/1.1 200"), (wait, got)
             t0 = time.perf_counter()
             assert s.recv(65536) == b""   # closed by the server
-            assert 6.0 < time.perf_counter() - t0 < 9.5
+            assert 5.2 < time.perf_counter() - t0 < 8.5
     finally:
         server.should_exit = True
         thread.join(30)

@@ -74,13 +74,11 @@ def pipeline_args(p: argparse.ArgumentParser) -> None:
                    help="with --pipeline: the Ray cluster (default: RAY_ADDRESS, else a new local Ray)")
 
 
-def sampling_of(a, model):
-    """The sampling settings of `run` / `chat`: the model's defaults (`layerstream.sampling`) with the options
-    given."""
+def check_sampling_args(a) -> None:
+    """`run` / `chat`'s sampling options in range, before the model loads."""
     import math
 
     from ..errors import InputError
-    from ..sampling import choose, model_defaults
 
     for flag, v, ok in (("--temperature", a.temperature, lambda v: v >= 0),
                         ("--top-p", a.top_p, lambda v: 0 < v <= 1), ("--top-k", a.top_k, lambda v: v >= 0),
@@ -88,6 +86,14 @@ def sampling_of(a, model):
                         ("--repeat-penalty", a.repeat_penalty, lambda v: v > 0)):
         if v is not None and not (math.isfinite(v) and ok(v)):
             raise InputError(f"{flag} {v} is out of range")
+
+
+def sampling_of(a, model):
+    """The sampling settings of `run` / `chat`: the model's defaults (`layerstream.sampling`) with the options
+    given."""
+    from ..sampling import choose, model_defaults
+
+    check_sampling_args(a)
     return choose(model_defaults(getattr(model, "generation_config", None)), a.temperature, a.top_p, a.top_k,
                   a.min_p, a.repeat_penalty, greedy=a.greedy)
 

@@ -6,7 +6,7 @@ import os
 import sys
 
 from ..utils import log
-from .common import gen_kwargs, load_model, stats_line, tokenizer_of
+from .common import check_sampling_args, gen_kwargs, load_model, stats_line, tokenizer_of
 
 DEMO_PROMPT = "Write a short poem about the sea."
 
@@ -56,6 +56,7 @@ def cmd_run(a) -> int:
         raise InputError(f"--max-new-tokens must be positive, got {a.max_new_tokens}")
     if a.ray is not None and a.pipeline is None:
         raise InputError("--ray needs --pipeline N here (batch jobs take --ray on their own)")
+    check_sampling_args(a)   # before the model loads
     m = load_model(a)
     from transformers import TextStreamer
 
@@ -101,6 +102,7 @@ class _Interrupt:
 
 
 def cmd_chat(a) -> int:
+    check_sampling_args(a)
     m = load_model(a)   # first: it says it imports torch and transformers, and how long that took
     from transformers import StoppingCriteriaList, TextStreamer
 
