@@ -318,3 +318,35 @@ def test_int4_experts_of_other_shapes_compute_on_blocks(tmp_path, family):
     assert bool((kl < 0.05).all()), kl
     ref.close()
     m.close()
+
+
+def test_an_experts_call_that_raises_hands_its_blocks_back(tmp_path):
+    """An experts call that raises between its hooks (its post hook never runs) keeps the routed experts' loaded
+    blocks only until the next call of that module, which hands them back to the loader first."""
+    from layerstream.quant import kernels
+
+    from gguf_tiny import make_moe_gguf
+
+    if not kernels.available():
+        pytest.skip("ggml-python is not installed (./install.sh builds it)")
+    g = make_moe_gguf(tmp_path / "tiny-moe.gguf", "Q4_1")
+    m = AutoModel.from_pretrained(g, max_ram=0, store_path=tmp_path / "store", progress=False)
+    mod = m.model.model.layers[0].mlp.experts
+    works = mod.forward
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    mod.forward = boom
+    with torch.no_grad(), pytest.raises(RuntimeError, match="boom"):
+        m(IDS)
+    left = list(m.streamer.expert_items["model.layers.0.mlp.experts"])
+    assert left and mod.ls_blocks   # still bound: no post hook ran
+    handed_back, done = [], m.streamer.loader.done
+    m.streamer.loader.done = lambda item: (handed_back.append(item), done(item))
+    mod.forward = works
+    with torch.no_grad():
+        m(IDS)
+    assert all(any(item is h for h in handed_back) for item in left)
+    assert not any(m.streamer.expert_items.values())
+    m.close()

@@ -89,6 +89,7 @@ class ExpertRouting:
         """The routed experts' blocks for `block_experts_forward`: resident ones as bound at load, the others
         read now (in parallel), kept as blocks by the loader, and handed back after the call."""
         t0 = time.perf_counter()
+        self._release_expert_blocks(ex, mod)   # a call that raised before its post hook left its items bound
         resident = self.expert_blocks[ex.module]
         todo = [self.expert_units[ex.unit(j)] for j in routed if j not in resident]
         if self.expert_pool is not None and len(todo) > 1:
