@@ -123,11 +123,13 @@ class StreamedModel:
         blocks = set(block_weights(self.model, self.store)) if use_kernels(opts.kernels, self.device, self.store) \
             else set()
         if opts.expert_device == "cpu":   # experts run by their CPU twins, which dequantize them (runtime/experts.py)
-            blocks = {u for u in blocks if ".expert." not in u}
+            blocks -= {u.name for u in self.layout.units if u.kind == "expert"}
         # without ggml: int4 units computed on their blocks by torch's int4 kernel (bfloat16 only)
         packed = self.device.type == "cpu" and self.dtype == torch.bfloat16
         self.plan = make_plan(self.store, self.device.type, opts.ram_bytes, opts.gpu_bytes, opts.lookahead, packed,
                               expert_device=opts.expert_device, blocks=blocks)
+        # torch computes some MoE experts (dequantized) itself: it then keeps its threads beside ggml's (`running`)
+        self._torch_experts = any(u.kind == "expert" and u.name not in self.plan.blocks for u in self.plan.units)
         self.profiler = Profiler(opts.profiling)
         resident = sum(u.bytes for u in self.plan.units if u.tier != "disk")
         bar = None
@@ -174,8 +176,7 @@ class StreamedModel:
             torch.set_num_threads(self.threads)
         try:
             # ggml's matmuls on the blocks: torch keeps one thread, unless it computes a MoE model's experts
-            experts = any(u.kind == "expert" and u.name not in self.plan.blocks for u in self.plan.units)
-            with torch.inference_mode(), (kernel_threads(self.threads, self.threads if experts else 1)
+            with torch.inference_mode(), (kernel_threads(self.threads, self.threads if self._torch_experts else 1)
                                           if self.plan.blocks else nullcontext()):
                 yield
         finally:

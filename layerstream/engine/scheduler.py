@@ -232,7 +232,7 @@ class _Entry:
 def _token_list(prompt_ids) -> list[int]:
     """One prompt's token ids as a list of ints. A (1, n) batch, as a tokenizer's `return_tensors="pt"` gives, is
     that one row; a batch of several rows is refused by name (submit each row: they run batched anyway)."""
-    ids = prompt_ids.tolist() if torch.is_tensor(prompt_ids) or hasattr(prompt_ids, "tolist") else prompt_ids
+    ids = prompt_ids.tolist() if hasattr(prompt_ids, "tolist") else prompt_ids   # a tensor or a numpy array
     if isinstance(ids, (list, tuple)) and ids and all(isinstance(r, (list, tuple)) for r in ids):
         if len(ids) != 1:
             raise InputError(f"submit takes one prompt, got a batch of {len(ids)} rows: submit each row "

@@ -98,13 +98,13 @@ class Streamer(ExpertRouting, EmbeddingRows):
         # experts modules computing on their experts' blocks -> {expert: {param: (GGUF kind, blocks)}} resident
         self.expert_blocks: dict[str, dict[int, dict[str, tuple[str, torch.Tensor]]]] = {}
         self.expert_items: dict[str, list] = {}        # experts module -> loaded items of its call, released after
+        self.expert_units = {u.name: u for u in plan.units if u.kind == "expert"}
         self._swap_block_linears()
         self.device, self.dtype, self.prof = device, dtype, profiler
         self.params: dict[str, nn.Parameter] = dict(model.named_parameters(remove_duplicate=False))
         self.buffers = {n: (m, n.rsplit(".", 1)[-1], b) for mn, m in model.named_modules()
                         for n, b in ((f"{mn}.{k}" if mn else k, b) for k, b in m._buffers.items())}
         self.expert_views: dict[str, dict[str, torch.Tensor]] = {}   # resident experts, ready to stack
-        self.expert_units = {u.name: u for u in plan.units if u.kind == "expert"}
         self.expert_counts: dict[str, int] = defaultdict(int)   # routed calls per expert, not yet recorded
         self.reader = FileReader(store, verify, profiler, direct=direct, readers=readers, fadvise=fadvise,
                                  mapped=mapped)
@@ -167,7 +167,7 @@ class Streamer(ExpertRouting, EmbeddingRows):
         for unit, weights in block_weights(self.model, self.store).items():
             if unit not in self.plan.blocks:
                 continue
-            if unit.split(".")[2:3] == ["expert"]:   # its experts module computes on the routed experts' blocks
+            if unit in self.expert_units:   # its experts module computes on the routed experts' blocks
                 for base, (mod_name, gk) in weights.items():
                     self.block_kinds[base] = gk
                     if mod_name not in self.expert_blocks:
@@ -195,7 +195,7 @@ class Streamer(ExpertRouting, EmbeddingRows):
             parts = {sf: views.pop(n) for sf, n in names.items()}
             if base in self.block_kinds:
                 gk, raw = to_ggml(kind, parts)
-                if unit.split(".")[2:3] == ["expert"]:
+                if unit in self.expert_units:
                     mod_name, j, param = expert_param(base)
                     self.expert_blocks[mod_name].setdefault(j, {})[param] = (gk, raw)
                 else:
