@@ -16,6 +16,7 @@ import torch
 
 from layerstream import AutoModel
 from layerstream.engine import paged
+from layerstream.engine.kv import SlabStep
 from layerstream.engine.scheduler import Engine, SamplingParams
 from layerstream.engine.step import forward, new_cache
 
@@ -30,9 +31,9 @@ def prompts_for(b, p, vocab, seed=0):
 
 def time_paged(m, prompts, attn):
     if attn == "slab":
-        r = paged.SlabRunner(m)
+        r = SlabStep(m)
         for i, p in enumerate(prompts):   # reserved up front, as the engine knows prompt + max_tokens
-            r.cache.reserve(f"s{i}", len(p) + STEPS + 8)
+            r.kv.reserve(f"s{i}", len(p) + STEPS + 8)
     else:
         r = paged.PagedRunner(m, num_blocks=sum(len(p) for p in prompts) // 64 + 2 * len(prompts) + 4,
                               page_size=64, max_batch_tokens=2048, attn=attn)
@@ -50,7 +51,8 @@ def time_paged(m, prompts, attn):
 
 
 def time_engine(m, prompts):
-    eng = Engine(m, max_batch=len(prompts), prefix_cache=0)
+    """The engine's shared masked cache (its path before slabs, kept for families that cannot page)."""
+    eng = Engine(m, max_batch=len(prompts), prefix_cache=0, paged=False)
     eng.eos = set()
     hs = [eng.submit(p, SamplingParams(max_tokens=STEPS + 8)) for p in prompts]
     caches, firsts = [], []

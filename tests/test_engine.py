@@ -28,6 +28,13 @@ def tiny(tmp_path_factory):
     return src, m, want
 
 
+@pytest.fixture(params=[True, False], ids=["slabs", "masked"])
+def paged(request):
+    """Both KV paths: per-sequence slabs (engine/kv.py, the default of paged families) and the shared masked
+    cache (families that cannot page)."""
+    return request.param
+
+
 def test_generate_step_gives_generate_tokens(tiny):
     src, m, want = tiny
     for p, n, w in zip(PROMPTS, LIMITS, want):
@@ -36,11 +43,11 @@ def test_generate_step_gives_generate_tokens(tiny):
         assert m.profiler.sweeps == len(w)   # the prompt's sweep makes the first token, one sweep per token after
 
 
-def test_requests_join_and_leave_sharing_sweeps(tiny):
+def test_requests_join_and_leave_sharing_sweeps(tiny, paged):
     """Six requests, three slots: a finished request leaves and a waiting one joins at the next step; every
     request gets exactly generate's greedy tokens, and each step is one sweep for all the rows in it."""
     src, m, want = tiny
-    eng = Engine(m, max_batch=3, prefix_cache=0)
+    eng = Engine(m, paged=paged, max_batch=3, prefix_cache=0)
     m.profiler.reset()
     out = eng.generate(PROMPTS, [SamplingParams(max_tokens=n) for n in LIMITS])
     assert [c.token_ids for c in out] == want
@@ -53,21 +60,21 @@ def test_requests_join_and_leave_sharing_sweeps(tiny):
     # packed, not padded: the first sweep computes the three prompts' tokens, a decode sweep one token per row
     assert m.profiler.sweep_tokens[0] == sum(len(p) for p in PROMPTS[:3])
     assert m.profiler.sweep_tokens[1] == 3
-    assert eng.cache is None and not eng.active and not eng.waiting
+    assert eng.kv_tokens() == 0 and not eng.active and not eng.waiting
 
 
-def test_requests_wait_while_the_kv_budget_is_full(tiny):
+def test_requests_wait_while_the_kv_budget_is_full(tiny, paged):
     """A KV budget that holds the largest request alone: the others wait (never dropped), the cache never
     outgrows the budget, and all finish, correct."""
     src, m, want = tiny
     per = Engine(m).kv_per_token
     one = max(len(p) + n for p, n in zip(PROMPTS, LIMITS)) * per
-    eng = Engine(m, max_batch=4, kv_budget=one)
+    eng = Engine(m, paged=paged, max_batch=4, kv_budget=one)
     out = eng.generate(PROMPTS, [SamplingParams(max_tokens=n) for n in LIMITS])
     assert [c.token_ids for c in out] == want
     assert eng.stats["kv_peak_tokens"] * per <= one
     assert eng.stats["max_batch_seen"] < 4
-    roomy = Engine(m, max_batch=4)
+    roomy = Engine(m, paged=paged, max_batch=4)
     roomy.generate(PROMPTS, [SamplingParams(max_tokens=n) for n in LIMITS])
     assert roomy.stats["max_batch_seen"] == 4 and roomy.stats["kv_peak_tokens"] * per > one
     with pytest.raises(InputError, match="KV budget"):
@@ -81,13 +88,13 @@ def greedy(m, prompt, n):
     return m.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)[0, len(prompt):].tolist()
 
 
-def test_prefix_cache_reuses_a_shared_prompt_prefix(tiny):
+def test_prefix_cache_reuses_a_shared_prompt_prefix(tiny, paged):
     """Requests that share a system prompt with a finished one borrow its cache columns: they compute only
     their own tokens, and every request still gets generate's greedy tokens."""
     src, m, want = tiny
     prompts = [SYSTEM + [5, 6, 7], SYSTEM + [8, 9], SYSTEM + [10, 11, 12, 13], SYSTEM + [5, 6, 7]]
     expect = [greedy(m, p, 6) for p in prompts]
-    eng = Engine(m, max_batch=4)
+    eng = Engine(m, paged=paged, max_batch=4)
     assert eng.prefix_budget > 0
     first = eng.generate(prompts[:1], SamplingParams(max_tokens=6))
     assert first[0].token_ids == expect[0] and eng.stats["prefill_tokens"] == len(prompts[0])
@@ -97,29 +104,29 @@ def test_prefix_cache_reuses_a_shared_prompt_prefix(tiny):
     # the three later prompts computed only what follows the shared part (the repeated one: its last token)
     assert eng.stats["prefix_hit_tokens"] == len(SYSTEM) * 2 + len(prompts[3]) - 1
     assert eng.stats["prefill_tokens"] == len(prompts[0]) + 2 + 4 + 1
-    off = Engine(m, max_batch=4, prefix_cache=0)
+    off = Engine(m, paged=paged, max_batch=4, prefix_cache=0)
     assert [c.token_ids for c in off.generate(prompts, SamplingParams(max_tokens=6))] == expect
     assert off.stats["prefill_tokens"] == sum(map(len, prompts)) and off.stats["prefix_hit_tokens"] == 0
 
 
-def test_simultaneous_requests_with_one_prefix_compute_it_once(tiny):
+def test_simultaneous_requests_with_one_prefix_compute_it_once(tiny, paged):
     """Eight requests that arrive together with the same system prompt: the first computes it, the others wait
     one step and borrow it."""
     src, m, want = tiny
     prompts = [SYSTEM + [10 + i, 20 + i] for i in range(8)]
     expect = [greedy(m, p, 4) for p in prompts]
-    eng = Engine(m, max_batch=8)
+    eng = Engine(m, paged=paged, max_batch=8)
     out = eng.generate(prompts, SamplingParams(max_tokens=4))
     assert [c.token_ids for c in out] == expect
     assert eng.stats["prefill_tokens"] == len(prompts[0]) + 7 * 2
     assert eng.stats["max_batch_seen"] == 8
 
 
-def test_a_later_chat_turn_borrows_the_earlier_turn_and_its_reply(tiny):
+def test_a_later_chat_turn_borrows_the_earlier_turn_and_its_reply(tiny, paged):
     """A follow-up whose prompt is the earlier prompt, the reply and more borrows both (a chain of borrowings),
     and stays correct after the first entry is evicted."""
     src, m, want = tiny
-    eng = Engine(m, max_batch=2)
+    eng = Engine(m, paged=paged, max_batch=2)
     p1 = SYSTEM + [5, 6, 7]
     r1 = eng.generate([p1], SamplingParams(max_tokens=5))[0].token_ids
     p2 = p1 + r1 + [90, 91, 92]
@@ -133,12 +140,12 @@ def test_a_later_chat_turn_borrows_the_earlier_turn_and_its_reply(tiny):
     assert r3.token_ids == greedy(m, p3, 5)
 
 
-def test_the_prefix_cache_stays_within_its_budget(tiny):
+def test_the_prefix_cache_stays_within_its_budget(tiny, paged):
     """Finished requests are kept least recently used first while they fit the prefix budget; older ones are
     evicted, results stay exact."""
     src, m, want = tiny
     per = Engine(m).kv_per_token
-    eng = Engine(m, max_batch=2, prefix_cache=60 * per)
+    eng = Engine(m, paged=paged, max_batch=2, prefix_cache=60 * per)
     prompts = [[1] + list(range(20 + 20 * i, 40 + 20 * i)) for i in range(5)]
     for p in prompts:
         assert eng.generate([p], SamplingParams(max_tokens=4))[0].token_ids == greedy(m, p, 4)
@@ -149,19 +156,20 @@ def test_the_prefix_cache_stays_within_its_budget(tiny):
     assert eng.stats["prefix_hit_tokens"] == len(prompts[-1]) - 1
 
 
-def test_seeded_sampling_does_not_depend_on_the_batch(tiny):
+def test_seeded_sampling_does_not_depend_on_the_batch(tiny, paged):
     src, m, want = tiny
     sp = SamplingParams(max_tokens=8, temperature=0.9, top_p=0.95, seed=7)
-    alone = Engine(m, max_batch=1).generate([PROMPTS[1]], [sp])[0].token_ids
+    alone = Engine(m, paged=paged, max_batch=1).generate([PROMPTS[1]], [sp])[0].token_ids
     prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[1]]
-    batch = Engine(m, max_batch=4).generate(prompts, [SamplingParams(max_tokens=5, temperature=1.0, seed=1),
-                                                      sp, SamplingParams(max_tokens=3), sp])
+    batch = Engine(m, paged=paged, max_batch=4).generate(
+        prompts, [SamplingParams(max_tokens=5, temperature=1.0, seed=1), sp, SamplingParams(max_tokens=3), sp])
     assert batch[1].token_ids == alone and batch[3].token_ids == alone
-    other = Engine(m, max_batch=1).generate([PROMPTS[1]], [SamplingParams(max_tokens=8, temperature=0.9, seed=8)])
+    other = Engine(m, paged=paged, max_batch=1).generate(
+        [PROMPTS[1]], [SamplingParams(max_tokens=8, temperature=0.9, seed=8)])
     assert other[0].token_ids != alone
 
 
-def test_penalized_greedy_requests_give_generates_tokens_beside_plain_ones(tiny):
+def test_penalized_greedy_requests_give_generates_tokens_beside_plain_ones(tiny, paged):
     """A greedy request with a repetition penalty gets transformers' `generate(repetition_penalty=...)` tokens,
     whatever shares its sweeps; sampled ones with top_k / min_p are seeded reproducibly; OpenAI's penalties
     change the tokens of a request that repeats."""
@@ -169,17 +177,17 @@ def test_penalized_greedy_requests_give_generates_tokens_beside_plain_ones(tiny)
     p, n = PROMPTS[1], 12
     ref = m.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False, repetition_penalty=1.5)[0, len(p):].tolist()
     assert ref != want[1]   # the penalty changes this prompt's greedy tokens
-    out = Engine(m, max_batch=3).generate([PROMPTS[0], p, PROMPTS[2]],
+    out = Engine(m, paged=paged, max_batch=3).generate([PROMPTS[0], p, PROMPTS[2]],
                                           [SamplingParams(max_tokens=LIMITS[0]),
                                            SamplingParams(max_tokens=n, repetition_penalty=1.5),
                                            SamplingParams(max_tokens=LIMITS[2])])
     assert out[1].token_ids == ref
     assert out[0].token_ids == want[0] and out[2].token_ids == want[2]
     sp = SamplingParams(max_tokens=8, temperature=0.9, top_k=5, min_p=0.1, seed=3)
-    a, b = (Engine(m, max_batch=2).generate([p, PROMPTS[0]], [sp, SamplingParams(max_tokens=4)])[0].token_ids
-            for _ in range(2))
+    a, b = (Engine(m, paged=paged, max_batch=2).generate([p, PROMPTS[0]], [sp, SamplingParams(max_tokens=4)])[0]
+            .token_ids for _ in range(2))
     assert a == b
-    freq = Engine(m, max_batch=1).generate([p], [SamplingParams(max_tokens=n, frequency_penalty=2.0,
+    freq = Engine(m, paged=paged, max_batch=1).generate([p], [SamplingParams(max_tokens=n, frequency_penalty=2.0,
                                                                 presence_penalty=2.0)])[0].token_ids
     assert len(set(freq)) > len(set(want[1]))   # fewer repeats than plain greedy
 
@@ -196,11 +204,11 @@ def test_bad_requests_are_refused(tiny):
         eng.submit([1] * 250, SamplingParams(max_tokens=10))
 
 
-def test_engine_thread_streams_and_cancels(tiny):
+def test_engine_thread_streams_and_cancels(tiny, paged):
     """On its own thread (as a server runs it): concurrent submitters, deltas as they come, a cancelled request
     frees its slot and ends with finish_reason 'cancelled'."""
     src, m, want = tiny
-    eng = Engine(m, max_batch=4)
+    eng = Engine(m, paged=paged, max_batch=4)
     eng.start()
     try:
         results = {}
@@ -226,16 +234,23 @@ def test_engine_thread_streams_and_cancels(tiny):
         eng.stop()
 
 
-def test_families_without_a_plain_cache_run_one_at_a_time(tmp_path):
-    """Gemma 2's sliding-window layers cannot share a padded cache: the engine serves one request at a time,
-    still with generate's tokens."""
+def test_sliding_window_families_batch_on_slabs_and_run_alone_without(tmp_path):
+    """Gemma 2's sliding-window layers (a window of 8 here, shorter than prompt and reply) and softcapped
+    attention cannot share one masked cache, but each sequence's own slab batches them: generate's tokens, several
+    rows a sweep. Without slabs the engine serves them one request at a time, with the same tokens."""
     src = make_model_dir(tmp_path / "src", "gemma2", layers=2)
     m = AutoModel.from_pretrained(src, max_ram=0, store_path=tmp_path / "store", progress=False)
     want = [m.generate(torch.tensor([p]), max_new_tokens=5, do_sample=False)[0, len(p):].tolist() for p in PROMPTS[:3]]
     eng = Engine(m, max_batch=4)
-    assert not eng.batched
+    assert eng.slab is not None and eng.batched
     out = eng.generate(PROMPTS[:3], SamplingParams(max_tokens=5))
-    assert [c.token_ids for c in out] == want and eng.stats["max_batch_seen"] == 1
+    assert [c.token_ids for c in out] == want and eng.stats["max_batch_seen"] == 3
+    # the model's own attention is untouched outside the engine's sweeps
+    assert m.config._attn_implementation == "eager" and greedy(m, PROMPTS[1], 5) == want[1]
+    alone = Engine(m, max_batch=4, paged=False)
+    assert not alone.batched
+    out = alone.generate(PROMPTS[:3], SamplingParams(max_tokens=5))
+    assert [c.token_ids for c in out] == want and alone.stats["max_batch_seen"] == 1
 
 
 @pytest.mark.slow
@@ -282,7 +297,7 @@ def test_int4_draft_gives_plain_greedy_tokens_in_fewer_sweeps(tmp_path):
     assert from_store.draft.store.manifest.quantization == "int4"
 
 
-def test_the_engine_verifies_int4_drafts_in_its_sweeps(tmp_path):
+def test_the_engine_verifies_int4_drafts_in_its_sweeps(tmp_path, paged):
     """A model opened with draft="int4" behind the engine: greedy rows get drafted tokens verified in the shared
     sweep (several tokens per sweep), sampled rows decode as before, and every greedy row gets plain decoding's
     tokens, alone or two at a time, with stop conditions inside an accepted run honoured."""
@@ -291,20 +306,20 @@ def test_the_engine_verifies_int4_drafts_in_its_sweeps(tmp_path):
     prompts = [PROMPTS[1], PROMPTS[3], PROMPTS[0]]
     want = [greedy(plain, p, 20) for p in prompts]
     m = AutoModel.from_pretrained(src, max_ram=0, store_path=tmp_path / "store", progress=False, draft="int4")
-    alone = Engine(m, max_batch=1)
+    alone = Engine(m, paged=paged, max_batch=1)
     assert alone.draft is m.draft
     out = alone.generate(prompts, SamplingParams(max_tokens=20))
     assert [c.token_ids for c in out] == want
     s = alone.stats
     assert s["accepted"] > 0 and s["accepted"] <= s["drafted"] and s["steps"] < s["tokens"]
-    two = Engine(m, max_batch=2)
+    two = Engine(m, paged=paged, max_batch=2)
     out = two.generate(prompts + [PROMPTS[2]], [SamplingParams(max_tokens=20)] * 3 +
                        [SamplingParams(max_tokens=20, temperature=1.0, seed=3)])
     assert [c.token_ids for c in out[:3]] == want and len(out[3].token_ids) == 20
     assert two.stats["accepted"] > 0 and two.stats["max_batch_seen"] == 2
-    short = Engine(m, max_batch=1).generate([prompts[0]], SamplingParams(max_tokens=7))[0]
+    short = Engine(m, paged=paged, max_batch=1).generate([prompts[0]], SamplingParams(max_tokens=7))[0]
     assert short.token_ids == want[0][:7] and short.finish_reason == "length"
-    off = Engine(m, max_batch=1, draft_rows=0)
+    off = Engine(m, paged=paged, max_batch=1, draft_rows=0)
     assert [c.token_ids for c in off.generate(prompts, SamplingParams(max_tokens=20))] == want
     assert off.stats["drafted"] == 0
 

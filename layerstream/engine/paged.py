@@ -9,8 +9,11 @@ request's own columns, packed one request after the other. What scores them is t
 - "sdpa" (transformers' CPU choice): one SDPA over [all new tokens, all read columns] with a block-diagonal mask
   that transformers builds (`continuous_batching.utils.build_attention_mask`): still B x (B x C) work at decode.
 - "flash_attention_*": varlen / block-table kernels, per sequence, but CUDA only.
-- PAGED (registered here): SDPA once per sequence over its own slice of the packed columns (`cu_seq_lens_q/k`
-  give the slices), so a step costs the sum of the sequences' contexts. Not a kernel: torch's SDPA, sliced.
+- PAGED (engine/kv.py's slab_attention): SDPA once per sequence over its own slice of the packed columns
+  (`cu_seq_lens_q/k` give the slices), so a step costs the sum of the sequences' contexts. Not a kernel.
+
+The engine runs on engine/kv.py's slabs instead (no per-step gather of every context out of the blocks); this
+runner stays as the measured alternative (bench/paged_spike.py) and the base for a CUDA paged kernel.
 
 `PagedRunner` drives the cache from outside, step by step: the caller (our scheduler) says which sequences run and
 which tokens they add; transformers' generation loop, its scheduler, request states and thread are not used.
@@ -21,73 +24,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-PAGED = "layerstream_paged"
-
-
-def paged_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                    cu_seq_lens_q=None, cu_seq_lens_k=None, sliding_window=None, **kwargs):
-    """transformers' attention interface: query [1, heads, new tokens, dim], key / value [1, kv heads, read columns,
-    dim] (each sequence's columns after the previous one's, as `PagedAttentionCache.update` returns them). Each
-    sequence's new tokens attend its own columns (bottom-right causal, and within `sliding_window`). Without
-    `cu_seq_lens_q` (a plain DynamicCache forward) it is transformers' SDPA."""
-    if cu_seq_lens_q is None or cu_seq_lens_k is None or isinstance(cu_seq_lens_k, dict):
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      sliding_window=sliding_window, **kwargs)
-    eager = None
-    if kwargs.get("softcap") is not None or getattr(module, "sinks", None) is not None:
-        # SDPA has no logit softcapping and no attention sinks: the family's own eager attention, per sequence
-        import sys
-
-        eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-        if eager is None:
-            raise NotImplementedError(f"{type(module).__name__} needs softcapping or sinks and its module has no "
-                                      "eager_attention_forward")
-    slabs = kwargs.get("slab_kv")   # SlabCache: each sequence's own columns, views of its contiguous slab
-    cq, ck = cu_seq_lens_q.tolist(), cu_seq_lens_k.tolist()
-    gqa = query.shape[1] != (key.shape[1] if slabs is None else slabs[0][0].shape[1])
-    out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])   # [new tokens, heads, dim]
-    for i in range(len(cq) - 1):
-        q0, q1, k0, k1 = cq[i], cq[i + 1], ck[i], ck[i + 1]
-        lq, lk = q1 - q0, k1 - k0
-        if lq == 0:
-            continue
-        mask, causal = None, False
-        if sliding_window is not None and lk > sliding_window or lq > 1:
-            if lq == lk and (sliding_window is None or lk <= sliding_window):
-                causal = True
-            else:   # query t sits at column lk - lq + t; it sees the columns up to it, within the window
-                diff = torch.arange(lk - lq, lk, device=query.device)[:, None] - \
-                    torch.arange(lk, device=query.device)[None, :]
-                mask = diff >= 0
-                if sliding_window is not None:
-                    mask &= diff < sliding_window
-        k, v = (key[:, :, k0:k1], value[:, :, k0:k1]) if slabs is None else (slabs[0][i], slabs[1][i])
-        if eager is not None:
-            if causal:
-                mask = torch.ones(lq, lk, dtype=torch.bool, device=query.device).tril()
-            add = None if mask is None else torch.zeros(mask.shape, dtype=query.dtype, device=query.device) \
-                .masked_fill(~mask, torch.finfo(query.dtype).min)[None, None]
-            o, _ = eager(module, query[:, :, q0:q1], k, v, add, dropout=dropout, scaling=scaling,
-                         sliding_window=sliding_window, **{n: x for n, x in kwargs.items() if n == "softcap"})
-            out[q0:q1] = o[0]
-            continue
-        o = F.scaled_dot_product_attention(query[:, :, q0:q1], k, v,
-                                           attn_mask=mask, is_causal=causal, scale=scaling, enable_gqa=gqa)
-        out[q0:q1] = o[0].transpose(0, 1)
-    return out.unsqueeze(0), None
+from .kv import PAGED  # noqa: F401  (per-sequence SDPA: engine/kv.py's slab_attention over packed keys and values)
+from .kv import register as _register_kv
 
 
 def register() -> None:
-    """Make PAGED a transformers attention implementation (and its masks SDPA's, for non-paged forwards)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    AttentionInterface.register(PAGED, paged_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(PAGED, sdpa_mask)
+    """Make PAGED a transformers attention implementation (transformers' SDPA for non-paged forwards)."""
+    _register_kv("sdpa")
 
 
 @dataclass
@@ -216,94 +160,3 @@ def generate(runner: PagedRunner, prompts: list[list[int]], max_new_tokens: int,
         live = [i for i, _ in live_toks]
         toks = runner.step([(sids[i], [t]) for i, t in live_toks]).argmax(-1).tolist()
     return out
-
-
-class SlabCache:
-    """The no-gather alternative measured beside PagedRunner: each sequence's keys and values in one contiguous slab
-    per layer ([kv heads, capacity, dim], grown by `chunk` tokens, or reserved up front), so that per-sequence SDPA
-    reads a view of it instead of a copy gathered from blocks. (A PagedAttentionCache only for transformers' masking,
-    which skips building a mask for one; its bookkeeping is not used.)"""
-
-    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype, device, chunk: int = 256):
-        self.shape, self.dtype, self.device = (kv_heads, head_dim), dtype, device
-        self.chunk, self.layers = chunk, layers
-        self.k: dict[str, list[torch.Tensor]] = {}
-        self.v: dict[str, list[torch.Tensor]] = {}
-        self.lens: dict[str, int] = {}
-        self.rows: list[tuple[str, int, int]] = []   # this step: (sequence, cached tokens, new tokens)
-
-    def reserve(self, sid: str, tokens: int) -> None:
-        cap = -(-tokens // self.chunk) * self.chunk
-        old = self.k.get(sid)
-        if old is not None and old[0].shape[1] >= cap:
-            return
-        h, d = self.shape
-        n = self.lens.get(sid, 0)
-        for store in (self.k, self.v):
-            new = [torch.empty(h, cap, d, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
-            if sid in store:
-                for a, b in zip(new, store[sid]):
-                    a[:, :n] = b[:, :n]
-            store[sid] = new
-
-    def free(self, sid: str) -> None:
-        for store in (self.k, self.v, self.lens):
-            store.pop(sid, None)
-
-    def update(self, key_states, value_states, layer_idx, kwargs):
-        ks, vs, q0 = [], [], 0
-        for sid, past, n in self.rows:
-            K, V = self.k[sid][layer_idx], self.v[sid][layer_idx]
-            K[:, past:past + n] = key_states[0, :, q0:q0 + n]
-            V[:, past:past + n] = value_states[0, :, q0:q0 + n]
-            ks.append(K[None, :, :past + n])
-            vs.append(V[None, :, :past + n])
-            q0 += n
-        kwargs["slab_kv"] = (ks, vs)
-        return key_states, value_states
-
-
-def _slab_cache_class():
-    from transformers.generation.continuous_batching.cache import PagedAttentionCache
-
-    return type("SlabPagedCache", (SlabCache, PagedAttentionCache), {"__init__": SlabCache.__init__,
-                                                                     "update": SlabCache.update})
-
-
-class SlabRunner:
-    """PagedRunner's interface over a SlabCache: the same model keywords (cu_seq_lens_q/k), per-sequence SDPA."""
-
-    def __init__(self, model, chunk: int = 256):
-        register()
-        net = model.model
-        if net.config._attn_implementation != PAGED:
-            net.set_attn_implementation(PAGED)
-        from transformers.generation.continuous_batching.utils import find_head_dim, find_num_key_value_heads
-
-        cfg = net.config.get_text_config()
-        self.model = model
-        self.cache = _slab_cache_class()(cfg.num_hidden_layers, find_num_key_value_heads(cfg), find_head_dim(cfg),
-                                         model.dtype, model.device, chunk)
-
-    def free(self, sid: str) -> None:
-        self.cache.free(sid)
-
-    @torch.no_grad()
-    def step(self, rows: list[tuple[str, list[int]]]) -> torch.Tensor:
-        dev, c = self.model.device, self.cache
-        c.rows, ids, pos, cq, ck = [], [], [], [0], [0]
-        for sid, toks in rows:
-            past, n = c.lens.get(sid, 0), len(toks)
-            c.reserve(sid, past + n)
-            c.rows.append((sid, past, n))
-            ids += toks
-            pos += range(past, past + n)
-            cq.append(cq[-1] + n)
-            ck.append(ck[-1] + past + n)
-        i64 = lambda x: torch.tensor(x, dtype=torch.int64, device=dev)   # noqa: E731
-        with self.model.running():
-            out = self.model.model(input_ids=i64(ids)[None], position_ids=i64(pos)[None], cache=c, use_cache=False,
-                                   cu_seq_lens_q=i64(cq), cu_seq_lens_k=i64(ck), logits_to_keep=i64(cq[1:]) - 1)
-        for sid, past, n in c.rows:
-            c.lens[sid] = past + n
-        return out.logits[0].float()

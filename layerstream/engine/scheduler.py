@@ -7,13 +7,20 @@ waiting one joins at the next step. Nothing is dropped: a request waits while th
 need does not fit the plan's KV budget.
 
 Sequences are packed, not padded: a step's new tokens of every row (a joining row's prompt, one token of
-each decoding row) are laid end to end in one row [1, T], and the cache is one transformers `DynamicCache`
-row whose columns belong to the sequences (`owner`, and each column's position in its sequence). A 4-D
-attention mask lets each token see only its own sequence's earlier columns, positions are each sequence's
-own, and the head computes only each row's last token. So the linear layers compute exactly the real
-tokens (no padding), whatever the mix of prompts and decodes. Columns of finished sequences are masked
-and dropped from the cache once they are a quarter of it (compaction). Families whose cache is not plain
-full attention (sliding windows, recurrent states) run one sequence at a time, through the same API.
+each decoding row) are laid end to end in one row [1, T], positions are each sequence's own, and the head
+computes only each row's last token. So the linear layers compute exactly the real tokens (no padding),
+whatever the mix of prompts and decodes. Where the KV lives, two paths:
+
+- slabs (engine/kv.py; families in SLAB_FAMILIES, sliding windows included): each sequence's keys and values in
+  its own slab, each row's tokens attending only its own columns, so a step costs the sum of the contexts. A
+  prefix-cache hit copies the source's columns; rejected drafts are cut off.
+- one shared masked cache (other plain full-attention families): one transformers `DynamicCache` row whose
+  columns belong to the sequences (`owner`, and each column's position in its sequence); a 4-D attention mask
+  lets each token see only its own sequence's earlier columns (a step grows as batch x batch x context).
+  Columns of finished sequences are masked and dropped once they are a quarter of the cache (compaction); a
+  prefix-cache hit reads the source's columns through the mask.
+
+Families whose cache is neither (recurrent states, ...) run one sequence at a time, through the same API.
 
 Rows are isolated: a request whose own sampling, stop strings, detokenizing or drafting fails ends alone with
 a `GenerationError` on its handle, and the others go on with exactly the tokens they would have had; values
@@ -42,6 +49,7 @@ import torch
 from ..errors import InputError
 from ..plan.planner import kv_bytes_per_token, prefix_budget
 from ..utils import log
+from .kv import SlabStep, pageable
 from .step import GREEDY_BELOW, GenerationError, eos_ids, forward, new_cache, penalize, sample
 
 MIN_SHARE = 8       # shortest prefix worth borrowing from the prefix cache (tokens)
@@ -250,7 +258,7 @@ class Engine:
     """A continuous-batching scheduler over a `StreamedModel` (see the module's docstring)."""
 
     def __init__(self, model, max_batch: int = 8, kv_budget: int | None = None, prefix_cache: int | None = None,
-                 draft=None, draft_tokens: int = 4, draft_rows: int = 4):
+                 draft=None, draft_tokens: int = 4, draft_rows: int = 4, paged: bool | None = None):
         if max_batch < 1:
             raise InputError(f"max_batch must be at least 1, got {max_batch}")
         self.model, self.max_batch = model, max_batch
@@ -260,7 +268,9 @@ class Engine:
         self.kv_budget = kv_budget if kv_budget is not None else model.plan.kv_budget
         self.context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         self.vocab = getattr(model.config.get_text_config(), "vocab_size", None)
-        self.batched = batchable(model)
+        # per-sequence KV (engine/kv.py) where the family is known to page; else one shared, masked cache
+        self.slab = SlabStep(model) if (pageable(model) if paged is None else paged) else None
+        self.batched = self.slab is not None or batchable(model)
         # the prefix cache: bytes of finished requests' KV kept for reuse (the plan's share of the KV budget)
         if prefix_cache is None:
             prefix_cache = prefix_budget(self.kv_budget, self.kv_per_token) if self.kv_budget is not None else 0
@@ -406,6 +416,8 @@ class Engine:
 
     def _reset_cache(self):
         self.cache = self.owner = self.pos = None
+        if self.slab is not None:
+            self.slab.kv.clear()
         self.entries.clear()
         self.refs.clear()
 
@@ -525,7 +537,10 @@ class Engine:
             j += 1
         self.stats["accepted"] += j
         rejected = len(s.drafted) - j
-        if rejected:
+        if rejected and self.slab is not None:
+            s.real -= rejected
+            self.slab.kv.truncate(s.slot, s.real)
+        elif rejected:
             self.owner[(self.owner == s.slot) & (self.pos >= s.real - rejected)] = -1
             s.real -= rejected
         keep = s.real     # the draft holds full[:real_before + 1] and the drafts but the last: cut what was rejected
@@ -550,6 +565,8 @@ class Engine:
             src, m = self._best_prefix(s, list(self.entries.values()) + self.active)
             if joining and self.prefix_budget and self._best_prefix(s, joining, done=False)[1] >= m + MIN_SHARE:
                 break
+            if self.slab is not None:
+                self.slab.kv.limits[s.slot] = len(s.prompt) + s.params.max_tokens
             self._borrow(s, src, m)
             if self.kv_budget is not None and self._kv_after(joining + [s]) > self.kv_budget and self.entries:
                 while self._kv_after(joining + [s]) > self.kv_budget and self._evict():
@@ -586,16 +603,22 @@ class Engine:
         """Let `s` read positions 0..m-1 from `src`'s columns (and those it borrowed itself)."""
         if src is None:
             return
+        if isinstance(src, _Entry):
+            self.entries.move_to_end(src.slot)
+        if self.slab is not None:   # per-sequence slabs: the prefix is copied (linear in m; its compute is saved)
+            self.slab.kv.copy_prefix(s.slot, src.slot, m)
+            s.shared, s.real = m, m
+            return
         segs = [(slot, lo, min(hi, m)) for slot, lo, hi in src.segs if lo < m]
         if m > src.shared:
             segs.append((src.slot, src.shared, m))
         s.segs, s.shared, s.real = segs, m, m
         for slot, _, _ in segs:
             self.refs[slot] += 1
-        if isinstance(src, _Entry):
-            self.entries.move_to_end(src.slot)
 
     def _unborrow(self, s: _Seq) -> None:
+        if self.slab is not None:   # (and its limit)
+            self.slab.kv.free(s.slot)
         for slot, _, _ in s.segs:
             self.refs[slot] -= 1
         s.segs, s.shared, s.real = [], 0, 0
@@ -610,7 +633,12 @@ class Engine:
 
     def _release(self, holder) -> None:
         """A finished sequence or an evicted entry lets go of its columns and of those it borrowed; columns
-        nobody holds any more are masked (and dropped at the next compaction)."""
+        nobody holds any more are masked (and dropped at the next compaction). With slabs: its slab goes, unless it
+        is a prefix-cache entry now."""
+        if self.slab is not None:
+            if holder.slot not in self.entries:
+                self.slab.kv.free(holder.slot)
+            return
         running = {s.slot for s in self.active}
 
         def held(slot):
@@ -632,6 +660,8 @@ class Engine:
         """Bytes the cache would reach if `joining` joined now and every row ran to its token limit (the prefix
         cache's columns and those of finished sequences not yet dropped included)."""
         rows = self.active + joining
+        if self.slab is not None:   # a shared prefix is a copy: it counts in full
+            return (self._entry_tokens() + sum(len(s.prompt) + s.params.max_tokens for s in rows)) * self.kv_per_token
         dead = int((self.owner < 0).sum()) if self.owner is not None else 0
         return (dead + self._held_beside(rows) + sum(len(s.prompt) - s.shared + s.params.max_tokens for s in rows)) \
             * self.kv_per_token
@@ -650,6 +680,14 @@ class Engine:
         last = torch.cat([torch.arange(e - len(s.drafted) - 1, e) if s.drafted else e[None] - 1
                           for s, e in zip(rows, ends)])
         self.stats["prefill_tokens"] += sum(len(s.prompt) - s.shared for s in joining)
+        lora = getattr(self.model, "lora", None)
+        routing = lambda: lora.routing(torch.cat([torch.full((len(n),), s.lslot) for s, n in zip(rows, news)]))  # noqa
+        if self.slab is not None:   # each row's tokens attend its own slab
+            self.active = rows
+            logits = self.slab.forward([(s.slot, n) for s, n in zip(rows, news)], last,
+                                       routing() if lora is not None else None)
+            self.stats["kv_peak_tokens"] = max(self.stats["kv_peak_tokens"], self.slab.kv.capacity())
+            return logits
         if self.cache is None:
             self.cache = new_cache(self.model)
             self.owner = self.pos = torch.zeros(0, dtype=torch.long)
@@ -669,12 +707,11 @@ class Engine:
             mask = see
         self.active = rows
         self.stats["kv_peak_tokens"] = max(self.stats["kv_peak_tokens"], int(self.owner.numel()))
-        lora = getattr(self.model, "lora", None)
         if lora is None:
             logits = forward(self.model, ids, self.cache, attention_mask=mask[None, None], position_ids=qpos[None],
                              keep=last)
         else:   # each row's tokens get its own adapter
-            with lora.routing(torch.cat([torch.full((len(n),), s.lslot) for s, n in zip(rows, news)])):
+            with routing():
                 logits = forward(self.model, ids, self.cache, attention_mask=mask[None, None],
                                  position_ids=qpos[None], keep=last)
         return logits[0]
@@ -692,6 +729,8 @@ class Engine:
             self._fail(s, err)
         for s in done:
             if self.prefix_budget and s.real > s.shared:
+                if self.slab is not None:
+                    self.slab.kv.shrink(s.slot)
                 self.entries[s.slot] = _Entry(s)
                 self.entries.move_to_end(s.slot)
                 for slot, _, _ in s.segs:   # the entry holds what the sequence held
@@ -727,7 +766,18 @@ class Engine:
 
     def _cached_bytes(self) -> int:
         """Bytes of live columns that no running sequence owns (the prefix cache's)."""
+        if self.slab is not None:
+            return self._entry_tokens() * self.kv_per_token
         return self._held_beside(self.active) * self.kv_per_token
+
+    def _entry_tokens(self) -> int:
+        return sum(e.real for e in self.entries.values())
+
+    def kv_tokens(self) -> int:
+        """Tokens whose keys and values the engine holds now (running sequences and the prefix cache)."""
+        if self.slab is not None:
+            return self.slab.kv.tokens()
+        return int(self.owner.numel()) if self.owner is not None else 0
 
     def _delta(self, s: _Seq, tok: int) -> Delta:
         """The text a new token completes, with stop strings applied; a finish reason when the request ends."""

@@ -76,5 +76,5 @@ class _EngineCollector:
                                 value=s["tokens"] / s["seconds"] if s["seconds"] else 0.0)
         yield GaugeMetricFamily("layerstream_bytes_read_per_token", "weight bytes read per generated token",
                                 value=s["bytes_read"] / s["tokens"] if s["tokens"] else 0.0)
-        yield GaugeMetricFamily("layerstream_kv_cache_tokens", "columns in the shared KV cache (prefix cache included)",
-                                value=int(e.owner.numel()) if e.owner is not None else 0)
+        yield GaugeMetricFamily("layerstream_kv_cache_tokens", "tokens in the KV cache (prefix cache included)",
+                                value=e.kv_tokens())

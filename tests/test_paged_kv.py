@@ -1,11 +1,13 @@
-"""Spike (issue 21): several sequences per forward over transformers' PagedAttentionCache with per-sequence SDPA
-give each sequence the greedy tokens it gets alone (layerstream.engine.step.generate_step)."""
+"""Several sequences per forward, each attending only its own keys and values: over the engine's slabs
+(layerstream.engine.kv) and over transformers' PagedAttentionCache (the spike's runner, engine/paged.py), each
+sequence gets the greedy tokens it gets alone (layerstream.engine.step.generate_step)."""
 
 import pytest
 import torch
 
 from layerstream import AutoModel
 from layerstream.engine import paged
+from layerstream.engine.kv import SlabKV, SlabStep, slab_attention
 from layerstream.engine.step import generate_step
 
 TEXTS = ["Hello",
@@ -36,9 +38,10 @@ def test_batched_greedy_equals_alone(smol):
 
 def test_slab_greedy_equals_alone(smol):
     m, prompts, alone = smol
-    runner = paged.SlabRunner(m, chunk=8)   # slabs grown (copied) several times per sequence
+    m.model.set_attn_implementation("sdpa")
+    runner = SlabStep(m, chunk=8)   # slabs grown (copied) several times per sequence
     assert paged.generate(runner, prompts, NEW) == alone
-    assert not runner.cache.k
+    assert not runner.kv.k and m.config._attn_implementation == "sdpa"   # switched for the steps only
 
 
 @pytest.mark.parametrize("family", ["mistral", "gemma2", "gpt_oss"])   # a sliding window; softcapping; sinks
@@ -61,7 +64,7 @@ def test_tiny_families(family):
                              pad_token_id=0)[0, len(p):].tolist() for p in prompts]
     assert paged.generate(paged.PagedRunner(shim, num_blocks=16, page_size=4), prompts, 8) == want
     net.set_attn_implementation(impl)
-    assert paged.generate(paged.SlabRunner(shim, chunk=4), prompts, 8) == want
+    assert paged.generate(SlabStep(shim, chunk=4), prompts, 8) == want
 
 
 def test_joining_mid_decode(smol):
@@ -104,11 +107,36 @@ def test_paged_attention_matches_sdpa_per_sequence():
     cq = torch.tensor([0] + [q for q, _ in lens]).cumsum(0).int()
     ck = torch.tensor([0] + [k for _, k in lens]).cumsum(0).int()
     for window in (None, 3):
-        out, _ = paged.paged_attention(SimpleNamespace(), torch.cat(qs, 2), torch.cat(ks, 2), torch.cat(vs, 2), None,
-                                       scaling=d ** -0.5, cu_seq_lens_q=cq, cu_seq_lens_k=ck, sliding_window=window)
+        out, _ = slab_attention(SimpleNamespace(), torch.cat(qs, 2), torch.cat(ks, 2), torch.cat(vs, 2), None,
+                                scaling=d ** -0.5, cu_seq_lens_q=cq, cu_seq_lens_k=ck, sliding_window=window)
         for i, (q, k) in enumerate(lens):
             diff = torch.arange(k - q, k)[:, None] - torch.arange(k)[None, :]
             mask = (diff >= 0) & (diff < (window or 10 ** 9))
             want = torch.nn.functional.scaled_dot_product_attention(qs[i], ks[i], vs[i], attn_mask=mask,
                                                                     enable_gqa=True)
             torch.testing.assert_close(out[0, cq[i]:cq[i + 1]], want[0].transpose(0, 1))
+
+
+def test_slabs_grow_within_their_limit_copy_truncate_and_shrink():
+    """SlabKV alone: a slab grows by chunks (its columns kept) but never past its sequence's limit; a prefix copy,
+    a truncation (rejected drafts) and a shrink (a finished sequence kept for its prefix) keep the right columns."""
+    kv = SlabKV(layers=2, kv_heads=2, head_dim=4, dtype=torch.float32, device="cpu", chunk=8)
+    kv.limits[1] = 10
+    kv.reserve(1, 3)
+    assert kv.k[1][0].shape == (2, 8, 4)
+    kv.k[1][1][:, :3] = torch.arange(24.).reshape(2, 3, 4)
+    kv.lens[1] = 3
+    kv.reserve(1, 9)   # grows to its limit (10), not to the next chunk (16)
+    assert kv.k[1][0].shape[1] == 10 and torch.equal(kv.k[1][1][:, :3], torch.arange(24.).reshape(2, 3, 4))
+    kv.reserve(2, 9)   # no limit: whole chunks
+    assert kv.k[2][0].shape[1] == 16
+    kv.copy_prefix(3, 1, 2)
+    assert kv.length(3) == 2 and torch.equal(kv.k[3][1][:, :2], kv.k[1][1][:, :2])
+    kv.truncate(1, 2)
+    assert kv.length(1) == 2 and kv.tokens() == 4 and kv.capacity() == 10 + 16 + 8
+    kv.shrink(1)
+    assert kv.k[1][1].shape == (2, 2, 4) and torch.equal(kv.k[1][1], kv.k[3][1][:, :2])
+    kv.free(1)
+    assert 1 not in kv.k and 1 not in kv.limits
+    kv.clear()
+    assert kv.tokens() == 0 and kv.capacity() == 0
