@@ -6,6 +6,7 @@ equal to one process, a replica killed with SIGKILL mid-job, the command line, R
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -331,3 +332,106 @@ def test_a_pipeline_runs_a_lora_adapter_on_every_stage(cluster, stores, tmp_path
     finally:
         pm.close()
         one.close()
+
+
+# -- the engine over a pipeline: serve and batch across machines
+
+SYSTEM = [1] + list(range(40, 60))   # a 21-token prefix shared by two prompts
+
+
+@pytest.mark.slow
+def test_the_engine_runs_over_a_pipeline(cluster, stores):
+    """Engine(PipelineModel): requests share sweeps down 2 stages (on 2 of the cluster's nodes), each stage keeping
+    its own layers' keys and values per sequence: every request gets one process's greedy tokens, a shared prefix
+    is copied rather than computed again; a stage SIGKILLed while sequences run is restarted by Ray and every
+    sequence replayed into the new stage's KV, nothing lost."""
+    from layerstream import AutoModel
+    from layerstream.engine.scheduler import Engine, SamplingParams
+    from layerstream.ray.pipeline import PipelineSlabs
+
+    one = AutoModel.from_pretrained(stores["llama"], progress=False, threads=1)
+    prompts = [[1, 5, 9, 13], [1, 7, 3, 99, 45, 12, 8, 64, 33], [1, 20], SYSTEM + [5, 6], SYSTEM + [8, 9, 10]]
+    limits = [6, 12, 9, 8, 8]
+    want = [one.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False)[0, len(p):].tolist()
+            for p, n in zip(prompts, limits)]
+    pm = AutoModel.from_pretrained(stores["llama"], progress=False, threads=1, pipeline=2)
+    try:
+        eng = Engine(pm, max_batch=3)
+        assert isinstance(eng.slab, PipelineSlabs) and eng.kv_budget and not hasattr(pm, "plan")
+        out = eng.generate(prompts, [SamplingParams(max_tokens=n) for n in limits])
+        assert [c.token_ids for c in out] == want
+        assert eng.stats["max_batch_seen"] == 3 and eng.stats["prefix_hit_tokens"] >= len(SYSTEM)
+        assert eng.stats["prefill_tokens"] < sum(map(len, prompts))
+        hs = [eng.submit(p, SamplingParams(max_tokens=n)) for p, n in zip(prompts[1:4], limits[1:4])]
+        eng.step()
+        eng.step()
+        pid = pm.info[1]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        while not all(h.done for h in hs):
+            eng.step()
+        assert [h.result().token_ids for h in hs] == want[1:4]
+        assert pm.restarts == 1 and pm.info[1]["pid"] != pid
+    finally:
+        pm.close()
+        one.close()
+
+
+@pytest.mark.slow
+def test_serve_and_batch_over_a_pipeline_on_the_cluster(tmp_path, cluster, tiny_store, model):
+    """The command line across machines: `layerstream batch --pipeline 2 --ray ADDRESS` writes the bytes of a
+    one-process job; `layerstream serve --pipeline 2 --ray ADDRESS` gives 4 concurrent clients of the real openai
+    package one process's greedy text."""
+    import openai
+
+    from layerstream.engine.batch import run_batch as run_here
+
+    src = write_lines(tmp_path / "in.jsonl", [req(f"r{k}", prompt=f"Request number {k}:", max_tokens=8,
+                                                  temperature=0) for k in range(6)])
+    run_here(model, src, tmp_path / "one.jsonl", batch_size=4, progress=False)
+    r = run_cli("batch", src, tmp_path / "two.jsonl", "--model", tiny_store, "--pipeline", "2", "--ray",
+                cluster.address, "--batch-size", "4", "--threads", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 stages on Ray" in r.stderr
+    assert (tmp_path / "two.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
+
+    tok = model.tokenizer
+    texts = [f"Question {k}:" for k in range(4)]
+    want = []
+    for t in texts:
+        ids = tok(t, return_tensors="pt").input_ids
+        want.append(tok.decode(model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:],
+                               skip_special_tokens=True))
+    p = subprocess.Popen([sys.executable, "-m", "layerstream", "serve", "--model", str(tiny_store), "--port", "0",
+                          "--threads", "1", "--pipeline", "2", "--ray", cluster.address],
+                         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines = []
+    try:
+        url, deadline = None, time.time() + 300
+        while time.time() < deadline and url is None:
+            line = p.stderr.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "serving" in line:
+                url = line.split(" at ", 1)[1].split("/v1", 1)[0]
+        assert url, "".join(lines)
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
+        name = c.models.list().data[0].id
+        got = [None] * len(texts)
+
+        def ask(i):
+            got[i] = c.completions.create(model=name, prompt=texts[i], max_tokens=8, temperature=0).choices[0].text
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(texts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert got == want
+        p.send_signal(signal.SIGINT)
+        rest = p.communicate(timeout=60)[1]
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, "".join(lines) + rest

@@ -322,3 +322,7 @@ def test_the_command_refuses_bad_options():
     assert r.returncode == 1 and "--max-concurrency" in r.stderr
     r = run_cli("serve", "--port", "70000")
     assert r.returncode == 1 and "--port" in r.stderr
+    r = run_cli("serve", "--ray", "127.0.0.1:6379")   # the cluster of a pipeline: needs --pipeline N
+    assert r.returncode == 1 and "--ray needs --pipeline N" in r.stderr
+    r = run_cli("batch", __file__, "out.jsonl", "--pipeline", "2", "--ray", "--replicas", "2")
+    assert r.returncode == 1 and "--replicas is for replicas" in r.stderr

@@ -38,9 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("batch", help="run a JSONL file of requests (OpenAI batch format); resumable")
     batch_args(b)
     model_args(b)
+    pipeline_args(b, ray=False)   # batch's own --ray: replicas, or with --pipeline the pipeline's cluster
     sv = sub.add_parser("serve", help="an OpenAI-compatible server (and a chat page) on 127.0.0.1")
     serve_args(sv)
     model_args(sv)
+    pipeline_args(sv)
     s = sub.add_parser("split", help="split a model into a layer store")
     s.add_argument("source", help="a model directory (safetensors), a .gguf file or a hub id")
     s.add_argument("out", help="the store's directory (made; an interrupted split resumes there)")

@@ -14,7 +14,7 @@ def batch_args(p) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="most sequences per sweep (default 8)")
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="spread the requests over replicas on a Ray cluster (ADDRESS, else RAY_ADDRESS, else a new "
-                        "local Ray)")
+                        "local Ray); with --pipeline N: the cluster the pipeline's stages run on")
     p.add_argument("--replicas", type=int, default=None,
                    help="with --ray: how many replicas, one engine each (default: one per node, or per GPU)")
     p.add_argument("--replica-cpus", type=int, default=None,
@@ -29,6 +29,8 @@ def cmd_batch(a) -> int:
     for flag, value in (("--replicas", a.replicas), ("--replica-cpus", a.replica_cpus)):
         if value is not None and a.ray is None:
             raise InputError(f"{flag} needs --ray")
+        if value is not None and a.pipeline is not None:
+            raise InputError(f"{flag} is for replicas; with --pipeline N one engine runs over the N stages")
         if value is not None and value < 1:
             raise InputError(f"{flag} must be positive, got {value}")
     # before the model loads (run_batch checks them again): the input, the output's directory (exists, writable,
@@ -38,7 +40,7 @@ def cmd_batch(a) -> int:
     from ..engine.batch import check_paths
 
     check_paths(a.input, a.output)
-    if a.ray is not None:
+    if a.ray is not None and a.pipeline is None:
         from ..ray import require, run_batch
 
         require()

@@ -65,13 +65,14 @@ def gen_args(p: argparse.ArgumentParser) -> None:
                    help="speculative decoding from the prompt itself: up to N tokens copied from it per sweep")
 
 
-def pipeline_args(p: argparse.ArgumentParser) -> None:
+def pipeline_args(p: argparse.ArgumentParser, ray: bool = True) -> None:
     p.add_argument("--pipeline", type=int, default=None, metavar="N",
-                   help="split the layers over N Ray actors, each with the --max-ram / --max-gpu-memory budget "
-                        "(one GPU each on CUDA)")
+                   help="split the layers over N Ray actors (on as many nodes as the cluster has), each with the "
+                        "--max-ram / --max-gpu-memory budget (one GPU each on CUDA)")
     p.add_argument("--pipeline-cpus", type=float, default=1, help="with --pipeline: CPUs per stage (default 1)")
-    p.add_argument("--ray", default=None, metavar="ADDRESS",
-                   help="with --pipeline: the Ray cluster (default: RAY_ADDRESS, else a new local Ray)")
+    if ray:
+        p.add_argument("--ray", default=None, metavar="ADDRESS",
+                       help="with --pipeline: the Ray cluster (default: RAY_ADDRESS, else a new local Ray)")
 
 
 def check_sampling_args(a) -> None:

@@ -37,6 +37,8 @@ def cmd_serve(a) -> int:
 
     if a.max_concurrency < 1:
         raise InputError(f"--max-concurrency must be positive, got {a.max_concurrency}")
+    if a.ray is not None and a.pipeline is None:
+        raise InputError("--ray needs --pipeline N (the cluster the pipeline's stages run on)")
     if a.max_queue < 0:
         raise InputError(f"--max-queue must be 0 or more, got {a.max_queue}")
     if not 0 <= a.port < 65536:
@@ -62,7 +64,8 @@ def cmd_serve(a) -> int:
                          f"(pip install -e . in a checkout)") from None
     sock = bind(a.host, a.port)   # before the model loads: a busy port is said at once
     m = load_model(a)
-    if not a.verbose:   # a server says what it keeps where (--verbose printed it already, with the bandwidth)
+    if not a.verbose and getattr(m, "plan", None) is not None:   # a server says what it keeps where (--verbose
+        # printed it already, with the bandwidth; a pipeline's stages said what they hold)
         import sys
 
         print(m.plan.describe(), file=sys.stderr, flush=True)

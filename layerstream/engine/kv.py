@@ -167,11 +167,12 @@ _CLASS = None
 
 class SlabKV:
     """The keys and values of several sequences (keyed by an int), each in its own slab per layer ([kv heads,
-    capacity, dim], grown by `chunk` tokens). `rows` is the step in progress: (key, cached tokens, new tokens)."""
+    capacity, dim], grown by `chunk` tokens). `rows` is the step in progress: (key, cached tokens, new tokens).
+    `first`: the model's index of the first layer held (a pipeline stage holds layers first..first+layers-1)."""
 
-    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype, device, chunk: int = 256):
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype, device, chunk: int = 256, first: int = 0):
         self.shape, self.dtype, self.device = (kv_heads, head_dim), dtype, device
-        self.chunk, self.layers = chunk, layers
+        self.chunk, self.layers, self.first = chunk, layers, first
         self.k: dict[int, list[torch.Tensor]] = {}
         self.v: dict[int, list[torch.Tensor]] = {}
         self.lens: dict[int, int] = {}
@@ -179,8 +180,11 @@ class SlabKV:
         self.rows: list[tuple[int, int, int]] = []
 
     @classmethod
-    def for_model(cls, model, chunk: int = 256) -> SlabKV:
-        return _cache_class()(*_heads(model.config.get_text_config()), model.dtype, model.device, chunk)
+    def for_model(cls, model, chunk: int = 256, layers: tuple[int, int] | None = None) -> SlabKV:
+        """Slabs for `model`'s layers (`layers`: only a..b-1 of them)."""
+        n, heads, dim = _heads(model.config.get_text_config())
+        a, b = layers if layers is not None else (0, n)
+        return _cache_class()(b - a, heads, dim, model.dtype, model.device, chunk, a)
 
     def length(self, key: int) -> int:
         return self.lens.get(key, 0)
@@ -245,7 +249,7 @@ class SlabKV:
         their rows' slabs; the attention function gets each row's columns as views (`slab_kv`)."""
         ks, vs, q0 = [], [], 0
         for key, past, n in self.rows:
-            K, V = self.k[key][layer_idx], self.v[key][layer_idx]
+            K, V = self.k[key][layer_idx - self.first], self.v[key][layer_idx - self.first]
             K[:, past:past + n] = key_states[0, :, q0:q0 + n]
             V[:, past:past + n] = value_states[0, :, q0:q0 + n]
             ks.append(K[None, :, :past + n])
@@ -256,20 +260,23 @@ class SlabKV:
 
 
 class SlabStep:
-    """Runs engine steps of `model` on a SlabKV: `forward(rows, keep)` with rows (key, new tokens)."""
+    """Runs engine steps of `model` on a SlabKV: `forward(rows, keep)` with rows (key, new tokens). The engine's
+    runner interface (a Ray pipeline has another, ray/pipeline.py's PipelineSlabs): `forward`, `limit`,
+    `copy_prefix`, `truncate`, `shrink`, `free`, `clear`, `tokens`, `capacity`."""
 
-    def __init__(self, model, chunk: int = 256):
+    def __init__(self, model, chunk: int = 256, layers: tuple[int, int] | None = None):
         self.model = model
         net = model.model
-        self.kv = SlabKV.for_model(model, chunk)
-        # the attention implementation is switched for the step only: other forwards of the model are untouched
+        self.kv = SlabKV.for_model(model, chunk, layers)
+        # the attention implementation is switched for the step only (`attention()`): the model's other forwards
+        # are untouched
         self.configs = list({id(c): c for c in [net.config, *(getattr(mod, "config", None) for mod in net.modules())]
                              if c is not None and isinstance(getattr(c, "_attn_implementation", None), str)}
                             .values())
         self.names = [register(c._attn_implementation) for c in self.configs]
 
     @contextmanager
-    def _attention(self):
+    def attention(self):
         old = [c._attn_implementation_internal for c in self.configs]
         for c, name in zip(self.configs, self.names):
             c._attn_implementation_internal = name
@@ -282,6 +289,28 @@ class SlabStep:
     def free(self, key) -> None:
         self.kv.free(key)
 
+    def limit(self, key, tokens: int) -> None:
+        """`key` never holds more than `tokens` tokens (prompt + max_tokens): its slab never grows past it."""
+        self.kv.limits[key] = tokens
+
+    def copy_prefix(self, key, src, m: int) -> None:
+        self.kv.copy_prefix(key, src, m)
+
+    def truncate(self, key, n: int) -> None:
+        self.kv.truncate(key, n)
+
+    def shrink(self, key) -> None:
+        self.kv.shrink(key)
+
+    def clear(self) -> None:
+        self.kv.clear()
+
+    def tokens(self) -> int:
+        return self.kv.tokens()
+
+    def capacity(self) -> int:
+        return self.kv.capacity()
+
     def step(self, rows) -> torch.Tensor:
         """`forward` keeping each row's last token: logits [rows, vocab]."""
         return self.forward(rows)
@@ -292,26 +321,37 @@ class SlabStep:
         """One sweep: each row (key, new tokens) appends its tokens after its cached ones. Returns float32 logits of
         the packed positions `keep` [len(keep), vocab] (default: each row's last token). `routing`: a context
         manager entered around the forward (LoRA's per-token adapters)."""
-        kv, dev = self.kv, self.model.device
-        kv.rows, ids, pos, cq = [], [], [], [0]
-        for key, toks in rows:
-            past, n = kv.length(key), len(toks)
+        ids = torch.tensor([t for _, toks in rows for t in toks], dtype=torch.int64, device=self.model.device)
+        kwargs = self.begin([(key, len(toks)) for key, toks in rows])
+        if keep is None:
+            keep = torch.tensor(kwargs["cu_seq_lens_q"][1:]) - 1
+        try:
+            with self.attention(), self.model.running(), (routing if routing is not None else _nothing()):
+                out = self.model.model(input_ids=ids[None], logits_to_keep=keep.to(self.model.device), **kwargs)
+        finally:
+            self.kv.rows = []
+        self.end()
+        return out.logits[0].float()
+
+    def begin(self, rows: list[tuple[int, int]]) -> dict:
+        """A step of rows (key, new tokens' count) begins: their slabs have room, and the model's keywords for it
+        (positions, the cache, `cu_seq_lens_q`). `end()` once the forward has run."""
+        kv = self.kv
+        kv.rows, pos, cq = [], [], [0]
+        for key, n in rows:
+            past = kv.length(key)
             kv.reserve(key, past + n)
             kv.rows.append((key, past, n))
-            ids += toks
             pos += range(past, past + n)
             cq.append(cq[-1] + n)
-        i64 = lambda x: torch.tensor(x, dtype=torch.int64, device=dev)   # noqa: E731
-        keep = i64(cq[1:]) - 1 if keep is None else keep
-        try:
-            with self._attention(), self.model.running(), (routing if routing is not None else _nothing()):
-                out = self.model.model(input_ids=i64(ids)[None], position_ids=i64(pos)[None], cache=kv,
-                                       use_cache=False, cu_seq_lens_q=cq, logits_to_keep=keep.to(dev))
-        finally:
-            kv.rows = []
-        for key, toks in rows:
-            kv.lens[key] += len(toks)
-        return out.logits[0].float()
+        self._done = list(kv.rows)
+        return dict(position_ids=torch.tensor(pos, dtype=torch.int64, device=self.model.device)[None], cache=kv,
+                    use_cache=False, cu_seq_lens_q=cq)
+
+    def end(self) -> None:
+        for key, past, n in self._done:
+            self.kv.lens[key] = past + n
+        self.kv.rows = self._done = []
 
 
 @contextmanager

@@ -265,11 +265,18 @@ class Engine:
         self.tokenizer = getattr(model, "tokenizer", None)
         self.eos = eos_ids(model)
         self.kv_per_token = kv_bytes_per_token(model.config.get_text_config().to_dict(), model.dtype.itemsize)
-        self.kv_budget = kv_budget if kv_budget is not None else model.plan.kv_budget
+        plan = getattr(model, "plan", None)   # (a Ray pipeline has no plan of its own: each stage has one)
+        self.kv_budget = kv_budget if kv_budget is not None else \
+            plan.kv_budget if plan is not None else getattr(model, "kv_budget", None)
         self.context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         self.vocab = getattr(model.config.get_text_config(), "vocab_size", None)
         # per-sequence KV (engine/kv.py) where the family is known to page; else one shared, masked cache
-        self.slab = SlabStep(model) if (pageable(model) if paged is None else paged) else None
+        if hasattr(model, "slab_runner"):   # a model that runs steps its own way (a Ray pipeline's stages)
+            if paged is False:
+                raise InputError("this model runs only on per-sequence KV (paged=False is not possible)")
+            self.slab = model.slab_runner()
+        else:
+            self.slab = SlabStep(model) if (pageable(model) if paged is None else paged) else None
         self.batched = self.slab is not None or batchable(model)
         # the prefix cache: bytes of finished requests' KV kept for reuse (the plan's share of the KV budget)
         if prefix_cache is None:
@@ -417,7 +424,7 @@ class Engine:
     def _reset_cache(self):
         self.cache = self.owner = self.pos = None
         if self.slab is not None:
-            self.slab.kv.clear()
+            self.slab.clear()
         self.entries.clear()
         self.refs.clear()
 
@@ -539,7 +546,7 @@ class Engine:
         rejected = len(s.drafted) - j
         if rejected and self.slab is not None:
             s.real -= rejected
-            self.slab.kv.truncate(s.slot, s.real)
+            self.slab.truncate(s.slot, s.real)
         elif rejected:
             self.owner[(self.owner == s.slot) & (self.pos >= s.real - rejected)] = -1
             s.real -= rejected
@@ -566,7 +573,7 @@ class Engine:
             if joining and self.prefix_budget and self._best_prefix(s, joining, done=False)[1] >= m + MIN_SHARE:
                 break
             if self.slab is not None:
-                self.slab.kv.limits[s.slot] = len(s.prompt) + s.params.max_tokens
+                self.slab.limit(s.slot, len(s.prompt) + s.params.max_tokens)
             self._borrow(s, src, m)
             if self.kv_budget is not None and self._kv_after(joining + [s]) > self.kv_budget and self.entries:
                 while self._kv_after(joining + [s]) > self.kv_budget and self._evict():
@@ -606,7 +613,7 @@ class Engine:
         if isinstance(src, _Entry):
             self.entries.move_to_end(src.slot)
         if self.slab is not None:   # per-sequence slabs: the prefix is copied (linear in m; its compute is saved)
-            self.slab.kv.copy_prefix(s.slot, src.slot, m)
+            self.slab.copy_prefix(s.slot, src.slot, m)
             s.shared, s.real = m, m
             return
         segs = [(slot, lo, min(hi, m)) for slot, lo, hi in src.segs if lo < m]
@@ -618,7 +625,7 @@ class Engine:
 
     def _unborrow(self, s: _Seq) -> None:
         if self.slab is not None:   # (and its limit)
-            self.slab.kv.free(s.slot)
+            self.slab.free(s.slot)
         for slot, _, _ in s.segs:
             self.refs[slot] -= 1
         s.segs, s.shared, s.real = [], 0, 0
@@ -637,7 +644,7 @@ class Engine:
         is a prefix-cache entry now."""
         if self.slab is not None:
             if holder.slot not in self.entries:
-                self.slab.kv.free(holder.slot)
+                self.slab.free(holder.slot)
             return
         running = {s.slot for s in self.active}
 
@@ -686,7 +693,7 @@ class Engine:
             self.active = rows
             logits = self.slab.forward([(s.slot, n) for s, n in zip(rows, news)], last,
                                        routing() if lora is not None else None)
-            self.stats["kv_peak_tokens"] = max(self.stats["kv_peak_tokens"], self.slab.kv.capacity())
+            self.stats["kv_peak_tokens"] = max(self.stats["kv_peak_tokens"], self.slab.capacity())
             return logits
         if self.cache is None:
             self.cache = new_cache(self.model)
@@ -730,7 +737,7 @@ class Engine:
         for s in done:
             if self.prefix_budget and s.real > s.shared:
                 if self.slab is not None:
-                    self.slab.kv.shrink(s.slot)
+                    self.slab.shrink(s.slot)
                 self.entries[s.slot] = _Entry(s)
                 self.entries.move_to_end(s.slot)
                 for slot, _, _ in s.segs:   # the entry holds what the sequence held
@@ -776,7 +783,7 @@ class Engine:
     def kv_tokens(self) -> int:
         """Tokens whose keys and values the engine holds now (running sequences and the prefix cache)."""
         if self.slab is not None:
-            return self.slab.kv.tokens()
+            return self.slab.tokens()
         return int(self.owner.numel()) if self.owner is not None else 0
 
     def _delta(self, s: _Seq, tok: int) -> Delta:

@@ -17,6 +17,10 @@ computes micro-batch 1 (the stages stay busy). Greedy tokens are those of one pr
 A stage that dies is restarted by Ray from the store (`max_restarts`); the sequences in flight are replayed (their
 tokens so far sent down the chain again from position 0, every stage starting their caches anew), so nothing is
 lost and greedy output is unchanged.
+
+The engine (serve, batch) drives a pipeline through `PipelineSlabs`, its runner: each stage keeps its layers' keys
+and values per sequence (engine/kv.py's slabs, `Stage.step`), a step's rows go down as micro-batches, and the
+driver keeps every sequence's token ids to replay them into a restarted stage.
 """
 
 from __future__ import annotations
@@ -125,13 +129,54 @@ class Stage:
             inner[b - 1].register_forward_hook(self._hand_off)
         self.incoming: torch.Tensor | None = None
         self.caches: dict = {}
+        self.slabs = None   # the engine's per-sequence KV of this stage's layers (engine/kv.py), made at first use
 
     def ready(self) -> dict:
-        """What this stage holds: its layers, process, plan (units resident and streamed, bytes)."""
+        """What this stage holds: its layers, process, plan (units resident and streamed, bytes, its KV budget)."""
         plan = self.m.plan
         return {"layers": (self.a, self.b), "pid": os.getpid(), "device": str(self.m.device),
                 "resident": sum(u.bytes for u in plan.units if u.tier != "disk"),
-                "streamed": sum(u.bytes for u in plan.streamed), "units": len(plan.units)}
+                "streamed": sum(u.bytes for u in plan.streamed), "units": len(plan.units),
+                "kv_budget": plan.kv_budget}
+
+    def _slabs(self):
+        if self.slabs is None:
+            from ..engine.kv import SlabStep
+
+            self.slabs = SlabStep(self.m, layers=(self.a, self.b))
+        return self.slabs
+
+    def step(self, rows: list[tuple[int, int]], x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """An engine step on this stage's layers: rows (sequence key, new tokens' count), packed one after the other
+        in `x` (first stage: ids [1, T]; others: hidden states [1, T, hidden]); each row's tokens attend only its
+        own keys and values (engine/kv.py). Returns the hidden states after this stage's last layer, or on the last
+        stage float32 logits of the packed positions `keep` [len(keep), vocab]."""
+        st = self._slabs()
+        kwargs = st.begin(rows)
+        if self.first:
+            kwargs["input_ids"] = x.to(self.m.device)
+        else:
+            self.incoming = x.to(self.m.device)
+            kwargs["inputs_embeds"] = torch.zeros(x.shape, dtype=self.m.dtype, device=self.m.device)
+        if self.last:
+            kwargs["logits_to_keep"] = keep.to(self.m.device)
+        try:
+            with st.attention(), self.m.running():
+                out = self.m.model(**kwargs)
+        except _Handoff as h:
+            st.end()
+            return h.hidden.cpu()
+        finally:
+            self.incoming = None
+            st.kv.rows = []
+        st.end()
+        return out.logits[0].float().cpu()
+
+    def kv(self, op: str, *args):
+        """One of the engine's KV operations (limit, copy_prefix, truncate, shrink, free, clear) on this stage."""
+        if op not in ("limit", "copy_prefix", "truncate", "shrink", "free", "clear"):
+            raise ValueError(f"no KV operation {op!r}")
+        return getattr(self._slabs(), op)(*args)
 
     def forward(self, seq, x: torch.Tensor, start: int, keep: int = 1) -> torch.Tensor:
         """Run tokens (first stage: ids [1, n]; others: hidden states [1, n, hidden]) at positions start..start+n-1
@@ -251,6 +296,22 @@ class PipelineModel:
         self.last_stats: dict = {}
         self.restarts = 0
         self._seqs = 0
+        # the engine's KV budget, in bytes of the whole model's KV: the tightest stage's, each holding its layers'
+        budgets = [i.get("kv_budget") for i in self.info]
+        layers = self.ranges[-1][1]
+        self.kv_budget = None if any(b is None for b in budgets) else \
+            min(b * layers // (r[1] - r[0]) for b, r in zip(budgets, self.ranges))
+
+    def slab_runner(self) -> PipelineSlabs:
+        """The engine's runner (`Engine(pipeline_model)`): per-sequence KV on every stage (engine/kv.py)."""
+        from ..engine.kv import SLAB_FAMILIES, pageable
+
+        if not pageable(self):
+            raise InputError(f"the engine (serve, batch) runs a pipeline only for the families whose keys and values "
+                             f"it keeps per sequence ({', '.join(sorted(SLAB_FAMILIES)[:8])}, ...); "
+                             f"{self.config.get_text_config().model_type} is not one: run it in one process, or "
+                             f"through PipelineModel.generate")
+        return PipelineSlabs(self)
 
     def _chain(self, seq, x: torch.Tensor, start: int, keep: int = 1):
         for s in self.stages:
@@ -390,6 +451,98 @@ class PipelineModel:
         for s in getattr(self, "stages", []):
             self.ray.kill(s)
         self.stages = []
+
+
+class PipelineSlabs:
+    """The engine's runner over a pipeline (engine/kv.py's SlabStep is the one-process one): each stage keeps the
+    per-sequence KV of its own layers; a step's rows go down the chain as micro-batches (one per stage at most),
+    every micro-batch sent before any is awaited, so while the last stage computes one the first computes the next.
+    The driver keeps each sequence's token ids: a stage that dies is restarted by Ray, every stage's KV is
+    cleared, and every sequence (running, or kept for its prefix) is replayed from position 0 before the step
+    goes on, so nothing is lost and greedy output is unchanged."""
+
+    def __init__(self, pipe: PipelineModel):
+        self.pipe = pipe
+        self.ids: dict[int, list[int]] = {}     # each sequence's token ids whose KV the stages hold
+        self.limits: dict[int, int] = {}
+
+    def _all(self, op: str, *args) -> None:
+        # Ray runs one caller's calls to an actor in order: later steps see these
+        for st in self.pipe.stages:
+            st.kv.remote(op, *args)
+
+    def limit(self, key, tokens: int) -> None:
+        self.limits[key] = tokens
+        self._all("limit", key, tokens)
+
+    def copy_prefix(self, key, src, m: int) -> None:
+        self.ids[key] = self.ids[src][:m]
+        self._all("copy_prefix", key, src, m)
+
+    def truncate(self, key, n: int) -> None:
+        self.ids[key] = self.ids.get(key, [])[:n]
+        self._all("truncate", key, n)
+
+    def shrink(self, key) -> None:
+        self._all("shrink", key)
+
+    def free(self, key) -> None:
+        self.ids.pop(key, None)
+        self.limits.pop(key, None)
+        self._all("free", key)
+
+    def clear(self) -> None:
+        self.ids.clear()
+        self.limits.clear()
+        self._all("clear")
+
+    def tokens(self) -> int:
+        return sum(len(x) for x in self.ids.values())
+
+    capacity = tokens
+
+    def forward(self, rows: list[tuple[int, list[int]]], keep: torch.Tensor | None = None,
+                routing=None) -> torch.Tensor:
+        """Logits of each row's last new token [rows, vocab] (float32)."""
+        if routing is not None:
+            raise InputError("a pipeline serves one adapter (--adapter), not several chosen per request")
+        if keep is not None and len(keep) != len(rows):
+            raise InputError("a pipeline computes the logits of each row's last token only (no drafted tokens)")
+        ray, lost = self.pipe.ray, False
+        while True:
+            try:
+                if lost:
+                    self._replay()
+                out = self._send(rows)
+                break
+            except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError):
+                self.pipe._await_stages()   # (raises once a stage's restarts are used up)
+                lost = True
+        for key, toks in rows:
+            self.ids.setdefault(key, []).extend(toks)
+        return out
+
+    def _send(self, rows) -> torch.Tensor:
+        k = max(1, min(len(rows), len(self.pipe.stages)))
+        bounds = [round(i * len(rows) / k) for i in range(k + 1)]
+        refs = []
+        for g in (rows[a:b] for a, b in zip(bounds, bounds[1:])):
+            lens = torch.tensor([len(t) for _, t in g])
+            x = torch.tensor([t for _, toks in g for t in toks])[None]
+            for st in self.pipe.stages:
+                x = st.step.remote([(key, len(toks)) for key, toks in g], x, lens.cumsum(0) - 1)
+            refs.append(x)
+        return torch.cat(self.pipe.ray.get(refs))
+
+    def _replay(self) -> None:
+        """Every stage's KV anew: each sequence's ids so far sent down again (the step's rows go after)."""
+        log(f"replaying {len(self.ids)} sequences' KV down the restarted pipeline")
+        self._all("clear")
+        for key, n in self.limits.items():
+            self._all("limit", key, n)
+        held = [(key, ids) for key, ids in self.ids.items() if ids]
+        if held:
+            self._send(held)
 
 
 class _Output:
