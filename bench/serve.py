@@ -19,7 +19,11 @@ and `--max-concurrency 8`.
 Each server is stopped with SIGINT at the end and must exit 0. "other load" is the cores other processes
 (neither this script nor the server) kept busy during a row: above ~0.2 the row is disturbed.
 
+(c) With `--pipeline N --max-ram SIZE`: part (a) on `serve --pipeline N` (a local Ray started by the server, one
+    CPU per stage, SIZE per stage), then on one process with the same SIZE, and the texts compared.
+
     .venv/bin/python bench/serve.py [--quick] [--json PATH] [--threads N]
+    .venv/bin/python bench/serve.py --pipeline 2 --max-ram 60MB [--quick]
 """
 
 from __future__ import annotations
@@ -290,6 +294,36 @@ def stop_checked(server: Server, label: str, problems: list[str]) -> int | None:
     return rc
 
 
+def pipeline_part(a) -> None:
+    """(c): 1, 4 and 8 clients on a pipeline server, then on one process at the same budget; texts compared."""
+    max_tokens = 16 if a.quick else 64
+    common = ["--max-ram", a.max_ram, "--max-concurrency", "8", "--prefix-cache", "0"] + \
+        (["--model", a.model] if a.model else []) + (["--threads", a.threads] if a.threads else [])
+    results, codes = {}, {}
+    for label, extra in ((f"pipeline={a.pipeline}, --max-ram {a.max_ram} per stage", ["--pipeline", a.pipeline]),
+                         (f"one process, --max-ram {a.max_ram}", [])):
+        print(f"server: {label} …", file=sys.stderr, flush=True)
+        with Server(common + extra, echo=a.echo) as srv:
+            client = openai.OpenAI(base_url=srv.base_url, api_key="x", max_retries=0, timeout=REQUEST_TIMEOUT)
+            results[label] = concurrency_part(srv, client, [1, 4, 8], max_tokens, a.wait_quiet)
+            codes[label] = srv.stop()
+    print()
+    for label, rows in results.items():
+        table([f"{label}: clients (max_tokens {max_tokens}, greedy)", "tokens", "wall s", "aggregate tok/s",
+               "vs 1 client", "sweeps", "other load"],
+              [[r["clients"], r["tokens"], fmt(r["wall_s"], ".1f"), fmt(r["agg_tok_s"]),
+                ratio(r["agg_tok_s"], rows[0]["agg_tok_s"]), fmt(r["sweeps"], ".0f"), fmt(r["others"])]
+               for r in rows])
+        print()
+    (pl, one) = results.values()
+    same = sum(x == y for a_, b_ in zip(pl, one) for x, y in zip(a_["texts"], b_["texts"]))
+    total = sum(len(r["texts"]) for r in one)
+    print(f"same greedy text, pipeline and one process: {same}/{total}; exit status on SIGINT: "
+          f"{', '.join(map(str, codes.values()))}")
+    if a.json:
+        a.json.write_text(json.dumps({"results": results, "same": same, "total": total}, indent=1))
+
+
 def main() -> None:
     p = parser(__doc__, wait_quiet=120)
     p.add_argument("--quick", action="store_true", help="a smoke run: max_tokens 16 / 4 instead of 64 / 16")
@@ -297,7 +331,11 @@ def main() -> None:
     p.add_argument("--model", default=None, help="the model to serve (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--threads", type=int, default=None, help="the server's --threads (default: its own choice)")
     p.add_argument("--echo", action="store_true", help="show the server's output")
+    p.add_argument("--pipeline", type=int, default=None, help="(c): serve over an N-stage Ray pipeline")
+    p.add_argument("--max-ram", default="0", help="the server's --max-ram (per stage with --pipeline; default 0)")
     a = p.parse_args()
+    if a.pipeline:
+        return pipeline_part(a)
 
 
     chat_tokens, prefix_tokens = (16, 4) if a.quick else (64, 16)
