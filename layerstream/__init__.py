@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 TESTED_TRANSFORMERS = ("5.24",)
 
 _EXPORTS = {
-    "AutoModel": "layerstream.engine", "StreamedModel": "layerstream.engine", "ChatSession": "layerstream.engine",
+    "AutoModel": "layerstream.api", "StreamedModel": "layerstream.engine", "ChatSession": "layerstream.engine",
     "Options": "layerstream.options", "split": "layerstream.store", "Store": "layerstream.store",
     "make_plan": "layerstream.plan", "LayerstreamError": "layerstream.errors",
 }

@@ -127,7 +127,7 @@ def import_stack() -> None:
 
 def load_model(a):
     import_stack()
-    from ..engine import AutoModel
+    from ..api import AutoModel
 
     log(f"opening {a.model or 'the embedded SmolLM2-135M-Instruct'}")
     if getattr(a, "ray", None) and getattr(a, "pipeline", None):

@@ -272,39 +272,23 @@ def _close(streamer, store):
     streamer.close()
 
 
-class AutoModel:
-    """Drop-in for AirLLM's `AutoModel`: `AutoModel.from_pretrained(source, ...)`."""
+def open_streamed(source, opts: Options) -> StreamedModel:
+    """`source` (see layerstream.api.AutoModel) as a StreamedModel in this process, with its draft model if
+    `opts.draft`: what `AutoModel.from_pretrained` returns when the model is not split over a Ray pipeline."""
+    path = resolve(source, store_path=opts.store_path, dtype=parse_dtype(opts.dtype), progress=opts.progress,
+                   in_place=opts.in_place, quantize=opts.compression)
+    if not opts.draft:
+        return StreamedModel(path, opts)
+    from .speculative import draft_bytes, open_draft
 
-    @staticmethod
-    def from_pretrained(source=None, options: Options | None = None, **kwargs) -> StreamedModel:
-        """Open `source` (None: the embedded default model; a transformers directory; a .gguf file; a hub id;
-        a layerstream store), splitting it into a store once, and return a streaming model.
-
-        Keywords are `Options` fields (or pass `options=`): device, dtype, max_ram / max_gpu_memory (bytes or
-        strings like "2GB" bounding the weights kept resident between sweeps and the buffers in flight; 0:
-        nothing resident; default: what is free, with a margin), compression ("int8" / "int4", AirLLM's
-        "8bit" / "4bit": a block-wise quantized store), store_path, in_place, prefetch, lookahead, io,
-        readers, threads, verify, profiling, progress; pipeline (N: the layers split over N Ray actors, a
-        `layerstream.ray.pipeline.PipelineModel`)."""
-        opts = options if options is not None else Options.from_kwargs(kwargs)
-        if opts.pipeline:
-            from ..ray.pipeline import PipelineModel
-
-            return PipelineModel(source, opts)
-        path = resolve(source, store_path=opts.store_path, dtype=parse_dtype(opts.dtype), progress=opts.progress,
-                       in_place=opts.in_place, quantize=opts.compression)
-        if not opts.draft:
-            return StreamedModel(path, opts)
-        from .speculative import draft_bytes, open_draft
-
-        draft = open_draft(source, opts.draft, opts)
-        size = draft_bytes(draft)
-        target = opts
-        if opts.ram_bytes is not None and opts.device == "cpu":   # the draft comes out of the same budget
-            target = opts.replace(max_ram=max(0, opts.ram_bytes - size))
-        elif opts.gpu_bytes is not None and opts.device != "cpu":
-            target = opts.replace(max_gpu_memory=max(0, opts.gpu_bytes - size))
-        m = StreamedModel(path, target)
-        m.draft = draft
-        m.plan.notes.append(f"draft model ({opts.draft}) resident: {size} bytes of the budget")
-        return m
+    draft = open_draft(source, opts.draft, opts)
+    size = draft_bytes(draft)
+    target = opts
+    if opts.ram_bytes is not None and opts.device == "cpu":   # the draft comes out of the same budget
+        target = opts.replace(max_ram=max(0, opts.ram_bytes - size))
+    elif opts.gpu_bytes is not None and opts.device != "cpu":
+        target = opts.replace(max_gpu_memory=max(0, opts.gpu_bytes - size))
+    m = StreamedModel(path, target)
+    m.draft = draft
+    m.plan.notes.append(f"draft model ({opts.draft}) resident: {size} bytes of the budget")
+    return m

@@ -18,7 +18,7 @@ DRAFT_TOKENS = 6   # tokens drafted per verification to start with; transformers
 
 def open_draft(source, draft: str, options):
     """The draft model for `source`, fully resident: its int4 store (made once) or another model."""
-    from .model import AutoModel
+    from .model import open_streamed
 
     kind = str(draft).lower()
     if kind in ("int4", "4bit"):
@@ -27,12 +27,12 @@ def open_draft(source, draft: str, options):
                                store_path=None, in_place=None, max_ram=None, max_gpu_memory=None, draft=None,
                                lora=None)   # the default adapter only: it drafts for every row
         log(f"opening the int4 draft of {source or 'the embedded model'}")
-        m = AutoModel.from_pretrained(source, opts)
+        m = open_streamed(source, opts)
     else:
         opts = options.replace(store_path=None, in_place=None, compression=None, max_ram=None, max_gpu_memory=None,
                                draft=None, adapter=None, lora=None)   # another model: the target's adapters are not its
         log(f"opening the draft model {draft}")
-        m = AutoModel.from_pretrained(draft, opts)
+        m = open_streamed(draft, opts)
     if m.plan.streamed:
         raise InputError(f"the draft model does not fit in free memory ({len(m.plan.streamed)} units would stream); "
                          f"a draft must be resident to be faster than the model it drafts for")

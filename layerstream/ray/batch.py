@@ -32,7 +32,7 @@ class Replica:
     """A Ray actor: one model and its engine, stepping on a thread while chunks of requests come in."""
 
     def __init__(self, source, options: Options, batch_size: int, model_name: str | None):
-        from ..engine import AutoModel
+        from ..api import AutoModel
         from ..engine.batch import Runner, check_tokenizer, default_model_name
         from ..engine.journal import fingerprint
 

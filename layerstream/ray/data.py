@@ -26,7 +26,7 @@ class Completions:
 
     def __init__(self, model=None, max_tokens: int = 16, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, stop=None, batch_size: int = 8, **options):
-        from ..engine import AutoModel
+        from ..api import AutoModel
         from ..engine.batch import check_tokenizer
         from ..engine.openai import OpenAIRequests
         from ..engine.scheduler import Engine, SamplingParams
