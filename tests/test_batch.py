@@ -288,8 +288,8 @@ def test_sampling_fields_left_out_come_from_the_models_defaults(model, tmp_path)
     """A body without sampling fields samples with the model's defaults (layerstream.sampling: here llama.cpp's,
     the tiny model's generation_config says nothing); temperature 0 is greedy with no penalty; the penalties and
     top_k / min_p a body sends are honoured; the server and batch jobs parse bodies alike (OpenAIRequests)."""
-    from layerstream.engine.openai import OpenAIRequests
     from layerstream.engine.scheduler import Engine
+    from layerstream.protocol import OpenAIRequests
     from layerstream.sampling import FALLBACK
 
     parser = OpenAIRequests(Engine(model), model.tokenizer, "tiny")

@@ -151,7 +151,7 @@ def test_chat_page_streams_stops_and_clears(engine, browser, tmp_path):
         assert partial, "the partial reply must stay in the conversation"
         assert by_id(d, "status").text == "Stopped."
         # the server cancels the abandoned request, and nothing more arrives
-        wait_for(lambda: not engine.active and not engine.waiting, 10, "the server to cancel the stopped request")
+        wait_for(lambda: engine.pending() == 0, 10, "the server to cancel the stopped request")
         time.sleep(0.5)
         assert last_reply(d) == partial
         assert [c for c, _ in transcript(d)] == ["msg user", "msg assistant"]

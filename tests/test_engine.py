@@ -60,7 +60,8 @@ def test_requests_join_and_leave_sharing_sweeps(tiny, paged):
     # packed, not padded: the first sweep computes the three prompts' tokens, a decode sweep one token per row
     assert m.profiler.sweep_tokens[0] == sum(len(p) for p in PROMPTS[:3])
     assert m.profiler.sweep_tokens[1] == 3
-    assert eng.kv_tokens() == 0 and not eng.active and not eng.waiting
+    now = eng.snapshot()
+    assert now.kv_tokens == 0 and now.running == 0 and now.waiting == 0
 
 
 def test_requests_wait_while_the_kv_budget_is_full(tiny, paged):
@@ -98,7 +99,7 @@ def test_prefix_cache_reuses_a_shared_prompt_prefix(tiny, paged):
     assert eng.prefix_budget > 0
     first = eng.generate(prompts[:1], SamplingParams(max_tokens=6))
     assert first[0].token_ids == expect[0] and eng.stats["prefill_tokens"] == len(prompts[0])
-    assert eng.entries   # the finished request stays in the prefix cache
+    assert eng.snapshot().prefix_entries == 1   # the finished request stays in the prefix cache
     rest = eng.generate(prompts[1:], SamplingParams(max_tokens=6))
     assert [c.token_ids for c in rest] == expect[1:]
     # the three later prompts computed only what follows the shared part (the repeated one: its last token)
@@ -134,8 +135,7 @@ def test_a_later_chat_turn_borrows_the_earlier_turn_and_its_reply(tiny, paged):
     assert r2.token_ids == greedy(m, p2, 5)
     assert eng.stats["prefill_tokens"] == len(p1) + 3 + 1   # the first reply's last token was never fed back
     p3 = p2 + r2.token_ids + [93, 94]
-    first = next(iter(eng.entries))
-    eng._release(eng.entries.pop(first))   # evict the first turn: the second still holds the columns it lent
+    assert eng.evict_prefix(1) == 1   # evict the first turn: the second still holds the columns it lent
     r3 = eng.generate([p3], SamplingParams(max_tokens=5))[0]
     assert r3.token_ids == greedy(m, p3, 5)
 
@@ -149,8 +149,8 @@ def test_the_prefix_cache_stays_within_its_budget(tiny, paged):
     prompts = [[1] + list(range(20 + 20 * i, 40 + 20 * i)) for i in range(5)]
     for p in prompts:
         assert eng.generate([p], SamplingParams(max_tokens=4))[0].token_ids == greedy(m, p, 4)
-        assert eng._cached_bytes() <= 60 * per
-    assert 1 <= len(eng.entries) <= 2
+        assert eng.snapshot().prefix_bytes <= 60 * per
+    assert 1 <= eng.snapshot().prefix_entries <= 2
     again = eng.generate([prompts[-1][:-1] + [7]], SamplingParams(max_tokens=4))[0]
     assert again.token_ids == greedy(m, prompts[-1][:-1] + [7], 4)
     assert eng.stats["prefix_hit_tokens"] == len(prompts[-1]) - 1
@@ -242,13 +242,13 @@ def test_sliding_window_families_batch_on_slabs_and_run_alone_without(tmp_path):
     m = AutoModel.from_pretrained(src, max_ram=0, store_path=tmp_path / "store", progress=False)
     want = [m.generate(torch.tensor([p]), max_new_tokens=5, do_sample=False)[0, len(p):].tolist() for p in PROMPTS[:3]]
     eng = Engine(m, max_batch=4)
-    assert eng.slab is not None and eng.batched
+    assert eng.kv_layout == "slabs"
     out = eng.generate(PROMPTS[:3], SamplingParams(max_tokens=5))
     assert [c.token_ids for c in out] == want and eng.stats["max_batch_seen"] == 3
     # the model's own attention is untouched outside the engine's sweeps
     assert m.config._attn_implementation == "eager" and greedy(m, PROMPTS[1], 5) == want[1]
     alone = Engine(m, max_batch=4, paged=False)
-    assert not alone.batched
+    assert alone.kv_layout == "alone"
     out = alone.generate(PROMPTS[:3], SamplingParams(max_tokens=5))
     assert [c.token_ids for c in out] == want and alone.stats["max_batch_seen"] == 1
 

@@ -66,7 +66,7 @@ def test_a_row_whose_sampling_or_stop_handling_fails_ends_alone(tiny, prefix_cac
         bad[1].result()
     streamed = list(bad[1].drain())
     assert [d.token_ids for d in streamed[:2]] == [want[5][:1], want[5][1:2]] and streamed[-1] is bad[1].error
-    assert not eng.active and not eng.waiting
+    assert eng.snapshot().running == 0 and eng.snapshot().waiting == 0
     out = eng.generate(PROMPTS[3:], [SamplingParams(max_tokens=n) for n in LIMITS[3:]])
     assert [c.token_ids for c in out] == want[3:]
 
@@ -96,7 +96,7 @@ def test_a_failing_request_leaves_the_engine_thread_serving(tiny):
         for t in threads:
             t.join(60)
         assert [results[i] for i in range(3)] == want[:3]
-        assert eng._thread.is_alive()
+        assert eng.serving
         after = eng.submit(PROMPTS[5], SamplingParams(max_tokens=LIMITS[5]))
         assert after.result(timeout=60).token_ids == want[5]
     finally:
@@ -128,7 +128,7 @@ def test_values_that_cannot_be_computed_are_refused_at_submit(tiny, bad, message
     eng = Engine(m)
     with pytest.raises(InputError, match=message):
         eng.submit(PROMPTS[0], p)
-    assert not eng.waiting
+    assert eng.snapshot().waiting == 0
 
 
 def test_prompts_outside_the_vocabulary_are_refused_at_submit(tiny):
@@ -142,7 +142,7 @@ def test_prompts_outside_the_vocabulary_are_refused_at_submit(tiny):
                             (torch.tensor([[1, 2], [3, 4]]), "one prompt, got a batch of 2 rows: submit each row")):
         with pytest.raises(InputError, match=message):
             eng.submit(prompt, SamplingParams())
-    assert not eng.waiting
+    assert eng.snapshot().waiting == 0
 
 
 def test_generate_refuses_a_bad_prompt_and_leaves_nothing_queued(tiny):
@@ -209,7 +209,8 @@ def test_a_failed_sweep_fails_its_rows_and_the_engine_serves_on(tiny):
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))   # as it was (the store is the model's own file)
     for h in hs[:2]:
         assert h.done and isinstance(h.error, StoreError)
-    assert not hs[2].done and eng.kv_tokens() == 0 and not eng.active and len(eng.waiting) == 1
+    now = eng.snapshot()
+    assert not hs[2].done and now.kv_tokens == 0 and now.running == 0 and now.waiting == 1
     run(eng, hs[2:])
     assert hs[2].result().token_ids == want[2]
     assert [c.token_ids for c in eng.generate(PROMPTS[:2], [SamplingParams(max_tokens=n) for n in LIMITS[:2]])] \

@@ -347,7 +347,6 @@ def test_the_engine_runs_over_a_pipeline(cluster, stores):
     sequence replayed into the new stage's KV, nothing lost."""
     from layerstream import AutoModel
     from layerstream.engine.scheduler import Engine, SamplingParams
-    from layerstream.ray.pipeline import PipelineSlabs
 
     one = AutoModel.from_pretrained(stores["llama"], progress=False, threads=1)
     prompts = [[1, 5, 9, 13], [1, 7, 3, 99, 45, 12, 8, 64, 33], [1, 20], SYSTEM + [5, 6], SYSTEM + [8, 9, 10]]
@@ -357,7 +356,7 @@ def test_the_engine_runs_over_a_pipeline(cluster, stores):
     pm = AutoModel.from_pretrained(stores["llama"], progress=False, threads=1, pipeline=2)
     try:
         eng = Engine(pm, max_batch=3)
-        assert isinstance(eng.slab, PipelineSlabs) and eng.kv_budget and not hasattr(pm, "plan")
+        assert eng.kv_layout == "slabs" and eng.kv_budget and not hasattr(pm, "plan")
         out = eng.generate(prompts, [SamplingParams(max_tokens=n) for n in limits])
         assert [c.token_ids for c in out] == want
         assert eng.stats["max_batch_seen"] == 3 and eng.stats["prefix_hit_tokens"] >= len(SYSTEM)

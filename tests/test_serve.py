@@ -240,7 +240,8 @@ def test_a_full_queue_answers_429_and_disconnects_free_their_slots(served):
         for i in range(5):
             threads.append(threading.Thread(target=hold, args=(i,), daemon=True))
             threads[-1].start()
-            assert wait(lambda: len(engine.active) == min(i + 1, 2) and len(engine.waiting) == max(i - 1, 0))
+            counts = (min(i + 1, 2), max(i - 1, 0))   # (running, waiting)
+            assert wait(lambda: (engine.snapshot().running, engine.snapshot().waiting) == counts)
         r = post(url, "/v1/completions", {"model": "smol", "prompt": "Hi", "max_tokens": 2})
         assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
         with pytest.raises(openai.RateLimitError):
@@ -252,10 +253,10 @@ def test_a_full_queue_answers_429_and_disconnects_free_their_slots(served):
             t.join(120)
     assert all(got[i][0] == 200 for i in range(5))
     for _ in range(600):
-        if not engine.active and not engine.waiting:
+        if engine.pending() == 0:
             break
         time.sleep(0.05)
-    assert not engine.active and not engine.waiting
+    assert engine.pending() == 0
     assert metric(url, 'layerstream_requests_total{route="completions",status="499"}') >= 5
     r = client(url).chat.completions.create(model="smol", messages=CHATS[0], max_tokens=12, temperature=0)
     assert r.choices[0].message.content == want[0][1]

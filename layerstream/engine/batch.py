@@ -35,9 +35,9 @@ import time
 from pathlib import Path
 
 from ..errors import InputError
+from ..protocol import BadLine, OpenAIRequests, envelope, failure, success
 from ..utils import log
 from .journal import Journal, check_output, fingerprint, journal_path, line_hash, write_output
-from .openai import BadLine, OpenAIRequests, envelope, failure, success
 from .scheduler import Engine, GenerationError
 
 

@@ -36,13 +36,9 @@ sweep; `generate(requests)` runs a list to the end (jobs); `start()` runs steps 
 from __future__ import annotations
 
 import itertools
-import math
-import operator
-import queue
 import threading
 import time
 from collections import Counter, OrderedDict
-from dataclasses import dataclass, field
 
 import torch
 
@@ -50,155 +46,13 @@ from ..errors import InputError
 from ..plan.planner import kv_bytes_per_token, prefix_budget
 from ..utils import log
 from .kv import SlabStep, pageable
-from .step import GREEDY_BELOW, GenerationError, eos_ids, forward, new_cache, penalize, sample
+from .requests import Completion, Delta, EngineState, Handle, Refusal, SamplingParams, _token_list
+from .step import GenerationError, eos_ids, forward, new_cache
+
+__all__ = ["Completion", "Delta", "Engine", "EngineState", "GenerationError", "Handle", "Refusal", "SamplingParams",
+           "batchable"]
 
 MIN_SHARE = 8       # shortest prefix worth borrowing from the prefix cache (tokens)
-
-
-@dataclass
-class SamplingParams:
-    """Per request: token limit, greedy (temperature 0, or below GREEDY_BELOW = 1e-5) or sampled (temperature,
-    top_p, seed), stop strings. Values that cannot be computed (NaN, infinite, out of range) raise InputError,
-    here and again at `Engine.submit`."""
-
-    max_tokens: int = 16
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0                     # 0: all tokens
-    min_p: float = 0.0                 # 0: off
-    repetition_penalty: float = 1.0    # 1: off (prompt and output tokens; transformers' and llama.cpp's rule)
-    frequency_penalty: float = 0.0     # OpenAI's, over the output tokens
-    presence_penalty: float = 0.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    adapter: str | None = None   # a LoRA adapter of the model by name (None: its default adapter, or none)
-
-    def __post_init__(self):
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.check()
-
-    def check(self) -> None:
-        """InputError unless every value can be computed with."""
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens <= 0:
-            raise InputError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if not _number(self.temperature) or self.temperature < 0:
-            raise InputError(f"temperature must be a finite number >= 0 (0: greedy), got {self.temperature!r}")
-        if not _number(self.top_p) or not 0 < self.top_p <= 1:
-            raise InputError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
-            raise InputError(f"top_k must be an integer >= 0 (0: all tokens), got {self.top_k!r}")
-        if not _number(self.min_p) or not 0 <= self.min_p < 1:
-            raise InputError(f"min_p must be a number in [0, 1), got {self.min_p!r}")
-        if not _number(self.repetition_penalty) or not 0 < self.repetition_penalty <= 10:
-            raise InputError(f"repetition_penalty must be a number in (0, 10] (1: off), got "
-                             f"{self.repetition_penalty!r}")
-        for name in ("frequency_penalty", "presence_penalty"):
-            if not _number(getattr(self, name)) or not -2 <= getattr(self, name) <= 2:
-                raise InputError(f"{name} must be a number in [-2, 2], got {getattr(self, name)!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
-                                      or not -2**63 <= self.seed < 2**64):
-            raise InputError(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
-        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
-            raise InputError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
-        if self.adapter is not None and not isinstance(self.adapter, str):
-            raise InputError(f"adapter must be an adapter's name, got {self.adapter!r}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature < GREEDY_BELOW
-
-    @property
-    def penalized(self) -> bool:
-        return self.repetition_penalty != 1.0 or bool(self.frequency_penalty) or bool(self.presence_penalty)
-
-    def next_tokens(self, logits: torch.Tensor, prompt: list[int], tokens: list[int], gen) -> torch.Tensor:
-        """This request's next token from its logits [1, vocab], after its penalties."""
-        if self.penalized:
-            logits = penalize(logits, prompt + tokens, self.repetition_penalty, tokens, self.frequency_penalty,
-                              self.presence_penalty)
-        return sample(logits, self.temperature, self.top_p, gen, self.top_k, self.min_p)
-
-
-def _number(x) -> bool:
-    """A finite int or float (not a bool)."""
-    if not isinstance(x, (int, float)) or isinstance(x, bool):
-        return False
-    try:
-        return math.isfinite(x)
-    except OverflowError:   # an int beyond float's range
-        return False
-
-
-@dataclass
-class Delta:
-    """What one step added to a request: new token ids and the text they complete (stop strings held back)."""
-
-    request_id: str
-    token_ids: list[int]
-    text: str
-    finish_reason: str | None = None   # "stop" (end of sequence or a stop string), "length", "cancelled"
-
-
-@dataclass
-class Completion:
-    request_id: str
-    prompt_tokens: int
-    token_ids: list[int]
-    text: str
-    finish_reason: str
-    seconds: float = 0.0
-
-    @property
-    def completion_tokens(self) -> int:
-        return len(self.token_ids)
-
-
-class Handle:
-    """A submitted request: its deltas as they come, and its completion."""
-
-    def __init__(self, request_id: str):
-        self.request_id = request_id
-        self._q: queue.Queue = queue.Queue()
-        self._done = threading.Event()
-        self.completion: Completion | None = None
-        self.error: BaseException | None = None
-        self.notify = None            # called (on the engine's thread) after each delta: servers wake on it
-
-    def _put(self, item) -> None:
-        self._q.put(item)
-        if self.notify is not None:
-            self.notify()
-
-    def drain(self) -> list:
-        """The deltas (or an error) that came since the last call, without waiting."""
-        items = []
-        while True:
-            try:
-                items.append(self._q.get_nowait())
-            except queue.Empty:
-                return items
-
-    def stream(self, timeout: float | None = None):
-        """Deltas until the request finishes (the last one has a finish_reason)."""
-        while True:
-            item = self._q.get(timeout=timeout)
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-            if item.finish_reason is not None:
-                return
-
-    def result(self, timeout: float | None = None) -> Completion:
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"request {self.request_id} not finished after {timeout} s")
-        if self.error is not None:
-            raise self.error
-        return self.completion
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
 
 
 class _Seq:
@@ -235,23 +89,6 @@ class _Entry:
 
     def cached_ids(self) -> list[int]:
         return self.ids
-
-
-def _token_list(prompt_ids) -> list[int]:
-    """One prompt's token ids as a list of ints. A (1, n) batch, as a tokenizer's `return_tensors="pt"` gives, is
-    that one row; a batch of several rows is refused by name (submit each row: they run batched anyway)."""
-    ids = prompt_ids.tolist() if hasattr(prompt_ids, "tolist") else prompt_ids   # a tensor or a numpy array
-    if isinstance(ids, (list, tuple)) and ids and all(isinstance(r, (list, tuple)) for r in ids):
-        if len(ids) != 1:
-            raise InputError(f"submit takes one prompt, got a batch of {len(ids)} rows: submit each row "
-                             f"(the engine batches requests itself)")
-        ids = ids[0]
-    if isinstance(ids, (str, bytes)):
-        raise InputError("the prompt must be token ids, not text: encode it with the tokenizer first")
-    try:
-        return [operator.index(t) for t in ids]   # 1.5 or "3" are not token ids
-    except (TypeError, ValueError, OverflowError):
-        raise InputError("the prompt must be a sequence of token ids (integers)") from None
 
 
 class Engine:
@@ -320,7 +157,7 @@ class Engine:
             raise InputError(f"token id {bad} is outside this model's vocabulary [0, {self.vocab})")
         why = self.refusal(len(prompt), params.max_tokens)
         if why is not None:
-            raise InputError(why[1])
+            raise InputError(why.message)
         lora = getattr(self.model, "lora", None)
         if params.adapter is not None and lora is None:
             raise InputError(f"no adapter named {params.adapter!r} here: this model has no LoRA adapters")
@@ -333,17 +170,17 @@ class Engine:
             self.lock.notify_all()
         return h
 
-    def refusal(self, prompt_tokens: int, max_tokens: int) -> tuple[str, str] | None:
-        """Why a request of this size can never run here, as (OpenAI error code, message); None if it can."""
+    def refusal(self, prompt_tokens: int, max_tokens: int) -> Refusal | None:
+        """Why a request of this size can never run here; None if it can."""
         if self.context and prompt_tokens + max_tokens > self.context:
-            return "context_length_exceeded", (
+            return Refusal("context", (
                 f"this model's context is {self.context} tokens; the prompt has {prompt_tokens} and max_tokens asks "
-                f"for {max_tokens}: shorten the prompt or lower max_tokens")
+                f"for {max_tokens}: shorten the prompt or lower max_tokens"))
         need = (prompt_tokens + max_tokens) * self.kv_per_token
         if self.kv_budget is not None and need > self.kv_budget:
-            return "kv_budget_exceeded", (
+            return Refusal("kv_budget", (
                 f"this request's KV cache ({need} bytes for {prompt_tokens + max_tokens} tokens) exceeds the plan's "
-                f"KV budget ({self.kv_budget} bytes): lower max_tokens or raise max_ram / max_gpu_memory")
+                f"KV budget ({self.kv_budget} bytes): lower max_tokens or raise max_ram / max_gpu_memory"))
         return None
 
     def cancel(self, request_id: str) -> None:
@@ -356,6 +193,29 @@ class Engine:
     def pending(self) -> int:
         with self.lock:
             return len(self.waiting) + len(self.active)
+
+    @property
+    def kv_layout(self) -> str:
+        """How sequences keep their keys and values: "slabs" (each its own, engine/kv.py), "masked" (one shared
+        cache under a mask) or "alone" (one sequence at a time)."""
+        return "slabs" if self.slab is not None else "masked" if self.batched else "alone"
+
+    def evict_prefix(self, oldest: int = 1) -> int:
+        """Let go of the `oldest` least recently used prefix-cache entries (keys and values other sequences still
+        read stay); the number evicted."""
+        n = 0
+        with self.lock:
+            while n < oldest and self.entries:
+                self._release(self.entries.pop(next(iter(self.entries))))
+                n += 1
+        return n
+
+    def snapshot(self) -> EngineState:
+        """The engine's counts, taken under its lock (servers and metrics read these, nothing else)."""
+        with self.lock:
+            return EngineState(waiting=len(self.waiting), running=len(self.active), kv_tokens=self.kv_tokens(),
+                               prefix_entries=len(self.entries), prefix_bytes=self._cached_bytes(),
+                               stats=dict(self.stats))
 
     # -- running
     def generate(self, prompts, params=None, progress=None) -> list[Completion]:
@@ -388,6 +248,11 @@ class Engine:
             self._stop = False
             self._thread = threading.Thread(target=self._loop, name="layerstream-engine", daemon=True)
             self._thread.start()
+
+    @property
+    def serving(self) -> bool:
+        """Whether the engine's thread (`start()`) is running steps."""
+        return self._thread is not None and self._thread.is_alive()
 
     def stop(self) -> None:
         self._stop = True

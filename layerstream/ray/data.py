@@ -28,8 +28,8 @@ class Completions:
                  seed: int | None = None, stop=None, batch_size: int = 8, **options):
         from ..api import AutoModel
         from ..engine.batch import check_tokenizer
-        from ..engine.openai import OpenAIRequests
         from ..engine.scheduler import Engine, SamplingParams
+        from ..protocol import OpenAIRequests
 
         self.model = AutoModel.from_pretrained(model, progress=False, **options)
         check_tokenizer(self.model)
@@ -39,7 +39,7 @@ class Completions:
         self.parser = OpenAIRequests(self.engine, self.model.tokenizer, "")
 
     def __call__(self, batch: dict) -> dict:
-        from ..engine.openai import BadLine
+        from ..protocol import BadLine
 
         try:
             if "prompt" in batch:

@@ -27,8 +27,8 @@ import time
 from html import escape
 from importlib import resources
 
-from ..engine.openai import BadLine, OpenAIRequests, completion_body, error_body, short, usage
 from ..errors import InputError
+from ..protocol import BadLine, OpenAIRequests, completion_body, error_body, short, usage
 from ..utils import log
 from .metrics import Metrics
 
@@ -192,7 +192,8 @@ def build_app(engine, name: str, api_key: str | None = None, max_queue: int = 64
 
     @app.get("/health")
     async def health():
-        state = {"status": "ok", "model": name, "waiting": len(engine.waiting), "running": len(engine.active)}
+        now = engine.snapshot()
+        state = {"status": "ok", "model": name, "waiting": now.waiting, "running": now.running}
         if drain.closing:
             return json_response({**state, "status": "shutting_down"}, 503)
         return state
@@ -328,8 +329,9 @@ def build_app(engine, name: str, api_key: str | None = None, max_queue: int = 64
         except BadLine as e:
             return refuse(e.status or 400, e.message, e.code, e.param)
         del raw
-        if len(engine.waiting) >= max_queue:
-            return refuse(429, f"{len(engine.waiting)} requests are already waiting (--max-queue {max_queue}): "
+        waiting = engine.snapshot().waiting
+        if waiting >= max_queue:
+            return refuse(429, f"{waiting} requests are already waiting (--max-queue {max_queue}): "
                                f"retry later", "rate_limit_exceeded", type="rate_limit_error")
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{secrets.token_hex(12)}"
         try:

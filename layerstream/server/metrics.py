@@ -58,9 +58,10 @@ class _EngineCollector:
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        e, s = self.engine, self.engine.stats
-        yield GaugeMetricFamily("layerstream_queue_waiting", "requests waiting for a slot", value=len(e.waiting))
-        yield GaugeMetricFamily("layerstream_running", "sequences in the running batch", value=len(e.active))
+        now = self.engine.snapshot()   # taken under the engine's lock
+        s = now.stats
+        yield GaugeMetricFamily("layerstream_queue_waiting", "requests waiting for a slot", value=now.waiting)
+        yield GaugeMetricFamily("layerstream_running", "sequences in the running batch", value=now.running)
         yield CounterMetricFamily("layerstream_sweeps", "forward sweeps over the model", value=s["steps"])
         yield CounterMetricFamily("layerstream_generated_tokens", "tokens sampled by the engine", value=s["tokens"])
         yield CounterMetricFamily("layerstream_prefill_tokens", "prompt tokens computed (prefix-cache hits excluded)",
@@ -77,4 +78,4 @@ class _EngineCollector:
         yield GaugeMetricFamily("layerstream_bytes_read_per_token", "weight bytes read per generated token",
                                 value=s["bytes_read"] / s["tokens"] if s["tokens"] else 0.0)
         yield GaugeMetricFamily("layerstream_kv_cache_tokens", "tokens in the KV cache (prefix cache included)",
-                                value=e.kv_tokens())
+                                value=now.kv_tokens)

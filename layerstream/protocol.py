@@ -1,4 +1,5 @@
-"""OpenAI request bodies and response objects, shared by batch jobs and the server.
+"""The OpenAI protocol: request bodies to token ids and `SamplingParams`, response and error objects (their codes:
+the engine says why in its own terms, `Refusal`), shared by batch jobs and the server.
 
 `OpenAIRequests.request` turns a chat or completion body (`messages` through the model's chat template, or
 `prompt`; `max_tokens`, `temperature`, `top_p`, `top_k`, `min_p`, `repetition_penalty`, `frequency_penalty`,
@@ -14,14 +15,15 @@ from __future__ import annotations
 import json
 import math
 
-from ..errors import InputError
-from ..sampling import choose, model_defaults
-from .scheduler import SamplingParams
+from .engine.requests import SamplingParams
+from .errors import InputError
+from .sampling import choose, model_defaults
 
 URLS = {"/v1/chat/completions": "chat", "/v1/completions": "text"}
 CHAT_MAX_TOKENS = 256                   # chat's default max_tokens (bounded by the context); completions: 16
 MAX_CHARS_PER_TOKEN = 32                # a text longer than context x this is refused before it is tokenized
 MAX_STOP = 16                           # stop strings per request
+REFUSALS = {"context": "context_length_exceeded", "kv_budget": "kv_budget_exceeded"}   # the engine's, as codes
 # OpenAI fields not honoured here, and the values that mean "not used" (accepted: clients send them as defaults)
 UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []), "tool_choice": (None, "none"),
                "functions": (None, []), "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
@@ -133,7 +135,7 @@ class OpenAIRequests:
             raise BadLine("invalid_value", str(e), 400) from None
         why = self.engine.refusal(len(prompt), params.max_tokens)
         if why is not None:
-            raise BadLine(why[0], why[1], 400, param)
+            raise BadLine(REFUSALS[why.kind], why.message, 400, param)
         return prompt, params
 
     def chat_ids(self, messages) -> list[int]:
