@@ -35,7 +35,7 @@ def time_slabs(m, prompts):
         t0 = time.perf_counter()
         eng.step()
         times.append(time.perf_counter() - t0)
-    assert len(eng.active) == len(prompts), "a sequence finished during the timed steps"
+    assert len(eng.sched.active) == len(prompts), "a sequence finished during the timed steps"
     del hs
     return statistics.median(times[1:]), prefill
 

@@ -64,20 +64,21 @@ def time_engine(m, prompts):
     for li, layer in enumerate(packed.layers):
         layer.update(torch.cat([c.layers[li].keys for c in caches], -2),
                      torch.cat([c.layers[li].values for c in caches], -2))
-    seqs = list(eng.waiting)
-    eng.waiting.clear()
-    eng.cache = packed
-    eng.owner = torch.cat([torch.full((len(s.prompt),), s.slot) for s in seqs])
-    eng.pos = torch.cat([torch.arange(len(s.prompt)) for s in seqs])
+    seqs = list(eng.sched.waiting)
+    eng.sched.waiting.clear()
+    mc = eng.cache   # the MaskedCache: its DynamicCache and each column's sequence and position
+    mc.cache = packed
+    mc.owner = torch.cat([torch.full((len(s.prompt),), s.slot) for s in seqs])
+    mc.pos = torch.cat([torch.arange(len(s.prompt)) for s in seqs])
     for s, t in zip(seqs, firsts):
         s.real, s.tokens = len(s.prompt), [t]
-    eng.active = seqs
+    eng.sched.active = seqs
     times = []
     for _ in range(STEPS + 1):
         t0 = time.perf_counter()
         eng.step()
         times.append(time.perf_counter() - t0)
-    assert len(eng.active) == len(prompts), "a sequence finished during the timed steps"
+    assert len(eng.sched.active) == len(prompts), "a sequence finished during the timed steps"
     del hs
     return statistics.median(times[1:])
 

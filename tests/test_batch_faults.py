@@ -40,16 +40,16 @@ def model(tiny_store):
 def poisoned_sampler(monkeypatch):
     """The engine's real sampler, except for rows with top_p 0.123, whose sampling raises (a fault that no
     request can cause any more: it stands for any failure of one row's own work)."""
-    from layerstream.engine import scheduler
+    from layerstream.engine import requests
 
-    real = scheduler.sample
+    real = requests.sample
 
     def sample(logits, temperature=0.0, top_p=1.0, *args, **kwargs):
         if top_p == 0.123:
             raise RuntimeError("injected fault")
         return real(logits, temperature, top_p, *args, **kwargs)
 
-    monkeypatch.setattr(scheduler, "sample", sample)
+    monkeypatch.setattr(requests, "sample", sample)
 
 
 def test_lines_that_fail_become_error_records_and_a_resume_gives_the_same_bytes(tmp_path, model, monkeypatch):

@@ -28,6 +28,10 @@ that cannot be computed (NaN or infinite temperature or top_p, token ids outside
 refused at `submit`. Only a failure of the shared sweep fails the rows in it; the engine then starts again
 from an empty cache.
 
+The pieces: `Scheduler` (engine/schedule.py) decides who runs and with which tokens and keeps the prefix cache,
+without tensors; the KV manager (engine/cache.py) holds the keys and values and runs the sweep; the engine here
+drafts, samples, verifies, detokenizes and hands results to the requests' handles.
+
 API: `Engine(model, max_batch)`; `submit(prompt_ids, SamplingParams) -> Handle` (thread-safe);
 `Handle.stream()` yields `Delta`s as tokens come, `Handle.result()` the `Completion`; `step()` runs one
 sweep; `generate(requests)` runs a list to the end (jobs); `start()` runs steps on a thread (servers).
@@ -38,61 +42,24 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections import Counter, OrderedDict
 
 import torch
 
 from ..errors import InputError
 from ..plan.planner import kv_bytes_per_token, prefix_budget
 from ..utils import log
+from .cache import MaskedCache, SlabCache
 from .kv import SlabStep, pageable
 from .requests import Completion, Delta, EngineState, Handle, Refusal, SamplingParams, _token_list
+from .schedule import Scheduler, Seq
 from .step import GenerationError, eos_ids, forward, new_cache
 
 __all__ = ["Completion", "Delta", "Engine", "EngineState", "GenerationError", "Handle", "Refusal", "SamplingParams",
            "batchable"]
 
-MIN_SHARE = 8       # shortest prefix worth borrowing from the prefix cache (tokens)
-
-
-class _Seq:
-    def __init__(self, rid, slot, prompt, params, handle, tokenizer, lslot: int = -1):
-        self.id, self.slot, self.prompt, self.params, self.handle = rid, slot, prompt, params, handle
-        self.tokens: list[int] = []
-        self.real = 0                 # real (unmasked) tokens of this row in the cache: its next position
-        self.shared = 0               # leading positions borrowed from the prefix cache (not computed here)
-        self.segs: list[tuple[int, int, int]] = []   # (slot, lo, hi): positions lo..hi-1 live in slot's columns
-        self.gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-        self.tok = tokenizer
-        self.lslot = lslot            # the LoRA adapter slot of its tokens (-1: none)
-        self.sent = 0                 # characters of text already handed out
-        self.t0 = time.perf_counter()
-        self.cancelled = False
-        self.dcache = None            # the draft model's own cache of this sequence (speculative decoding)
-        self.dlen = 0                 # positions it holds (a prefix of prompt + tokens)
-        self.drafted: list[int] = []  # this step's drafted tokens, verified in the sweep
-
-    def text(self) -> str:
-        return self.tok.decode(self.tokens, skip_special_tokens=True) if self.tok is not None else ""
-
-    def cached_ids(self) -> list[int]:
-        """The token ids whose keys and values the cache holds for this sequence (positions 0..real-1)."""
-        return (self.prompt + self.tokens)[:self.real]
-
-
-class _Entry:
-    """A finished sequence whose cache columns stay for later requests with the same prefix."""
-
-    def __init__(self, s: _Seq):
-        self.slot, self.segs, self.shared, self.real, self.lslot = s.slot, s.segs, s.shared, s.real, s.lslot
-        self.ids = s.cached_ids()
-
-    def cached_ids(self) -> list[int]:
-        return self.ids
-
 
 class Engine:
-    """A continuous-batching scheduler over a `StreamedModel` (see the module's docstring)."""
+    """Continuous batching over a model (a `StreamedModel`, or a Ray `PipelineModel`): see the module's docstring."""
 
     def __init__(self, model, max_batch: int = 8, kv_budget: int | None = None, prefix_cache: int | None = None,
                  draft=None, draft_tokens: int = 4, draft_rows: int = 4, paged: bool | None = None):
@@ -111,26 +78,22 @@ class Engine:
         if hasattr(model, "slab_runner"):   # a model that runs steps its own way (a Ray pipeline's stages)
             if paged is False:
                 raise InputError("this model runs only on per-sequence KV (paged=False is not possible)")
-            self.slab = model.slab_runner()
+            self.cache = SlabCache(model.slab_runner())
+        elif pageable(model) if paged is None else paged:
+            self.cache = SlabCache(SlabStep(model))
         else:
-            self.slab = SlabStep(model) if (pageable(model) if paged is None else paged) else None
-        self.batched = self.slab is not None or batchable(model)
+            self.cache = MaskedCache(model)
+        self.batched = self.cache.layout == "slabs" or batchable(model)
         # the prefix cache: bytes of finished requests' KV kept for reuse (the plan's share of the KV budget)
         if prefix_cache is None:
             prefix_cache = prefix_budget(self.kv_budget, self.kv_per_token) if self.kv_budget is not None else 0
         self.prefix_budget = prefix_cache if self.batched else 0
+        self.sched = Scheduler(self.cache, max_batch, self.batched, self.kv_budget, self.kv_per_token,
+                               self.prefix_budget)
         # speculative decoding: a resident draft model (the model's own `draft` unless given) proposes up to
         # `draft_tokens` tokens for each greedy row while at most `draft_rows` rows run; one sweep verifies them
         self.draft = (draft if draft is not None else getattr(model, "draft", None)) if self.batched else None
         self.draft_tokens, self.draft_rows = draft_tokens, draft_rows
-        self.entries: OrderedDict[int, _Entry] = OrderedDict()   # least recently used first
-        self.refs: Counter = Counter()   # slot -> sequences and entries that read some of its columns
-        self.waiting: list[_Seq] = []
-        self.active: list[_Seq] = []
-        self.cache = None
-        self.owner: torch.Tensor | None = None    # [cache length]: the slot of a column's sequence (-1: dead)
-        self.pos: torch.Tensor | None = None      # [cache length]: that column's position in its sequence
-        self.eager = model.config._attn_implementation not in (None, "sdpa")   # additive float masks
         self.lock = threading.Condition()
         self._ids = itertools.count()
         self._slots = itertools.count()
@@ -164,9 +127,9 @@ class Engine:
         lslot = lora.slot(params.adapter) if lora is not None else -1
         rid = request_id or f"req-{next(self._ids)}"
         h = Handle(rid)
-        s = _Seq(rid, next(self._slots), prompt, params, h, self.tokenizer, lslot)
+        s = Seq(rid, next(self._slots), prompt, params, h, self.tokenizer, lslot)
         with self.lock:
-            self.waiting.append(s)
+            self.sched.waiting.append(s)
             self.lock.notify_all()
         return h
 
@@ -186,36 +149,40 @@ class Engine:
     def cancel(self, request_id: str) -> None:
         """Stop a request at the next step (a client that went away): its slot is freed."""
         with self.lock:
-            for s in self.waiting + self.active:
+            for s in self.sched.waiting + self.sched.active:
                 if s.id == request_id:
                     s.cancelled = True
 
     def pending(self) -> int:
         with self.lock:
-            return len(self.waiting) + len(self.active)
+            return len(self.sched.waiting) + len(self.sched.active)
 
     @property
     def kv_layout(self) -> str:
         """How sequences keep their keys and values: "slabs" (each its own, engine/kv.py), "masked" (one shared
         cache under a mask) or "alone" (one sequence at a time)."""
-        return "slabs" if self.slab is not None else "masked" if self.batched else "alone"
+        return self.cache.layout if self.batched else "alone"
 
     def evict_prefix(self, oldest: int = 1) -> int:
         """Let go of the `oldest` least recently used prefix-cache entries (keys and values other sequences still
         read stay); the number evicted."""
         n = 0
         with self.lock:
-            while n < oldest and self.entries:
-                self._release(self.entries.pop(next(iter(self.entries))))
+            while n < oldest and self.sched.entries:
+                self.sched.evict_oldest()
                 n += 1
         return n
+
+    def kv_tokens(self) -> int:
+        """Tokens whose keys and values the engine holds now (running sequences and the prefix cache)."""
+        return self.cache.tokens()
 
     def snapshot(self) -> EngineState:
         """The engine's counts, taken under its lock (servers and metrics read these, nothing else)."""
         with self.lock:
-            return EngineState(waiting=len(self.waiting), running=len(self.active), kv_tokens=self.kv_tokens(),
-                               prefix_entries=len(self.entries), prefix_bytes=self._cached_bytes(),
-                               stats=dict(self.stats))
+            return EngineState(waiting=len(self.sched.waiting), running=len(self.sched.active),
+                               kv_tokens=self.cache.tokens(), prefix_entries=len(self.sched.entries),
+                               prefix_bytes=self.sched.cached_bytes(), stats=dict(self.stats))
 
     # -- running
     def generate(self, prompts, params=None, progress=None) -> list[Completion]:
@@ -265,7 +232,7 @@ class Engine:
     def _loop(self):
         while not self._stop:
             with self.lock:
-                while not self._stop and not self.waiting and not self.active:
+                while not self._stop and not self.sched.waiting and not self.sched.active:
                     self.lock.wait()
             if self._stop:
                 return
@@ -281,17 +248,11 @@ class Engine:
 
     def _fail_all(self, err: BaseException):
         with self.lock:
-            seqs, self.active, self.waiting = self.active + self.waiting, [], []
-        self._reset_cache()
+            seqs = self.sched.active + self.sched.waiting
+            self.sched.waiting = []
+            self.sched.reset()
         for s in seqs:
             self._fail(s, err)
-
-    def _reset_cache(self):
-        self.cache = self.owner = self.pos = None
-        if self.slab is not None:
-            self.slab.clear()
-        self.entries.clear()
-        self.refs.clear()
 
     def step(self) -> list[Delta]:
         """One sweep over every active sequence (joining ones prefill in it). Returns the deltas it made.
@@ -301,33 +262,42 @@ class Engine:
         fails the rows in it (each handle gets the error), empties the cache so that the engine can serve later
         requests, and is raised again; waiting requests stay queued."""
         t0 = time.perf_counter()
+        sched = self.sched
         with self.lock:
-            for s in [s for s in self.waiting if s.cancelled]:
-                self.waiting.remove(s)
+            for s in [s for s in sched.waiting if s.cancelled]:
+                sched.waiting.remove(s)
                 self._finish(s, "cancelled")
-            joining = self._admit()
-        deltas = [self._finish(s, "cancelled") for s in self.active if s.cancelled]
-        self._drop([s for s in self.active if s.cancelled])
-        if not self.active and not joining:
+            joining = sched.admit()
+        self.stats["prefix_hit_tokens"] = sched.prefix_hit_tokens
+        cancelled = [s for s in sched.active if s.cancelled]
+        deltas = [self._finish(s, "cancelled") for s in cancelled]
+        sched.drop(cancelled)
+        if not sched.active and not joining:
             return deltas
-        if self.draft is not None and len(self.active) + len(joining) <= self.draft_rows:
+        if self.draft is not None and len(sched.active) + len(joining) <= self.draft_rows:
             failed = []
-            for r in self.active:
+            for r in sched.active:
                 try:
                     self._propose(r)
                 except Exception as e:
                     failed.append((r, self._row_error(r, "drafting", e)))
             self._drop([], failed)
-            if not self.active and not joining:
+            if not sched.active and not joining:
                 return deltas
-        rows = self.active + joining
+        step = sched.record(joining)
+        rows = step.rows
+        self.stats["prefill_tokens"] += sum(len(s.prompt) - s.shared for s in joining)
+        lora = getattr(self.model, "lora", None)
+        routing = None if lora is None else lora.routing(
+            torch.cat([torch.full((len(n),), s.lslot) for s, n in zip(rows, step.news)]))   # each row's adapter
         prof = getattr(self.model, "profiler", None)
         before = prof.bytes_read if prof is not None else 0
         try:
-            logits = self._sweep(joining)
+            logits = self.cache.run(rows, step.news, step.last(), routing)
         except BaseException as e:
             self._sweep_failed(rows, e)
             raise
+        self.stats["kv_peak_tokens"] = max(self.stats["kv_peak_tokens"], self.cache.peak())
         if prof is not None:
             self.stats["bytes_read"] += max(prof.bytes_read - before, 0)
         self.stats["steps"] += 1
@@ -358,7 +328,13 @@ class Engine:
         self.stats["seconds"] += time.perf_counter() - t0
         return deltas
 
-    def _row_error(self, s: _Seq, what: str, e: Exception) -> GenerationError:
+    def _drop(self, done: list[Seq], failed: list[tuple[Seq, BaseException]]) -> None:
+        """Finished rows leave (kept for their prefix); failed ones leave and their handles get their errors."""
+        self.sched.drop(done, [s for s, _ in failed])
+        for s, err in failed:
+            self._fail(s, err)
+
+    def _row_error(self, s: Seq, what: str, e: Exception) -> GenerationError:
         if isinstance(e, GenerationError):
             err = GenerationError(f"request {s.id} failed while {what}: {e}")
         else:
@@ -366,21 +342,20 @@ class Engine:
         err.__cause__ = e
         return err
 
-    def _sweep_failed(self, rows: list[_Seq], err: BaseException) -> None:
+    def _sweep_failed(self, rows: list[Seq], err: BaseException) -> None:
         """The shared sweep raised: the cache may hold some layers' keys of it and not others', so it goes, with
         every row that read it; the error goes to each of their handles."""
         self._swept = err
-        self.active = []
-        self._reset_cache()
+        self.sched.reset()
         for s in rows:
             self._fail(s, err)
 
-    def _fail(self, s: _Seq, err: BaseException) -> None:
+    def _fail(self, s: Seq, err: BaseException) -> None:
         s.handle.error = err
         s.handle._done.set()
         s.handle._put(err)
 
-    def _propose(self, s: _Seq) -> None:
+    def _propose(self, s: Seq) -> None:
         """Draft up to `draft_tokens` greedy tokens for a decoding row with the resident draft model."""
         s.drafted = []
         k = min(self.draft_tokens, s.params.max_tokens - len(s.tokens) - 1)
@@ -400,21 +375,16 @@ class Engine:
             feed = [tok]
         self.stats["drafted"] += len(s.drafted)
 
-    def _verify(self, s: _Seq, logits: torch.Tensor) -> list[int]:
+    def _verify(self, s: Seq, logits: torch.Tensor) -> list[int]:
         """The tokens a verifying sweep gives a row: the drafted ones the model agrees with, then its own next
-        token. Columns of rejected drafts are masked; the draft's cache is cut back to what stays."""
+        token. The KV of rejected drafts is cut off; the draft's cache is cut back to what stays."""
         best = logits.argmax(-1).tolist()     # the model's greedy token after the fed token and each draft
         j = 0
         while j < len(s.drafted) and s.drafted[j] == best[j]:
             j += 1
         self.stats["accepted"] += j
-        rejected = len(s.drafted) - j
-        if rejected and self.slab is not None:
-            s.real -= rejected
-            self.slab.truncate(s.slot, s.real)
-        elif rejected:
-            self.owner[(self.owner == s.slot) & (self.pos >= s.real - rejected)] = -1
-            s.real -= rejected
+        if len(s.drafted) > j:
+            self.cache.reject(s, len(s.drafted) - j)
         keep = s.real     # the draft holds full[:real_before + 1] and the drafts but the last: cut what was rejected
         if s.dlen > keep:
             s.dcache.crop(keep - s.dlen)   # a negative count: the tokens to remove
@@ -423,235 +393,7 @@ class Engine:
         s.drafted = []
         return toks
 
-    # -- internals
-    def _admit(self) -> list[_Seq]:
-        """Waiting requests that join this step: while a slot is free and their KV cache fits (FIFO: a request
-        that does not fit waits, and so do the ones behind it, so no request starves). A request that shares a
-        prefix with the prefix cache or a running sequence borrows those columns; one that shares more with a
-        request joining in this very step waits one step, to borrow from it instead of computing it again."""
-        joining = []
-        if not self.batched and (self.active or not self.waiting):
-            return joining
-        while self.waiting and len(self.active) + len(joining) < (self.max_batch if self.batched else 1):
-            s = self.waiting[0]
-            src, m = self._best_prefix(s, list(self.entries.values()) + self.active)
-            if joining and self.prefix_budget and self._best_prefix(s, joining, done=False)[1] >= m + MIN_SHARE:
-                break
-            if self.slab is not None:
-                self.slab.limit(s.slot, len(s.prompt) + s.params.max_tokens)
-            self._borrow(s, src, m)
-            if self.kv_budget is not None and self._kv_after(joining + [s]) > self.kv_budget and self.entries:
-                while self._kv_after(joining + [s]) > self.kv_budget and self._evict():
-                    self._compact(force=True)
-            if self.kv_budget is not None and self._kv_after(joining + [s]) > self.kv_budget and \
-                    (self.active or joining):
-                self._unborrow(s)
-                break
-            joining.append(self.waiting.pop(0))
-            self.stats["prefix_hit_tokens"] += s.shared
-        return joining
-
-    def _best_prefix(self, s: _Seq, sources, done: bool = True):
-        """The source (entry or sequence) whose cached ids share the longest prefix with `s`'s prompt, and that
-        length (at most len(prompt) - 1: the last prompt token is computed, for its logits); (None, 0) below
-        MIN_SHARE or with the prefix cache off. `done=False`: the sources' prompts (not yet in the cache). Only
-        sources of the same LoRA adapter count: another adapter's keys and values are not this one's."""
-        best, m, prompt = None, 0, s.prompt
-        if not self.prefix_budget:
-            return best, m
-        for src in sources:
-            if src.lslot != s.lslot:
-                continue
-            ids = src.cached_ids() if done else src.prompt
-            n = min(len(ids), len(prompt) - 1)
-            k = 0
-            while k < n and ids[k] == prompt[k]:
-                k += 1
-            if k > m:
-                best, m = src, k
-        return (best, m) if m >= MIN_SHARE else (None, 0)
-
-    def _borrow(self, s: _Seq, src, m: int) -> None:
-        """Let `s` read positions 0..m-1 from `src`'s columns (and those it borrowed itself)."""
-        if src is None:
-            return
-        if isinstance(src, _Entry):
-            self.entries.move_to_end(src.slot)
-        if self.slab is not None:   # per-sequence slabs: the prefix is copied (linear in m; its compute is saved)
-            self.slab.copy_prefix(s.slot, src.slot, m)
-            s.shared, s.real = m, m
-            return
-        segs = [(slot, lo, min(hi, m)) for slot, lo, hi in src.segs if lo < m]
-        if m > src.shared:
-            segs.append((src.slot, src.shared, m))
-        s.segs, s.shared, s.real = segs, m, m
-        for slot, _, _ in segs:
-            self.refs[slot] += 1
-
-    def _unborrow(self, s: _Seq) -> None:
-        if self.slab is not None:   # (and its limit)
-            self.slab.free(s.slot)
-        for slot, _, _ in s.segs:
-            self.refs[slot] -= 1
-        s.segs, s.shared, s.real = [], 0, 0
-
-    def _evict(self) -> bool:
-        """Drop the least recently used entry that no running sequence reads; False when there is none."""
-        for slot in self.entries:
-            if not self.refs[slot]:
-                self._release(self.entries.pop(slot))
-                return True
-        return False
-
-    def _release(self, holder) -> None:
-        """A finished sequence or an evicted entry lets go of its columns and of those it borrowed; columns
-        nobody holds any more are masked (and dropped at the next compaction). With slabs: its slab goes, unless it
-        is a prefix-cache entry now."""
-        if self.slab is not None:
-            if holder.slot not in self.entries:
-                self.slab.free(holder.slot)
-            return
-        running = {s.slot for s in self.active}
-
-        def held(slot):
-            return self.refs[slot] > 0 or slot in self.entries or slot in running
-
-        gone = []
-        for slot, _, _ in holder.segs:
-            self.refs[slot] -= 1
-            if not held(slot):
-                gone.append(slot)
-        if not held(holder.slot):
-            gone.append(holder.slot)
-        for slot in gone:
-            self.refs.pop(slot, None)
-        if gone and self.owner is not None:
-            self.owner = torch.where(torch.isin(self.owner, torch.tensor(gone)), -1, self.owner)
-
-    def _kv_after(self, joining) -> int:
-        """Bytes the cache would reach if `joining` joined now and every row ran to its token limit (the prefix
-        cache's columns and those of finished sequences not yet dropped included)."""
-        rows = self.active + joining
-        if self.slab is not None:   # a shared prefix is a copy: it counts in full
-            return (self._entry_tokens() + sum(len(s.prompt) + s.params.max_tokens for s in rows)) * self.kv_per_token
-        dead = int((self.owner < 0).sum()) if self.owner is not None else 0
-        return (dead + self._held_beside(rows) + sum(len(s.prompt) - s.shared + s.params.max_tokens for s in rows)) \
-            * self.kv_per_token
-
-    def _sweep(self, joining: list[_Seq]) -> torch.Tensor:
-        """One forward over the packed new tokens of every row; the logits of each row's last token [rows, vocab]."""
-        rows = self.active + joining
-        news = [[s.tokens[-1]] + s.drafted for s in self.active] + [s.prompt[s.shared:] for s in joining]
-        ids = torch.tensor([t for n in news for t in n]).unsqueeze(0)
-        qowner = torch.cat([torch.full((len(n),), s.slot) for s, n in zip(rows, news)])
-        qpos = torch.cat([torch.arange(s.real, s.real + len(n)) for s, n in zip(rows, news)])
-        for s, n in zip(rows, news):
-            s.real += len(n)
-        ends = torch.tensor([len(n) for n in news]).cumsum(0)
-        # the head computes each row's last token, and every drafted position of a verifying row
-        last = torch.cat([torch.arange(e - len(s.drafted) - 1, e) if s.drafted else e[None] - 1
-                          for s, e in zip(rows, ends)])
-        self.stats["prefill_tokens"] += sum(len(s.prompt) - s.shared for s in joining)
-        lora = getattr(self.model, "lora", None)
-        routing = lambda: lora.routing(torch.cat([torch.full((len(n),), s.lslot) for s, n in zip(rows, news)]))  # noqa
-        if self.slab is not None:   # each row's tokens attend its own slab
-            self.active = rows
-            logits = self.slab.forward([(s.slot, n) for s, n in zip(rows, news)], last,
-                                       routing() if lora is not None else None)
-            self.stats["kv_peak_tokens"] = max(self.stats["kv_peak_tokens"], self.slab.capacity())
-            return logits
-        if self.cache is None:
-            self.cache = new_cache(self.model)
-            self.owner = self.pos = torch.zeros(0, dtype=torch.long)
-        self.owner, self.pos = torch.cat([self.owner, qowner]), torch.cat([self.pos, qpos])
-        see = (self.owner[None, :] == qowner[:, None]) & (self.pos[None, :] <= qpos[:, None])   # [new, columns]
-        start = 0
-        for s, n in zip(rows, news):   # borrowed prefixes: positions lo..hi-1 of another slot's columns
-            if s.segs:
-                extra = torch.zeros_like(self.owner, dtype=torch.bool)
-                for slot, lo, hi in s.segs:
-                    extra |= (self.owner == slot) & (self.pos >= lo) & (self.pos < hi)
-                see[start:start + len(n)] |= extra
-            start += len(n)
-        if self.eager:
-            mask = torch.zeros(see.shape, dtype=self.model.dtype).masked_fill(~see, torch.finfo(self.model.dtype).min)
-        else:
-            mask = see
-        self.active = rows
-        self.stats["kv_peak_tokens"] = max(self.stats["kv_peak_tokens"], int(self.owner.numel()))
-        if lora is None:
-            logits = forward(self.model, ids, self.cache, attention_mask=mask[None, None], position_ids=qpos[None],
-                             keep=last)
-        else:   # each row's tokens get its own adapter
-            with routing():
-                logits = forward(self.model, ids, self.cache, attention_mask=mask[None, None],
-                                 position_ids=qpos[None], keep=last)
-        return logits[0]
-
-    def _drop(self, done: list[_Seq], failed: list[tuple[_Seq, BaseException]] = ()) -> None:
-        """Remove finished rows: their columns become a prefix-cache entry (within its budget) or are masked;
-        masked columns are dropped from the cache once they are a quarter of it. `failed`: rows that end with
-        an error (their handles get it; their columns are masked, never reused)."""
-        if not done and not failed:
-            return
-        gone = set(map(id, done)) | {id(s) for s, _ in failed}
-        self.active = [s for s in self.active if id(s) not in gone]
-        for s, err in failed:
-            self._release(s)
-            self._fail(s, err)
-        for s in done:
-            if self.prefix_budget and s.real > s.shared:
-                if self.slab is not None:
-                    self.slab.shrink(s.slot)
-                self.entries[s.slot] = _Entry(s)
-                self.entries.move_to_end(s.slot)
-                for slot, _, _ in s.segs:   # the entry holds what the sequence held
-                    self.refs[slot] += 1
-            self._release(s)
-        while self.entries and self._cached_bytes() > self.prefix_budget and self._evict():
-            pass
-        if not self.active and not self.entries and not any(n > 0 for n in self.refs.values()):
-            self._reset_cache()   # (a row about to join may still read columns it borrowed: then not)
-            return
-        self._compact()
-
-    def _compact(self, force: bool = False) -> None:
-        """Drop masked columns from the cache: when they are a quarter of it, or any with `force`."""
-        if self.owner is None:
-            return
-        live = self.owner >= 0
-        if int(live.sum()) < (live.numel() if force else 0.75 * live.numel()):
-            cols = live.nonzero().squeeze(1)
-            self.owner, self.pos = self.owner[cols], self.pos[cols]
-            dcols = cols.to(self.model.device)
-            for layer in self.cache.layers:
-                if getattr(layer, "keys", None) is not None and layer.is_initialized and layer.keys.numel():
-                    layer.keys = layer.keys.index_select(-2, dcols)
-                    layer.values = layer.values.index_select(-2, dcols)
-
-    def _held_beside(self, rows) -> int:
-        """Live columns that none of `rows` owns: the prefix cache's entries and the columns they lend."""
-        if self.owner is None:
-            return 0
-        mine = torch.tensor([s.slot for s in rows], dtype=torch.long)
-        return int(((self.owner >= 0) & ~torch.isin(self.owner, mine)).sum())
-
-    def _cached_bytes(self) -> int:
-        """Bytes of live columns that no running sequence owns (the prefix cache's)."""
-        if self.slab is not None:
-            return self._entry_tokens() * self.kv_per_token
-        return self._held_beside(self.active) * self.kv_per_token
-
-    def _entry_tokens(self) -> int:
-        return sum(e.real for e in self.entries.values())
-
-    def kv_tokens(self) -> int:
-        """Tokens whose keys and values the engine holds now (running sequences and the prefix cache)."""
-        if self.slab is not None:
-            return self.slab.tokens()
-        return int(self.owner.numel()) if self.owner is not None else 0
-
-    def _delta(self, s: _Seq, tok: int) -> Delta:
+    def _delta(self, s: Seq, tok: int) -> Delta:
         """The text a new token completes, with stop strings applied; a finish reason when the request ends."""
         reason = None
         if tok in self.eos:
@@ -673,7 +415,7 @@ class Engine:
             return Delta(s.id, [tok], piece)
         return self._finish(s, reason, text, tok)
 
-    def _finish(self, s: _Seq, reason: str, text: str | None = None, tok: int | None = None) -> Delta:
+    def _finish(self, s: Seq, reason: str, text: str | None = None, tok: int | None = None) -> Delta:
         text = s.text() if text is None else text
         d = Delta(s.id, [tok] if tok is not None else [], text[s.sent:], reason)
         s.handle.completion = Completion(s.id, len(s.prompt), list(s.tokens), text, reason,
