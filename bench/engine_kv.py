@@ -10,14 +10,13 @@ Run: PYTHONPATH=. .venv/bin/python bench/engine_kv.py [cases...]   (default: 1x6
 Embedded SmolLM2-135M (its GGUF, resident). The targets: the 16x1000 step <= 2x the 16x64 step, and aggregate
 tok/s at 16x1000 >= 8x that at 1x1000."""
 
-import statistics
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from paged_spike import STEPS, prompts_for, time_engine  # noqa: I001
+from paged_spike import STEPS, decode_steps, prompts_for, time_engine  # noqa: I001
 
 from layerstream import AutoModel
 from layerstream.engine.scheduler import Engine, SamplingParams
@@ -30,14 +29,8 @@ def time_slabs(m, prompts):
     t0 = time.perf_counter()
     eng.step()   # every prompt prefilled in one sweep: each attends its own slab, so this is linear too
     prefill = time.perf_counter() - t0
-    times = []
-    for _ in range(STEPS + 1):
-        t0 = time.perf_counter()
-        eng.step()
-        times.append(time.perf_counter() - t0)
-    assert len(eng.sched.active) == len(prompts), "a sequence finished during the timed steps"
     del hs
-    return statistics.median(times[1:]), prefill
+    return decode_steps(eng, len(prompts)), prefill
 
 
 def main():

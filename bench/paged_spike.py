@@ -73,13 +73,18 @@ def time_engine(m, prompts):
     for s, t in zip(seqs, firsts):
         s.real, s.tokens = len(s.prompt), [t]
     eng.sched.active = seqs
+    del hs
+    return decode_steps(eng, len(prompts))
+
+
+def decode_steps(eng, rows: int) -> float:
+    """The median of STEPS decode steps of an engine whose `rows` sequences are all running (one warm-up first)."""
     times = []
     for _ in range(STEPS + 1):
         t0 = time.perf_counter()
         eng.step()
         times.append(time.perf_counter() - t0)
-    assert len(eng.sched.active) == len(prompts), "a sequence finished during the timed steps"
-    del hs
+    assert len(eng.sched.active) == rows, "a sequence finished during the timed steps"
     return statistics.median(times[1:])
 
 

@@ -1,8 +1,11 @@
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -127,3 +130,37 @@ def assert_like_transformers(m, ref, ids, new_tokens: int):
     assert got.tolist() == want.tolist()
     assert len(set(got[0, ids.shape[1]:].tolist())) > 1
     return want_logits
+
+
+@contextlib.contextmanager
+def serving(*args):
+    """`layerstream serve --port 0 ARGS` running: yields (its URL, what it printed: "lines" so far); on leaving
+    without an error it is stopped with SIGINT ("rest": what it printed then, "code": its exit status)."""
+    p, url, lines = start_serve(*args)
+    out = {"lines": lines}
+    try:
+        assert url, "".join(lines)
+        yield url, out
+        p.send_signal(signal.SIGINT)
+        out["rest"] = p.communicate(timeout=60)[1]
+        out["code"] = p.returncode
+    finally:
+        if p.poll() is None:
+            p.kill()
+
+
+def start_serve(*args, timeout: float = 300):
+    """`layerstream serve --port 0 ARGS` as a child process, read until it says its URL: (process, URL, the lines
+    it printed). The caller stops it (SIGINT) and reads the rest."""
+    p = subprocess.Popen([sys.executable, "-m", "layerstream", "serve", "--port", "0", *map(str, args)],
+                         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines, url, deadline = [], None, time.time() + timeout
+    while time.time() < deadline and url is None:
+        line = p.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        if "serving" in line:
+            url = line.split(" at ", 1)[1].split("/v1", 1)[0]
+    return p, url, lines

@@ -6,7 +6,6 @@ equal to one process, a replica killed with SIGKILL mid-job, the command line, R
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -16,7 +15,7 @@ import pytest
 import torch
 
 import test_batch
-from conftest import make_model_dir, make_moe_dir, run_cli
+from conftest import make_model_dir, make_moe_dir, run_cli, serving
 from test_batch import CHAT, kill_9_once_journaled, req, write_lines
 
 ray = pytest.importorskip("ray")
@@ -400,21 +399,7 @@ def test_serve_and_batch_over_a_pipeline_on_the_cluster(tmp_path, cluster, tiny_
         ids = tok(t, return_tensors="pt").input_ids
         want.append(tok.decode(model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:],
                                skip_special_tokens=True))
-    p = subprocess.Popen([sys.executable, "-m", "layerstream", "serve", "--model", str(tiny_store), "--port", "0",
-                          "--threads", "1", "--pipeline", "2", "--ray", cluster.address],
-                         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    lines = []
-    try:
-        url, deadline = None, time.time() + 300
-        while time.time() < deadline and url is None:
-            line = p.stderr.readline()
-            if not line:
-                break
-            lines.append(line)
-            if "serving" in line:
-                url = line.split(" at ", 1)[1].split("/v1", 1)[0]
-        assert url, "".join(lines)
+    with serving("--model", tiny_store, "--threads", "1", "--pipeline", "2", "--ray", cluster.address) as (url, out):
         c = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
         name = c.models.list().data[0].id
         got = [None] * len(texts)
@@ -428,9 +413,4 @@ def test_serve_and_batch_over_a_pipeline_on_the_cluster(tmp_path, cluster, tiny_
         for t in threads:
             t.join(120)
         assert got == want
-        p.send_signal(signal.SIGINT)
-        rest = p.communicate(timeout=60)[1]
-    finally:
-        if p.poll() is None:
-            p.kill()
-    assert p.returncode == 0, "".join(lines) + rest
+    assert out["code"] == 0, "".join(out["lines"]) + out["rest"]

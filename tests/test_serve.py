@@ -4,11 +4,7 @@ a client that goes away mid-stream, the prefix cache, /metrics."""
 
 import asyncio
 import json
-import os
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -22,6 +18,8 @@ uvicorn = pytest.importorskip("uvicorn")
 from layerstream import AutoModel  # noqa: E402
 from layerstream.engine.scheduler import Engine  # noqa: E402
 from layerstream.server import build_app  # noqa: E402
+
+from conftest import serving  # noqa: E402
 
 KEY = "test-key"
 CHATS = [[{"role": "user", "content": "What is the capital of France?"}],
@@ -280,22 +278,9 @@ def test_metrics_in_prometheus_text_format(served):
 def test_the_command_starts_serves_and_stops_on_ctrl_c(embedded_store):
     """`layerstream serve --port 0 --draft int4`: says what it loads, then the URL; answers, with drafted tokens
     verified in its sweeps; Ctrl-C stops it with status 0."""
-    p = subprocess.Popen([sys.executable, "-m", "layerstream", "serve", "--model", str(embedded_store),
-                          "--port", "0", "--max-ram", "0", "--threads", "1", "--draft", "int4"],
-                         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    lines = []
-    try:
-        deadline = time.time() + 300
-        url = None
-        while time.time() < deadline and url is None:
-            line = p.stderr.readline()
-            if not line:
-                break
-            lines.append(line)
-            if "serving" in line:
-                url = line.split(" at ", 1)[1].split("/v1", 1)[0]
-        assert url and url.startswith("http://127.0.0.1:"), "".join(lines)
+    with serving("--model", embedded_store, "--max-ram", "0", "--threads", "1", "--draft", "int4") as (url, out):
+        lines = out["lines"]
+        assert url.startswith("http://127.0.0.1:"), "".join(lines)
         assert any("ready:" in x for x in lines) and any("KV budget" in x for x in lines)
         r = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0).completions.create(
             model=client_model(url), prompt="Hello", max_tokens=12, temperature=0)
@@ -303,13 +288,8 @@ def test_the_command_starts_serves_and_stops_on_ctrl_c(embedded_store):
         assert metric(url, "layerstream_draft_tokens_total") > 0
         assert metric(url, "layerstream_draft_accepted_tokens_total") > 0
         assert "<title>" in httpx.get(f"{url}/").text
-        p.send_signal(signal.SIGINT)
-        rest = p.communicate(timeout=60)[1]
-    finally:
-        if p.poll() is None:
-            p.kill()
-    assert p.returncode == 0, "".join(lines) + rest
-    assert "stopped" in rest
+    assert out["code"] == 0, "".join(out["lines"]) + out["rest"]
+    assert "stopped" in out["rest"]
 
 
 def client_model(url) -> str:

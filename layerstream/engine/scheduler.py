@@ -1,5 +1,8 @@
 """Continuous batching: one sweep per step serves every active sequence.
 
+(Over 400 lines: the engine's public surface and the per-row work of a step, drafting, sampling, verifying and
+detokenizing, each isolated per row; admission and the KV live in schedule.py and cache.py.)
+
 Streamed weights make a sweep cost about the same for 1 token or 64 (the link, not the math, sets its
 time), so the engine keeps as many sequences in flight as memory allows. Each step, requests that
 joined prefill and running ones decode in the same forward pass; a finished sequence leaves and a

@@ -1,5 +1,8 @@
 """The residency planner: every unit gets a home tier, fixed for the run.
 
+(Over 400 lines: the plan, its budgets (weights, KV, buffers, prefix cache) and its description, whose numbers
+must agree with each other, are kept together.)
+
 Tiers: "device" (resident in compute memory), "ram" (resident in host RAM; pinned and copied to the
 device each use on CUDA), "disk" (read every sweep). On a CPU box device and ram coincide and the
 planner uses "ram". A cyclic sweep defeats LRU caches, so the resident set is fixed: it gets a hit
@@ -44,6 +47,17 @@ class UnitPlan:
     heat: int = 0              # experts: how often the router chose it in earlier runs (EXPERT_COUNTS)
 
 
+@dataclass(frozen=True)
+class Machine:
+    """The machine facts a plan is a function of (a test passes its own): the RAM free now, bytes."""
+
+    free_ram: int
+
+    @classmethod
+    def now(cls) -> Machine:
+        return cls(available_ram())
+
+
 @dataclass
 class Plan:
     device: str
@@ -71,6 +85,7 @@ class Plan:
     # quantized units whose linear layers compute on their blocks (ggml, quant/kernels.py): never dequantized,
     # resident or streamed at their stored size
     blocks: set[str] = field(default_factory=set)
+    free_ram: int = 0                   # the machine's free RAM when the plan was made (Machine.free_ram)
     _by_name: dict | None = field(default=None, repr=False)
 
     def tier(self, name: str) -> str:
@@ -223,8 +238,10 @@ def _choose(cands: list[UnitPlan], budget: int) -> list[UnitPlan]:
 
 
 def make_plan(store: Store, device: str = "cpu", max_ram=None, max_gpu_memory=None, lookahead: int = 2,
-              packed: bool = False, expert_device: str | None = None, blocks=()) -> Plan:
-    """Each unit's tier for these budgets. blocks: units whose linear layers compute on their stored blocks
+              packed: bool = False, expert_device: str | None = None, blocks=(),
+              machine: Machine | None = None) -> Plan:
+    """Each unit's tier for these budgets, on `machine` (default: this one, now: `Machine.now()`).
+    blocks: units whose linear layers compute on their stored blocks
     (ggml on a CPU, `runtime.streamer.block_weights`): never dequantized, resident or streamed at their stored
     size. packed (without ggml): int4 units can compute on their blocks (bfloat16 compute on a
     CPU, torch's int4 kernel): they stay packed even where they would fit as floats (smaller, and faster than
@@ -238,7 +255,7 @@ def make_plan(store: Store, device: str = "cpu", max_ram=None, max_gpu_memory=No
         load = [u.name] + (["embed"] if u.kind == "head" and tied_embed else [])
         units.append(UnitPlan(u.name, u.kind, u.bytes, load, tied_embed=u.kind == "embed" and tied_embed))
     plan = Plan(device, units, unit_bytes, 0, None, lookahead, dequant_bytes=_dequant_bytes(store),
-                expert_device=expert_device)
+                expert_device=expert_device, free_ram=(machine or Machine.now()).free_ram)
     n_experts = sum(1 for u in units if u.kind == "expert" and u.name.startswith(
         next((x.name for x in units if x.kind == "expert"), "\0").rsplit(".", 1)[0] + "."))
     if n_experts:
@@ -253,7 +270,7 @@ def make_plan(store: Store, device: str = "cpu", max_ram=None, max_gpu_memory=No
     # everything streamed: the largest possible in-flight set in host RAM (on an accelerator, its staging)
     inflight = plan.host_inflight_bytes
     if max_ram is None:
-        plan.ram_budget = max(0, available_ram() - RAM_MARGIN)
+        plan.ram_budget = max(0, plan.free_ram - RAM_MARGIN)
         plan.notes.append(f"ram budget by default: free RAM minus {fmt_bytes(RAM_MARGIN)}")
     else:
         plan.ram_budget = max_ram
@@ -355,7 +372,7 @@ def _cache_tier(plan: Plan) -> None:
     streamed = [u for u in plan.streamed if u.kind == "layer"]
     if not streamed:
         return
-    room = available_ram() - plan.ram_budget - RAM_MARGIN
+    room = plan.free_ram - plan.ram_budget - RAM_MARGIN
     per = max(plan.unit_bytes[u.name] for u in streamed)
     k = min(len(streamed), max(0, room) // per)
     if k:
@@ -435,7 +452,7 @@ def choose_io(io: str, plan: Plan) -> tuple[bool, list[str]]:
     if io != "auto":
         return io == "direct", []   # an explicit choice applies to every streamed unit ("mmap": buffered, mapped)
     streamed = plan.bytes_per_sweep
-    room = available_ram() - plan.host_inflight_bytes - plan.resident("ram")   # host RAM on any device
+    room = plan.free_ram - plan.host_inflight_bytes - plan.resident("ram")   # host RAM on any device
     if not (streamed > 0 and streamed > 0.8 * max(0, room)):
         return False, []
     return True, list(plan.cached)

@@ -1,6 +1,9 @@
 """A layer pipeline on Ray: a model's decoder layers split over N stages that together keep resident what no
 single one could.
 
+(Over 400 lines: the stage actor, the driver's model and the engine's runner share the stage protocol and its
+replay on a restart.)
+
 Each stage is a Ray actor holding a contiguous range of layers (the embedding in the first, the final norm and
 head in the last; a tied head's embedding in both) with its own budget and its own plan: a `StreamedModel`
 opened on a view of the store that lists only its units, so its planner, loader and hooks see nothing else.
@@ -152,12 +155,7 @@ class Stage:
         own keys and values (engine/kv.py). Returns the hidden states after this stage's last layer, or on the last
         stage float32 logits of the packed positions `keep` [len(keep), vocab]."""
         st = self._slabs()
-        kwargs = st.begin(rows)
-        if self.first:
-            kwargs["input_ids"] = x.to(self.m.device)
-        else:
-            self.incoming = x.to(self.m.device)
-            kwargs["inputs_embeds"] = torch.zeros(x.shape, dtype=self.m.dtype, device=self.m.device)
+        kwargs = self._inputs(x, st.begin(rows))
         if self.last:
             kwargs["logits_to_keep"] = keep.to(self.m.device)
         try:
@@ -171,6 +169,16 @@ class Stage:
             st.kv.rows = []
         st.end()
         return out.logits[0].float().cpu()
+
+    def _inputs(self, x: torch.Tensor, kwargs: dict) -> dict:
+        """The forward's input: ids on the first stage; elsewhere zeros that the hook before this stage's first
+        layer replaces by `x`, the previous stage's hidden states."""
+        if self.first:
+            kwargs["input_ids"] = x.to(self.m.device)
+        else:
+            self.incoming = x.to(self.m.device)
+            kwargs["inputs_embeds"] = torch.zeros(x.shape, dtype=self.m.dtype, device=self.m.device)
+        return kwargs
 
     def kv(self, op: str, *args):
         """One of the engine's KV operations (limit, copy_prefix, truncate, shrink, free, clear) on this stage."""
@@ -187,13 +195,8 @@ class Stage:
         if start == 0 or seq not in self.caches:
             self.caches[seq] = _stage_cache(new_cache(self.m), self.a, self.b)
         n = x.shape[1]
-        kwargs = {"cache": self.caches[seq], "use_cache": True,
-                  "position_ids": torch.arange(start, start + n, device=self.m.device).unsqueeze(0)}
-        if self.first:
-            kwargs["input_ids"] = x.to(self.m.device)
-        else:
-            self.incoming = x.to(self.m.device)
-            kwargs["inputs_embeds"] = torch.zeros(x.shape, dtype=self.m.dtype, device=self.m.device)
+        kwargs = self._inputs(x, {"cache": self.caches[seq], "use_cache": True,
+                                  "position_ids": torch.arange(start, start + n, device=self.m.device)[None]})
         if self.last:
             kwargs["logits_to_keep"] = keep
         try:

@@ -1,5 +1,7 @@
 """The OpenAI-compatible server: FastAPI routes over one `Engine`, run by uvicorn.
 
+(Over 400 lines: every route with its hardening, limits, timeouts, draining, disconnects, in one place.)
+
 Every request becomes an engine request (`OpenAIRequests` parses bodies as batch jobs do), so concurrent
 requests share sweeps. Streaming responses are server-sent events fed by the engine's thread through
 `Handle.notify`; a client that goes away cancels its request, which frees its slot at the next step.

@@ -30,18 +30,18 @@ def test_units_of_a_tiny_store(tiny_store):
     assert len({u.bytes for u in m.units if u.kind == "layer"}) == 1
 
 
-def test_plan_of_a_tiny_store(tiny_store, monkeypatch):
-    monkeypatch.setattr(planner, "available_ram", lambda: 10**12)
+def test_plan_of_a_tiny_store(tiny_store):
+    roomy = planner.Machine(10**12)
     units = {u.name: u.bytes for u in tiny_store.manifest.units}
-    streamed = make_plan(tiny_store, "cpu", max_ram=0)
+    streamed = make_plan(tiny_store, "cpu", max_ram=0, machine=roomy)
     assert {u.tier for u in streamed.units} == {"disk"}
     # the tied head reads the embedding each sweep, so every byte of the store is streamed
     assert streamed.bytes_per_sweep == sum(units.values())
-    resident = make_plan(tiny_store, "cpu", max_ram=None)
+    resident = make_plan(tiny_store, "cpu", max_ram=None, machine=roomy)
     assert {u.tier for u in resident.units} == {"ram"} and resident.bytes_per_sweep == 0
     # room for the in-flight buffers, the head with its tied embedding and two layers, and the reserve
     budget = int((streamed.inflight_bytes + units["head"] + units["embed"] + 2 * units["layer.0"]) / 0.9) + 1
-    partial = make_plan(tiny_store, "cpu", max_ram=budget)
+    partial = make_plan(tiny_store, "cpu", max_ram=budget, machine=roomy)
     tiers = {u.name: u.tier for u in partial.units}
     assert tiers["head"] == tiers["embed"] == "ram"
     on_disk = [n for n, t in tiers.items() if t == "disk"]

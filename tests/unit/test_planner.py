@@ -5,7 +5,7 @@ import pytest
 
 import layerstream.plan.planner as planner
 from layerstream.errors import BudgetError, InputError
-from layerstream.plan import choose_io, make_plan
+from layerstream.plan import choose_io
 from layerstream.plan.planner import UnitPlan, _choose, _compact
 from layerstream.store import Manifest, Store, UnitInfo
 
@@ -13,10 +13,10 @@ LAYER, HEAD, EMBED = 1000, 800, 500
 TB = 10**12
 
 
-@pytest.fixture(autouse=True)
-def plenty_of_ram(monkeypatch):
-    """The planner asks the machine for free RAM (default budget, page-cache set, choose_io): fixed here."""
-    monkeypatch.setattr(planner, "available_ram", lambda: TB)
+def make_plan(store, *args, machine=None, **kwargs):
+    """The planner on a machine with a terabyte of free RAM, unless told another (its default budget, page-cache
+    set and choose_io depend on it): the machine's facts are passed, not read."""
+    return planner.make_plan(store, *args, machine=machine or planner.Machine(TB), **kwargs)
 
 
 def fake_store(path, layers=6, tied=False, layer_bytes=LAYER, experts=0, topk=2) -> Store:
@@ -179,13 +179,11 @@ def test_more_ram_never_means_more_streaming(tmp_path):
     assert streamed[0] == 10 * LAYER + HEAD and streamed[-1] == 0
 
 
-def test_page_cache_set_sized_to_free_ram(tmp_path, monkeypatch):
+def test_page_cache_set_sized_to_free_ram(tmp_path):
     store = fake_store(tmp_path, layers=8)
-    monkeypatch.setattr(planner, "available_ram", lambda: planner.RAM_MARGIN + 3 * LAYER)
-    plan = make_plan(store, "cpu", max_ram=0)
+    plan = make_plan(store, "cpu", max_ram=0, machine=planner.Machine(planner.RAM_MARGIN + 3 * LAYER))
     assert plan.cached == ["layer.1", "layer.4", "layer.6"]   # three layers fit, spread over the eight
-    monkeypatch.setattr(planner, "available_ram", lambda: 0)
-    assert make_plan(store, "cpu", max_ram=0).cached == []
+    assert make_plan(store, "cpu", max_ram=0, machine=planner.Machine(0)).cached == []
 
 
 def test_experts_share_and_routed_buffers(tmp_path):
@@ -292,20 +290,20 @@ def test_choose_io_explicit_modes(tmp_path):
         choose_io("mapped", plan)
 
 
-def test_choose_io_auto_goes_direct_only_when_the_stream_cannot_stay_cached(tmp_path, monkeypatch):
-    plan = make_plan(fake_store(tmp_path), "cpu", max_ram=0)
+def test_choose_io_auto_goes_direct_only_when_the_stream_cannot_stay_cached(tmp_path):
+    store = fake_store(tmp_path)
+    plan = make_plan(store, "cpu", max_ram=0)
     streamed = plan.bytes_per_sweep
     assert choose_io("auto", plan) == (False, [])          # it all fits in the page cache
     room = int(streamed / 0.8) - 1                         # just too little room beside the buffers
-    monkeypatch.setattr(planner, "available_ram", lambda: room + plan.inflight_bytes)
-    assert choose_io("auto", plan) == (True, plan.cached)
-    monkeypatch.setattr(planner, "available_ram", lambda: room + 2 + plan.inflight_bytes)
-    assert choose_io("auto", plan) == (False, [])
+    tight = make_plan(store, "cpu", max_ram=0, machine=planner.Machine(room + plan.inflight_bytes))
+    assert choose_io("auto", tight) == (True, tight.cached)
+    enough = make_plan(store, "cpu", max_ram=0, machine=planner.Machine(room + 2 + plan.inflight_bytes))
+    assert choose_io("auto", enough) == (False, [])
 
 
-def test_choose_io_auto_is_buffered_when_nothing_streams(tmp_path, monkeypatch):
-    plan = make_plan(fake_store(tmp_path), "cpu", max_ram=10**6)
-    monkeypatch.setattr(planner, "available_ram", lambda: 0)
+def test_choose_io_auto_is_buffered_when_nothing_streams(tmp_path):
+    plan = make_plan(fake_store(tmp_path), "cpu", max_ram=10**6, machine=planner.Machine(0))
     assert plan.bytes_per_sweep == 0
     assert choose_io("auto", plan) == (False, [])
 
