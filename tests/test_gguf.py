@@ -158,7 +158,7 @@ def test_opening_a_gguf_parses_it_once(gguf_model, tmp_path, monkeypatch):
     import transformers.modeling_gguf_pytorch_utils as mg
 
     from layerstream.sources import open_source
-    from layerstream.store.writer import _units_of
+    from layerstream.store.writer import units_of
 
     family, g, _, _, _ = gguf_model
     parses = []
@@ -167,7 +167,7 @@ def test_opening_a_gguf_parses_it_once(gguf_model, tmp_path, monkeypatch):
                         lambda self, *a, **k: (parses.append(a), init(self, *a, **k))[1])
     load, reader = mg.load_gguf_checkpoint, gguf.GGUFReader
     src = open_source(g)
-    _, lay, _ = _units_of(src)
+    _, lay, _ = units_of(src)
     src.save_extras(tmp_path)
     assert len(parses) == 1 and (tmp_path / "tokenizer.json").exists() and lay.units
     assert mg.load_gguf_checkpoint is load and gguf.GGUFReader is reader

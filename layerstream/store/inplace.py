@@ -2,7 +2,8 @@
 
 A unit is a list of byte ranges of the source's files (contiguous tensors merged) and each tensor's place
 in them; its xxh3 is computed when it is indexed, by reading the model once. Safetensors checkpoints
-(`writer.index_in_place`) and GGUF files (`index_gguf`) are indexed so. A GGUF's quantized tensors stay the
+(`index_in_place`) and GGUF files (`index_gguf`) are indexed so; `can_serve_in_place` says whether a checkpoint
+can be. A GGUF's quantized tensors stay the
 file's own blocks (`<name>.q4_k` ...: uint8 [rows, bytes per row]), dequantized as they load exactly as gguf-py
 (and so transformers) dequantizes them; rows that transformers reorders (Llama's attention q/k) are reordered
 after the read. What transformers changes beyond an order (Gemma's norms, stored as 1 + w) is written once,
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import SourceError
 from ..utils import fmt_bytes, log
 from .format import MANIFEST, Manifest, UnitInfo
 from .io import (
@@ -30,6 +32,7 @@ from .io import (
     read_layout,
     row_order,
 )
+from .writer import units_of
 
 # a piece of a tensor in a file: (file, begin, end, shape, dtype)
 
@@ -143,10 +146,9 @@ def index_gguf(src, out, progress: bool = True) -> Path:
     docstring). Only what transformers computes beyond reading the file (a few small tensors) is written."""
     from safetensors.torch import save
 
-    from .writer import _units_of
 
     out = Path(out)
-    skeleton, lay, _ = _units_of(src)
+    skeleton, lay, _ = units_of(src)
     shapes = {n: tuple(t.shape) for n, t in skeleton.state_dict(keep_vars=True).items()}
     units, extras_bytes, extra_files, kinds = [], 0, [], set()
     for u in lay.units:
@@ -176,3 +178,62 @@ def index_gguf(src, out, progress: bool = True) -> Path:
         + ")")
     return finish_in_place(src, out, skeleton, lay, units, torch.float32, [src.path, *extra_files],
                            quantization="gguf" if kinds else None, progress=progress)
+
+
+def source_float_dtype(src, names) -> torch.dtype | None:
+    """The one float dtype of the checkpoint's tensors `names` (None: several)."""
+    dtypes = set()
+    for f in src.files:
+        slots, _ = read_header(f)
+        dtypes |= {s.dtype for s in slots if s.name in names and s.dtype.is_floating_point}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def index_in_place(src, out, progress: bool = True) -> Path:
+    """A store that points into the source's own shards: no second copy of the model on disk. Each unit is
+    a list of byte ranges of the shards (contiguous tensors merged); its xxh3 is computed now, by reading
+    the model once."""
+    out = Path(out)
+    skeleton, lay, names = units_of(src)
+    if src.needs_conversion():
+        raise SourceError(f"{src.path}: some weights are stored in another layout than the model computes with "
+                          f"(a conversion beyond joining an expert's weights); it cannot be served in place: "
+                          f"split it")
+    pieces = {n: src.pieces(n) for n in names}
+    keys = {k for ps in pieces.values() for k, _ in ps}
+    dtype = source_float_dtype(src, keys)
+    if dtype is None:
+        raise SourceError(f"{src.path}: weights of mixed float dtypes cannot be served in place; split it")
+    found = {}
+    for f in src.files:
+        for slot in read_header(f)[0]:
+            if slot.name in keys:
+                if slot.begin % slot.dtype.itemsize:
+                    raise SourceError(f"{f}: tensor {slot.name} is not aligned; split the model instead")
+                found[slot.name] = (f, slot)
+
+    def locate(key: str, row: int | None) -> tuple[Path, int, int, tuple, torch.dtype]:
+        """(file, begin, end, shape, dtype) of a checkpoint tensor, or of one row of it."""
+        f, slot = found[key]
+        if row is None:
+            return f, slot.begin, slot.end, tuple(slot.shape), slot.dtype
+        size = (slot.end - slot.begin) // slot.shape[0]
+        return f, slot.begin + row * size, slot.begin + (row + 1) * size, tuple(slot.shape[1:]), slot.dtype
+
+    units = [place_unit(u.name, u.kind, {n: [locate(k, row) for k, row in pieces[n]] for n in u.params})
+             for u in lay.units]
+    log(f"indexing {src.path} in place -> {out} ({len(units)} units, {fmt_bytes(sum(u.bytes for u in units))}, "
+        f"{dtype}; no copy)")
+    return finish_in_place(src, out, skeleton, lay, units, dtype, list(src.files), progress=progress)
+
+def can_serve_in_place(src, dtype: torch.dtype | None) -> bool:
+    """Whether a safetensors checkpoint can be served as it is: every weight the model needs is there
+    (SourceError if not), stored as the model computes with it (no FP8 blocks, no conversion beyond joining an
+    expert's weights), in one float dtype, `dtype` if one is asked for. `index_in_place` refuses what this
+    refuses."""
+    _, _, names = units_of(src)   # (the source's names are mapped to the model's here)
+    if src.fp8_block or src.needs_conversion():
+        return False
+    keys = {k for n in names for k, _ in src.pieces(n)}
+    found = source_float_dtype(src, keys)
+    return found is not None and (dtype is None or found == dtype)

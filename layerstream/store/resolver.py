@@ -8,8 +8,8 @@ from ..errors import SourceError, StoreError
 from ..sources import download_hub, embedded_model, looks_like_hub_id, open_source
 from ..utils import file_identity, log
 from .format import Store
-from .inplace import index_gguf
-from .writer import _source_dtype, _units_of, default_store_path, index_in_place, split
+from .inplace import can_serve_in_place, index_gguf, index_in_place
+from .writer import default_store_path, split
 
 
 def _gguf_key(path: Path):
@@ -58,10 +58,7 @@ def resolve(source=None, store_path=None, dtype=None, progress=True, in_place=No
     if quant:
         return split(src, out, dtype=dtype, progress=progress, quantize=quant)
     if in_place is None and src.kind == "safetensors":
-        names = {n for n in src.weight_map}
-        _units_of(src)
-        in_place = not src.fp8_block and not src.needs_conversion() and \
-            (dtype is None or _source_dtype(src, names) == dtype)
+        in_place = can_serve_in_place(src, dtype)
     if gguf_in_place:
         return index_gguf(src, out, progress=progress)
     if in_place:

@@ -1,4 +1,4 @@
-"""The resumable split into a store, and the in-place index of a safetensors checkpoint.
+"""The resumable split into a store (the in-place index of a checkpoint is inplace.py's).
 
 A split reads its source tensor by tensor (memory-mapped), writes one unit at a time (temporary
 name, fsync, rename), records each finished unit in `split-progress.jsonl`, and writes the manifest
@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from ..errors import DiskSpaceError, InputError, SourceError, StoreError
-from ..sources import SafetensorsSource, open_source
+from ..sources import open_source
 from ..utils import cache_dir, cores, fmt_bytes, log
 from .format import MANIFEST, Manifest, Store, UnitInfo
-from .io import atomic_write_bytes, fsync_dir, read_header
+from .io import atomic_write_bytes, fsync_dir
 
 PROGRESS = "split-progress.jsonl"
 
@@ -73,7 +73,7 @@ def _unit_tensors(src, u, dtype: torch.dtype, quant: str | None, pool=None) -> d
     return tensors
 
 
-def _units_of(src):
+def units_of(src):
     """The skeleton of the source's architecture, its units, and the weight names they need (all present)."""
     from ..arch import build_skeleton, layout
 
@@ -109,7 +109,7 @@ def split(source, out=None, dtype: torch.dtype | None = None, progress: bool = T
     out = Path(out) if out is not None else default_store_path(src, quant, dtype)
     if Store.is_store(out):
         return out
-    skeleton, lay, names = _units_of(src)
+    skeleton, lay, names = units_of(src)
     store_dtype = dtype
     if store_dtype is None:
         first = src.get(lay.units[0].params[0])
@@ -250,51 +250,3 @@ class _Quantizers:
         if self.chunks is not None:
             torch.set_num_threads(self.before)   # the workers' setting is also the default of later threads
         return False
-
-
-def _source_dtype(src, names) -> torch.dtype | None:
-    dtypes = set()
-    for f in src.files:
-        slots, _ = read_header(f)
-        dtypes |= {s.dtype for s in slots if s.name in names and s.dtype.is_floating_point}
-    return dtypes.pop() if len(dtypes) == 1 else None
-
-
-def index_in_place(src: SafetensorsSource, out, progress: bool = True) -> Path:
-    """A store that points into the source's own shards: no second copy of the model on disk. Each unit is
-    a list of byte ranges of the shards (contiguous tensors merged); its xxh3 is computed now, by reading
-    the model once."""
-    from .inplace import finish_in_place, place_unit
-
-    out = Path(out)
-    skeleton, lay, names = _units_of(src)
-    if src.needs_conversion():
-        raise SourceError(f"{src.path}: some weights are stored in another layout than the model computes with "
-                          f"(a conversion beyond joining an expert's weights); it cannot be served in place: "
-                          f"split it")
-    pieces = {n: src.pieces(n) for n in names}
-    keys = {k for ps in pieces.values() for k, _ in ps}
-    dtype = _source_dtype(src, keys)
-    if dtype is None:
-        raise SourceError(f"{src.path}: weights of mixed float dtypes cannot be served in place; split it")
-    found = {}
-    for f in src.files:
-        for slot in read_header(f)[0]:
-            if slot.name in keys:
-                if slot.begin % slot.dtype.itemsize:
-                    raise SourceError(f"{f}: tensor {slot.name} is not aligned; split the model instead")
-                found[slot.name] = (f, slot)
-
-    def locate(key: str, row: int | None) -> tuple[Path, int, int, tuple, torch.dtype]:
-        """(file, begin, end, shape, dtype) of a checkpoint tensor, or of one row of it."""
-        f, slot = found[key]
-        if row is None:
-            return f, slot.begin, slot.end, tuple(slot.shape), slot.dtype
-        size = (slot.end - slot.begin) // slot.shape[0]
-        return f, slot.begin + row * size, slot.begin + (row + 1) * size, tuple(slot.shape[1:]), slot.dtype
-
-    units = [place_unit(u.name, u.kind, {n: [locate(k, row) for k, row in pieces[n]] for n in u.params})
-             for u in lay.units]
-    log(f"indexing {src.path} in place -> {out} ({len(units)} units, {fmt_bytes(sum(u.bytes for u in units))}, "
-        f"{dtype}; no copy)")
-    return finish_in_place(src, out, skeleton, lay, units, dtype, list(src.files), progress=progress)
