@@ -11,6 +11,8 @@ figures are the decode steps after it:
   offload  transformers + Accelerate, device_map="auto", max_memory={"cpu": budget} and an offload folder (CPU),
            or {0: budget, "cpu": most of the RAM} (CUDA); one padded batch of B through `generate`, each step
            timestamped by a LogitsProcessor
+With LS_KV=masked in the environment, layerstream's engine keeps the shared masked cache instead of
+per-sequence slabs (`Engine(paged=False)`: the engine before issue 21, for a comparison on the same day).
 s/step is the median of the decode steps; tok/s = B / s/step (aggregate over the batch).
 
 Read against compute (layerstream): per step, "read s" is the time its loader thread spent in reads
@@ -105,7 +107,7 @@ def child(key: str, a) -> dict:
         mem = {"device": "cuda", "max_gpu_memory": a.budget} if cuda else {"max_ram": a.budget}
         m = AutoModel.from_pretrained(str(d), store_path=str(d / "ls-store"), progress=False, **mem)
         r["setup_s"] = time.perf_counter() - t0
-        eng = Engine(m, max_batch=B)
+        eng = Engine(m, max_batch=B, paged=False if os.environ.get("LS_KV") == "masked" else None)
         handles = [eng.submit(p, SamplingParams(max_tokens=a.new_tokens)) for p in ids]
         prof = m.profiler
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 
-from .engine.requests import SamplingParams
+from .engine.requests import MAX_TOP, SamplingParams
 from .errors import InputError
 from .sampling import choose, model_defaults
 
@@ -25,7 +25,7 @@ MAX_CHARS_PER_TOKEN = 32                # a text longer than context x this is r
 MAX_STOP = 16                           # stop strings per request
 REFUSALS = {"context": "context_length_exceeded", "kv_budget": "kv_budget_exceeded"}   # the engine's, as codes
 # OpenAI fields not honoured here, and the values that mean "not used" (accepted: clients send them as defaults)
-UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []), "tool_choice": (None, "none"),
+UNSUPPORTED = {"tools": (None, []), "tool_choice": (None, "none"),
                "functions": (None, []), "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
                "logit_bias": (None, {}), "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),
                "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,)}
@@ -122,6 +122,7 @@ class OpenAIRequests:
         if isinstance(stop, list) and len(stop) > MAX_STOP:   # each is searched for after every token
             raise BadLine("invalid_value", f"stop may list at most {MAX_STOP} strings (OpenAI allows 4), got "
                                            f"{len(stop)}", 400, "stop")
+        logprobs = self.logprobs(body, kind)
         lora = getattr(self.engine.model, "lora", None)   # a `model` naming one of its adapters chooses it
         adapter = req["model"] if lora is not None and req["model"] in lora.adapters else None
         try:
@@ -130,13 +131,37 @@ class OpenAIRequests:
                                     repetition_penalty=sampling.repeat_penalty,
                                     frequency_penalty=body.get("frequency_penalty") or 0.0,
                                     presence_penalty=body.get("presence_penalty") or 0.0, seed=seed, stop=stop,
-                                    adapter=adapter)
+                                    adapter=adapter, logprobs=logprobs)
         except InputError as e:
             raise BadLine("invalid_value", str(e), 400) from None
         why = self.engine.refusal(len(prompt), params.max_tokens)
         if why is not None:
             raise BadLine(REFUSALS[why.kind], why.message, 400, param)
         return prompt, params
+
+    @staticmethod
+    def logprobs(body: dict, kind: str) -> int | None:
+        """SamplingParams.logprobs of a body: chat's `logprobs` (true / false) and `top_logprobs` (0..20, with
+        logprobs); completions' `logprobs` (the number of most likely tokens, 0..20)."""
+        lp, top = body.get("logprobs"), body.get("top_logprobs")
+        if kind == "chat":
+            if lp is not None and not isinstance(lp, bool):
+                raise BadLine("invalid_value", f"logprobs must be true or false, got {short(lp)}", 400, "logprobs")
+            if top is not None and (not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= MAX_TOP):
+                raise BadLine("invalid_value", f"top_logprobs must be an integer in [0, {MAX_TOP}], got "
+                                               f"{short(top)}", 400, "top_logprobs")
+            if top and not lp:
+                raise BadLine("invalid_value", "top_logprobs needs logprobs: true", 400, "top_logprobs")
+            return (top or 0) if lp else None
+        if top is not None:
+            raise BadLine("invalid_value", "top_logprobs is a chat field; completions take logprobs: N", 400,
+                          "top_logprobs")
+        if lp is None:
+            return None
+        if not isinstance(lp, int) or isinstance(lp, bool) or not 0 <= lp <= MAX_TOP:
+            raise BadLine("invalid_value", f"logprobs must be an integer in [0, {MAX_TOP}] here, got {short(lp)}",
+                          400, "logprobs")
+        return lp
 
     def chat_ids(self, messages) -> list[int]:
         if not isinstance(messages, list) or not messages:
@@ -272,9 +297,29 @@ def completion_body(kind: str, rid: str, model: str, created: int, c) -> dict:
         choice["message"] = {"role": "assistant", "content": c.text}
     else:
         choice["text"] = c.text
-    choice.update(logprobs=None, finish_reason=c.finish_reason)
+    choice.update(logprobs=logprobs_body(kind, c.logprobs), finish_reason=c.finish_reason)
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
             "model": model, "choices": [choice], "usage": usage(c.prompt_tokens, c.completion_tokens)}
+
+
+def logprobs_body(kind: str, entries, offset: int = 0) -> dict | None:
+    """A choice's `logprobs` for TokenLogprobs (None without them): chat's {"content": [{token, logprob, bytes,
+    top_logprobs}]}, completions' {tokens, token_logprobs, top_logprobs, text_offset} (`offset`: the text's
+    length before these tokens, for streamed pieces)."""
+    if entries is None:
+        return None
+    if kind == "chat":
+        def one(text, lp):
+            return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+        return {"content": [{**one(e.token, e.logprob), "top_logprobs": [one(t, v) for _, t, v in e.top]}
+                            for e in entries], "refusal": None}
+    offsets, at = [], offset
+    for e in entries:
+        offsets.append(at)
+        at += len(e.token)
+    return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{t: v for _, t, v in e.top} for e in entries], "text_offset": offsets}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

@@ -192,6 +192,35 @@ def test_penalized_greedy_requests_give_generates_tokens_beside_plain_ones(tiny,
     assert len(set(freq)) > len(set(want[1]))   # fewer repeats than plain greedy
 
 
+def test_logprobs_are_the_models_log_softmax(tiny, paged):
+    """SamplingParams(logprobs=k): each generated token's log-probability and the k most likely tokens at its
+    position are log_softmax of the model's own logits there (1e-4), whatever shares the sweep; the deltas carry
+    them as they come."""
+    src, m, want = tiny
+    eng = Engine(m, paged=paged, max_batch=3)
+    out = eng.generate(PROMPTS[:3], [SamplingParams(max_tokens=6, logprobs=3), SamplingParams(max_tokens=4),
+                                     SamplingParams(max_tokens=5, temperature=0.8, seed=2, logprobs=0)])
+    assert out[1].logprobs is None
+    for p, c, k in ((PROMPTS[0], out[0], 3), (PROMPTS[2], out[2], 0)):
+        ids = torch.tensor([p + c.token_ids])
+        ref = torch.log_softmax(m(ids).logits[0].float(), -1)[len(p) - 1:-1]   # the positions that chose them
+        assert len(c.logprobs) == len(c.token_ids) == len(ref)
+        for e, tok, row in zip(c.logprobs, c.token_ids, ref):
+            assert e.token_id == tok and abs(e.logprob - float(row[tok])) < 1e-4
+            assert [i for i, _, _ in e.top] == row.topk(k).indices.tolist() if k else e.top == []
+            assert all(abs(v - float(row[i])) < 1e-4 for i, _, v in e.top)
+    eng.start()
+    try:
+        h = eng.submit(PROMPTS[0], SamplingParams(max_tokens=6, logprobs=3))
+        streamed = [e for d in h.stream(timeout=120) for e in d.logprobs]
+    finally:
+        eng.stop()
+    assert [(e.token_id, round(e.logprob, 4)) for e in streamed] == \
+        [(e.token_id, round(e.logprob, 4)) for e in out[0].logprobs]
+    with pytest.raises(InputError, match="logprobs"):
+        SamplingParams(logprobs=21)
+
+
 def test_bad_requests_are_refused(tiny):
     src, m, want = tiny
     eng = Engine(m)

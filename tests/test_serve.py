@@ -164,6 +164,35 @@ def test_a_shared_prefix_is_not_computed_again(served):
     assert got_hits >= 60 and computed + got_hits == r.usage.prompt_tokens
 
 
+def test_logprobs_through_the_openai_client(served):
+    """Chat's logprobs / top_logprobs and completions' logprobs: one entry per generated token; a greedy token is
+    the most likely one (its logprob the first of the top ones); streamed chunks carry the same values; the
+    completions tokens add up to the text. Values out of range are 400s."""
+    url, engine, want = served
+    c = client(url)
+    r = c.chat.completions.create(model="smol", messages=CHATS[0], max_tokens=12, temperature=0, logprobs=True,
+                                  top_logprobs=2)
+    lp = r.choices[0].logprobs.content
+    assert r.choices[0].message.content == want[0][1] and len(lp) == r.usage.completion_tokens == want[0][2]
+    for e in lp:
+        assert len(e.top_logprobs) == 2 and e.logprob == e.top_logprobs[0].logprob and e.logprob <= 0
+        assert e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob and e.bytes == list(e.token.encode())
+    chunks = c.chat.completions.create(model="smol", messages=CHATS[0], max_tokens=12, temperature=0,
+                                       logprobs=True, top_logprobs=2, stream=True)
+    streamed = [e for ch in chunks if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 5)) for e in streamed] == [(e.token, round(e.logprob, 5)) for e in lp]
+    t = c.completions.create(model="smol", prompt=TEXT, max_tokens=10, temperature=0, logprobs=3)
+    tl = t.choices[0].logprobs
+    assert t.choices[0].text == want["text"][1] and "".join(tl.tokens).startswith(t.choices[0].text)
+    assert len(tl.tokens) == len(tl.token_logprobs) == len(tl.top_logprobs) == want["text"][2]
+    assert all(1 <= len(x) <= 3 for x in tl.top_logprobs) and tl.text_offset[0] == 0
+    assert all(b - a == len(tok) for a, b, tok in zip(tl.text_offset, tl.text_offset[1:], tl.tokens))
+    for body, param in (({"logprobs": "yes"}, "logprobs"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+                        ({"top_logprobs": 2}, "top_logprobs")):
+        r = post(url, "/v1/chat/completions", {"model": "smol", "messages": CHATS[0], "max_tokens": 2, **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
 def test_errors_have_openai_shape_and_status(served):
     url, engine, want = served
     good = {"model": "smol", "messages": CHATS[0], "max_tokens": 2}

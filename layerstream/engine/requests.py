@@ -14,6 +14,8 @@ import torch
 from ..errors import InputError
 from .step import GREEDY_BELOW, penalize, sample
 
+MAX_TOP = 20   # most likely tokens listed beside each chosen one, at most (OpenAI's top_logprobs limit)
+
 
 @dataclass
 class SamplingParams:
@@ -32,6 +34,7 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     adapter: str | None = None   # a LoRA adapter of the model by name (None: its default adapter, or none)
+    logprobs: int | None = None  # None: off; k: each token's log-probability and the k most likely (0..MAX_TOP)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -63,6 +66,10 @@ class SamplingParams:
             raise InputError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
         if self.adapter is not None and not isinstance(self.adapter, str):
             raise InputError(f"adapter must be an adapter's name, got {self.adapter!r}")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
+                                          or not 0 <= self.logprobs <= MAX_TOP):
+            raise InputError(f"logprobs must be None or an integer in [0, {MAX_TOP}] (the most likely tokens "
+                             f"listed beside each chosen one), got {self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:
@@ -91,6 +98,26 @@ def _number(x) -> bool:
 
 
 @dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model (log_softmax of its logits, before any sampling
+    setting or penalty), and the `top` most likely tokens there as (id, text, log-probability)."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: list[tuple[int, str, float]]
+
+
+def token_logprob(logits: torch.Tensor, tok: int, k: int, decode) -> TokenLogprob:
+    """The TokenLogprob of token `tok` from its position's logits [vocab]; `decode(id)` gives a token's text."""
+    lp = torch.log_softmax(logits.float(), -1)
+    top = lp.topk(k) if k else None
+    return TokenLogprob(tok, decode(tok), float(lp[tok]),
+                        [] if top is None else [(int(i), decode(int(i)), float(v))
+                                                for v, i in zip(top.values.tolist(), top.indices.tolist())])
+
+
+@dataclass
 class Delta:
     """What one step added to a request: new token ids and the text they complete (stop strings held back)."""
 
@@ -98,6 +125,7 @@ class Delta:
     token_ids: list[int]
     text: str
     finish_reason: str | None = None   # "stop" (end of sequence or a stop string), "length", "cancelled"
+    logprobs: list[TokenLogprob] | None = None   # those tokens' (with SamplingParams.logprobs)
 
 
 @dataclass
@@ -108,6 +136,7 @@ class Completion:
     text: str
     finish_reason: str
     seconds: float = 0.0
+    logprobs: list[TokenLogprob] | None = None   # every token's (with SamplingParams.logprobs)
 
     @property
     def completion_tokens(self) -> int:

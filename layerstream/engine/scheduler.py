@@ -53,7 +53,16 @@ from ..plan.planner import kv_bytes_per_token, prefix_budget
 from ..utils import log
 from .cache import MaskedCache, SlabCache
 from .kv import SlabStep, pageable
-from .requests import Completion, Delta, EngineState, Handle, Refusal, SamplingParams, _token_list
+from .requests import (
+    Completion,
+    Delta,
+    EngineState,
+    Handle,
+    Refusal,
+    SamplingParams,
+    _token_list,
+    token_logprob,
+)
 from .schedule import Scheduler, Seq
 from .step import GenerationError, eos_ids, forward, new_cache
 
@@ -316,9 +325,11 @@ class Engine:
                 else:
                     toks = [int(s.params.next_tokens(mine, s.prompt, s.tokens, s.gen)[0])]
                 what = "decoding its tokens and applying its stop strings"
-                for tok in toks:
+                for i, tok in enumerate(toks):
                     s.tokens.append(tok)
                     self.stats["tokens"] += 1
+                    if s.params.logprobs is not None:   # the model's own distribution at this token's position
+                        s.logprobs.append(token_logprob(mine[i], tok, s.params.logprobs, self._piece))
                     d = self._delta(s, tok)
                     deltas.append(d)
                     if d.finish_reason:
@@ -415,14 +426,20 @@ class Engine:
             while end > s.sent and text[end - 1] == "\ufffd":
                 end -= 1
             piece, s.sent = text[s.sent:max(end, s.sent)], max(end, s.sent)
-            return Delta(s.id, [tok], piece)
+            return Delta(s.id, [tok], piece, logprobs=s.logprobs[-1:] if s.params.logprobs is not None else None)
         return self._finish(s, reason, text, tok)
+
+    def _piece(self, tok: int) -> str:
+        """One token's text (a piece of a character may be U+FFFD: its bytes come with the next token's)."""
+        return self.tokenizer.decode([tok]) if self.tokenizer is not None else ""
 
     def _finish(self, s: Seq, reason: str, text: str | None = None, tok: int | None = None) -> Delta:
         text = s.text() if text is None else text
-        d = Delta(s.id, [tok] if tok is not None else [], text[s.sent:], reason)
+        lps = s.params.logprobs is not None
+        d = Delta(s.id, [tok] if tok is not None else [], text[s.sent:], reason,
+                  logprobs=(s.logprobs[-1:] if tok is not None else []) if lps else None)
         s.handle.completion = Completion(s.id, len(s.prompt), list(s.tokens), text, reason,
-                                         time.perf_counter() - s.t0)
+                                         time.perf_counter() - s.t0, list(s.logprobs) if lps else None)
         s.handle._done.set()
         s.handle._put(d)
         return d

@@ -30,7 +30,7 @@ from html import escape
 from importlib import resources
 
 from ..errors import InputError
-from ..protocol import BadLine, OpenAIRequests, completion_body, error_body, short, usage
+from ..protocol import BadLine, OpenAIRequests, completion_body, error_body, logprobs_body, short, usage
 from ..utils import log
 from .metrics import Metrics
 
@@ -382,16 +382,19 @@ def build_app(engine, name: str, api_key: str | None = None, max_queue: int = 64
         made = int(time.time())
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
-        def chunk(delta_text=None, finish=None, role=False):
+        def chunk(delta_text=None, finish=None, role=False, lps=None):
+            lp = logprobs_body(kind, lps, sent[0]) if lps else None   # the logprobs of this chunk's tokens
+            if lps:
+                sent[0] += sum(len(e.token) for e in lps)
             if kind == "chat":
                 delta = {}
                 if role:
                     delta["role"] = "assistant"
                 if delta_text is not None:
                     delta["content"] = delta_text
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}
             else:
-                choice = {"index": 0, "text": delta_text or "", "logprobs": None, "finish_reason": finish}
+                choice = {"index": 0, "text": delta_text or "", "logprobs": lp, "finish_reason": finish}
             out = {"id": rid, "object": obj, "created": made, "model": model, "choices": [choice]}
             if include_usage:
                 out["usage"] = None
@@ -402,6 +405,7 @@ def build_app(engine, name: str, api_key: str | None = None, max_queue: int = 64
             return f"data: {json.dumps(error_body(message, code, type='server_error'))}\n\n"
 
         done, cut, first = False, False, True
+        sent = [0]   # characters of the tokens whose logprobs were sent (completions' text_offset)
         try:
             if kind == "chat":
                 yield chunk("", role=True)
@@ -428,8 +432,8 @@ def build_app(engine, name: str, api_key: str | None = None, max_queue: int = 64
                         first = False
                     if d.finish_reason is not None:
                         done = True
-                        if d.text:
-                            yield chunk(d.text)
+                        if d.text or d.logprobs:
+                            yield chunk(d.text, lps=d.logprobs)
                         yield chunk(None if kind == "chat" else "", finish=d.finish_reason)
                         c = handle.completion
                         metrics.finished(route, c, time.perf_counter() - t0)
@@ -438,8 +442,8 @@ def build_app(engine, name: str, api_key: str | None = None, max_queue: int = 64
                                     "usage": usage(c.prompt_tokens, c.completion_tokens)}
                             yield f"data: {json.dumps(last)}\n\n"
                         break
-                    if d.text:
-                        yield chunk(d.text)
+                    if d.text or d.logprobs:
+                        yield chunk(d.text, lps=d.logprobs)
             yield "data: [DONE]\n\n"
         except Exception as e:   # a bug while streaming: the headers are sent, so an error event ends the stream
             logger.exception("streaming %s failed", rid)
