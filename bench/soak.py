@@ -74,7 +74,7 @@ def malformed_cases(model: str) -> list[tuple[str, str, bytes | dict, int]]:
         ("top_p 2", "completions", {"prompt": "hi", "top_p": 2}, 400),
         ("stream a string", "chat", {"messages": msgs, "stream": "yes"}, 400),
         ("stream_options a list", "chat", {"messages": msgs, "stream": True, "stream_options": [1]}, 400),
-        ("n 2", "chat", {"messages": msgs, "n": 2}, 400),
+        ("n 99", "chat", {"messages": msgs, "n": 99}, 400),
         ("seed a string", "completions", {"prompt": "hi", "seed": "x"}, 400),
         ("stop a number", "completions", {"prompt": "hi", "stop": 3}, 400),
         ("prompt a float", "completions", {"prompt": 3.5}, 400),
@@ -110,7 +110,8 @@ def hostile_cases(model: str) -> list[tuple]:
          {"host": "rebound.example"}),
         ("hostile: 10000 stop strings", "completions", {"prompt": "hi", "stop": [f"s{k}" for k in range(10_000)]},
          400, None),
-        ("hostile: logprobs (not honoured)", "chat", {"model": model, "messages": msgs, "logprobs": True}, 400, None),
+        ("hostile: logprobs out of range", "chat", {"model": model, "messages": msgs, "logprobs": True,
+                                                    "top_logprobs": 99}, 400, None),
     ]
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 
-from .engine.requests import MAX_TOP, SamplingParams
+from .engine.requests import MAX_N, MAX_TOP, SamplingParams
 from .errors import InputError
 from .sampling import choose, model_defaults
 
@@ -55,8 +55,9 @@ class OpenAIRequests:
         model = body.get("model")
         req["model"] = model if isinstance(model, str) and model else self.name
         n = body.get("n")
-        if n is not None and n != 1:
-            raise BadLine("invalid_value", f"n must be 1 here (one choice per request), got {n!r}", 400, "n")
+        n = 1 if n is None else n
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_N:
+            raise BadLine("invalid_value", f"n must be an integer in [1, {MAX_N}], got {short(n)}", 400, "n")
         for key, defaults in UNSUPPORTED.items():
             if key in body and not unused(body[key], defaults):
                 raise BadLine("unsupported_parameter", f"{key} is not supported here yet (got "
@@ -131,7 +132,7 @@ class OpenAIRequests:
                                     repetition_penalty=sampling.repeat_penalty,
                                     frequency_penalty=body.get("frequency_penalty") or 0.0,
                                     presence_penalty=body.get("presence_penalty") or 0.0, seed=seed, stop=stop,
-                                    adapter=adapter, logprobs=logprobs)
+                                    adapter=adapter, logprobs=logprobs, n=n)
         except InputError as e:
             raise BadLine("invalid_value", str(e), 400) from None
         why = self.engine.refusal(len(prompt), params.max_tokens)
@@ -156,7 +157,7 @@ class OpenAIRequests:
         if top is not None:
             raise BadLine("invalid_value", "top_logprobs is a chat field; completions take logprobs: N", 400,
                           "top_logprobs")
-        if lp is None:
+        if lp is None or lp is False:   # (false: what some clients send for "off")
             return None
         if not isinstance(lp, int) or isinstance(lp, bool) or not 0 <= lp <= MAX_TOP:
             raise BadLine("invalid_value", f"logprobs must be an integer in [0, {MAX_TOP}] here, got {short(lp)}",
@@ -289,17 +290,23 @@ def short(value, n: int = 60) -> str:
     return r if len(r) <= n else r[:n] + "..."
 
 
-def completion_body(kind: str, rid: str, model: str, created: int, c) -> dict:
-    """An OpenAI chat.completion or text_completion object for a finished `Completion`."""
+def completion_body(kind: str, rid: str, model: str, created: int, cs) -> dict:
+    """An OpenAI chat.completion or text_completion object for a finished request's `Completion`s (one per
+    choice; or one `Completion`). Usage: the prompt once, every choice's tokens."""
     chat = kind == "chat"
-    choice = {"index": 0}
-    if chat:
-        choice["message"] = {"role": "assistant", "content": c.text}
-    else:
-        choice["text"] = c.text
-    choice.update(logprobs=logprobs_body(kind, c.logprobs), finish_reason=c.finish_reason)
+    cs = cs if isinstance(cs, list) else [cs]
+    choices = []
+    for i, c in enumerate(cs):
+        choice = {"index": i}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": c.text}
+        else:
+            choice["text"] = c.text
+        choice.update(logprobs=logprobs_body(kind, c.logprobs), finish_reason=c.finish_reason)
+        choices.append(choice)
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-            "model": model, "choices": [choice], "usage": usage(c.prompt_tokens, c.completion_tokens)}
+            "model": model, "choices": choices,
+            "usage": usage(cs[0].prompt_tokens, sum(c.completion_tokens for c in cs))}
 
 
 def logprobs_body(kind: str, entries, offset: int = 0) -> dict | None:
@@ -333,6 +340,7 @@ def error_body(message: str, code: str | None, param: str | None = None,
 
 
 def success(req: dict, c, created: int) -> dict:
+    """A batch record for a finished request (its Completion, or one per choice)."""
     d = req["digest"]
     body = completion_body(req["kind"], f"{'chatcmpl' if req['kind'] == 'chat' else 'cmpl'}-{d}", req["model"],
                            created, c)

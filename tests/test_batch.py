@@ -142,14 +142,14 @@ def test_stop_strings_cut_the_text(tmp_path, model):
 
 
 def test_lines_ask_for_logprobs_as_the_server_does(tmp_path, model):
-    """A batch line takes logprobs as a request to the server does: completions' `logprobs: N`, chat's
-    `logprobs` / `top_logprobs`; each value is log_softmax of the model's logits at its token (1e-4)."""
+    """A batch line takes logprobs and n as a request to the server does: completions' `logprobs: N`, chat's
+    `logprobs` / `top_logprobs`, each value log_softmax of the model's logits at its token (1e-4); n choices."""
     from layerstream.engine.batch import run_batch
 
     lines = [req("t", prompt="Once upon", max_tokens=5, temperature=0, logprobs=2),
              req("c", CHAT, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0,
                  logprobs=True, top_logprobs=1),
-             req("n", prompt="Once upon", max_tokens=3, temperature=0)]
+             req("n", prompt="Once upon", max_tokens=3, temperature=0, n=2)]
     run_batch(model, write_lines(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl", progress=False)
     t, c, n = (r["response"]["body"]["choices"][0] for r in read_records(tmp_path / "out.jsonl"))
     ids = model.tokenizer("Once upon")["input_ids"]
@@ -160,6 +160,9 @@ def test_lines_ask_for_logprobs_as_the_server_does(tmp_path, model):
     assert all(abs(v - float(row[tok])) < 1e-4 for v, row, tok in zip(t["logprobs"]["token_logprobs"], ref, new))
     assert len(c["logprobs"]["content"]) == 4 and all(len(e["top_logprobs"]) == 1 for e in c["logprobs"]["content"])
     assert n["logprobs"] is None
+    two = read_records(tmp_path / "out.jsonl")[2]["response"]["body"]
+    assert [x["index"] for x in two["choices"]] == [0, 1] and two["choices"][0]["text"] == two["choices"][1]["text"]
+    assert two["usage"]["completion_tokens"] == 6
 
 
 def test_malformed_lines_become_error_records_and_the_job_goes_on(tmp_path, model):

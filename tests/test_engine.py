@@ -221,6 +221,37 @@ def test_logprobs_are_the_models_log_softmax(tiny, paged):
         SamplingParams(logprobs=21)
 
 
+def test_n_choices_share_the_prompt_and_are_seeded_one_by_one(tiny, paged):
+    """SamplingParams(n=4): four choices of one request; greedy ones are generate's tokens, the prompt's KV is
+    computed once (the other choices start from it); sampled choice i is a request seeded seed + i alone; a
+    cancel stops every choice."""
+    src, m, want = tiny
+    prompt = PROMPTS[1]   # 10 tokens: enough to share
+    eng = Engine(m, paged=paged, max_batch=4)
+    h = eng.submit(prompt, SamplingParams(max_tokens=6, n=4))
+    while not h.done:
+        eng.step()
+    cs = h.results()
+    assert [c.token_ids for c in cs] == [greedy(m, prompt, 6)] * 4 and h.result() is cs[0]
+    assert eng.stats["prefill_tokens"] == len(prompt) + 3   # three choices compute only the prompt's last token
+    sp = SamplingParams(max_tokens=6, temperature=0.9, seed=11, n=3)
+    got = [c.token_ids for c in eng.generate([prompt], [sp])]
+    h = eng.submit(prompt, sp)
+    while not h.done:
+        eng.step()
+    many = [c.token_ids for c in h.results()]
+    alone = [Engine(m, paged=paged).generate([prompt], [SamplingParams(max_tokens=6, temperature=0.9,
+                                                                       seed=11 + i)])[0].token_ids for i in range(3)]
+    assert many == alone and got[0] == alone[0] and len(set(map(tuple, many))) > 1
+    h = eng.submit(prompt, SamplingParams(max_tokens=50, n=3))
+    eng.step()
+    eng.cancel(h.request_id)
+    eng.step()
+    assert h.done and [c.finish_reason for c in h.results()] == ["cancelled"] * 3
+    with pytest.raises(InputError, match="n must be"):
+        SamplingParams(n=0)
+
+
 def test_bad_requests_are_refused(tiny):
     src, m, want = tiny
     eng = Engine(m)

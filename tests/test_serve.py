@@ -193,6 +193,26 @@ def test_logprobs_through_the_openai_client(served):
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
+def test_n_choices_through_the_openai_client(served):
+    """n=3 greedy: three identical choices, the library's text, usage counting the prompt once; sampled with a
+    seed: reproducible; streamed: each choice's chunks (by index) add up to the non-streamed text."""
+    url, engine, want = served
+    c = client(url)
+    r = c.chat.completions.create(model="smol", messages=CHATS[0], max_tokens=12, temperature=0, n=3)
+    assert [x.index for x in r.choices] == [0, 1, 2] and {x.message.content for x in r.choices} == {want[0][1]}
+    assert r.usage.prompt_tokens == want[0][0] and r.usage.completion_tokens == 3 * want[0][2]
+    kw = dict(model="smol", prompt=TEXT, max_tokens=8, temperature=1.0, seed=5, n=2)
+    a, b = (c.completions.create(**kw) for _ in range(2))
+    assert [x.text for x in a.choices] == [x.text for x in b.choices]
+    texts = ["", ""]
+    for ch in c.completions.create(**kw, stream=True):
+        for x in ch.choices:
+            texts[x.index] += x.text
+    assert texts == [x.text for x in a.choices]
+    r = post(url, "/v1/completions", {"model": "smol", "prompt": TEXT, "max_tokens": 2, "n": 17})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+
+
 def test_errors_have_openai_shape_and_status(served):
     url, engine, want = served
     good = {"model": "smol", "messages": CHATS[0], "max_tokens": 2}
@@ -213,7 +233,7 @@ def test_errors_have_openai_shape_and_status(served):
     error(post(url, "/v1/chat/completions", {**good, "temperature": "hot"}), 400, param="temperature")
     error(post(url, "/v1/chat/completions", {**good, "messages": "hello"}), 400, param="messages")
     error(post(url, "/v1/chat/completions", {**good, "stream": "yes"}), 400, param="stream")
-    error(post(url, "/v1/chat/completions", {**good, "n": 2}), 400, param="n")
+    error(post(url, "/v1/chat/completions", {**good, "n": 0}), 400, param="n")
     error(post(url, "/v1/completions", {"model": "smol"}), 400, param="prompt")
     error(post(url, "/v1/chat/completions", {**good, "model": 123}), 400, param="model")
     error(post(url, "/v1/chat/completions", {**good, "stop": ""}), 400, param="stop")

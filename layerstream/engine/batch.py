@@ -237,10 +237,10 @@ class Runner:
         """A finished request's record, prompt tokens and completion tokens: a 500 error record for a request
         that failed in the engine on its own (GenerationError); another error (the shared sweep's) is raised."""
         try:
-            c = handle.result()
+            cs = handle.results()
         except GenerationError as e:
             return internal_error(req, str(e)), 0, 0
-        return success(req, c, created), c.prompt_tokens, c.completion_tokens
+        return success(req, cs, created), cs[0].prompt_tokens, sum(c.completion_tokens for c in cs)
 
 
 def internal_error(req: dict, message: str) -> dict:

@@ -15,6 +15,7 @@ from ..errors import InputError
 from .step import GREEDY_BELOW, penalize, sample
 
 MAX_TOP = 20   # most likely tokens listed beside each chosen one, at most (OpenAI's top_logprobs limit)
+MAX_N = 16     # choices of one request, at most
 
 
 @dataclass
@@ -35,6 +36,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     adapter: str | None = None   # a LoRA adapter of the model by name (None: its default adapter, or none)
     logprobs: int | None = None  # None: off; k: each token's log-probability and the k most likely (0..MAX_TOP)
+    n: int = 1                   # choices: n sequences of the prompt (its KV computed once, lent to the others)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -66,6 +68,8 @@ class SamplingParams:
             raise InputError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
         if self.adapter is not None and not isinstance(self.adapter, str):
             raise InputError(f"adapter must be an adapter's name, got {self.adapter!r}")
+        if not isinstance(self.n, int) or isinstance(self.n, bool) or not 1 <= self.n <= MAX_N:
+            raise InputError(f"n must be an integer in [1, {MAX_N}] (choices of one prompt), got {self.n!r}")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
                                           or not 0 <= self.logprobs <= MAX_TOP):
             raise InputError(f"logprobs must be None or an integer in [0, {MAX_TOP}] (the most likely tokens "
@@ -126,6 +130,7 @@ class Delta:
     text: str
     finish_reason: str | None = None   # "stop" (end of sequence or a stop string), "length", "cancelled"
     logprobs: list[TokenLogprob] | None = None   # those tokens' (with SamplingParams.logprobs)
+    index: int = 0                     # the choice it belongs to (SamplingParams.n)
 
 
 @dataclass
@@ -144,15 +149,26 @@ class Completion:
 
 
 class Handle:
-    """A submitted request: its deltas as they come, and its completion."""
+    """A submitted request: its deltas as they come (each with its choice's `index`), and its completions (one per
+    choice: `SamplingParams.n`). Done when every choice is, or at the first error."""
 
-    def __init__(self, request_id: str):
+    def __init__(self, request_id: str, n: int = 1):
         self.request_id = request_id
         self._q: queue.Queue = queue.Queue()
         self._done = threading.Event()
-        self.completion: Completion | None = None
+        self.completions: list[Completion | None] = [None] * n
         self.error: BaseException | None = None
         self.notify = None            # called (on the engine's thread) after each delta: servers wake on it
+
+    @property
+    def completion(self) -> Completion | None:
+        """The first choice's completion."""
+        return self.completions[0]
+
+    def _finished(self, index: int, c: Completion) -> None:
+        self.completions[index] = c
+        if all(x is not None for x in self.completions):
+            self._done.set()
 
     def _put(self, item) -> None:
         self._q.put(item)
@@ -169,21 +185,26 @@ class Handle:
                 return items
 
     def stream(self, timeout: float | None = None):
-        """Deltas until the request finishes (the last one has a finish_reason)."""
-        while True:
+        """Deltas until the request finishes (every choice's last one has a finish_reason)."""
+        left = len(self.completions)
+        while left:
             item = self._q.get(timeout=timeout)
             if isinstance(item, BaseException):
                 raise item
             yield item
-            if item.finish_reason is not None:
-                return
+            left -= item.finish_reason is not None
 
     def result(self, timeout: float | None = None) -> Completion:
+        """The (first choice's) completion, once the request finished; its error if it failed."""
+        return self.results(timeout)[0]
+
+    def results(self, timeout: float | None = None) -> list[Completion]:
+        """Every choice's completion, in order."""
         if not self._done.wait(timeout):
             raise TimeoutError(f"request {self.request_id} not finished after {timeout} s")
         if self.error is not None:
             raise self.error
-        return self.completion
+        return list(self.completions)
 
     @property
     def done(self) -> bool:

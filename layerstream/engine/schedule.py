@@ -24,8 +24,9 @@ MIN_SHARE = 8       # shortest prefix worth borrowing from the prefix cache (tok
 class Seq:
     """A request in the engine: its prompt, parameters, tokens so far and where its KV stands."""
 
-    def __init__(self, rid, slot, prompt, params, handle=None, tokenizer=None, lslot: int = -1):
+    def __init__(self, rid, slot, prompt, params, handle=None, tokenizer=None, lslot: int = -1, index: int = 0):
         self.id, self.slot, self.prompt, self.params, self.handle = rid, slot, prompt, params, handle
+        self.index = index            # its choice in its request (SamplingParams.n)
         self.tokens: list[int] = []
         self.real = 0                 # positions whose keys and values the cache holds: its next position
         self.shared = 0               # leading positions taken from the prefix cache (not computed here)

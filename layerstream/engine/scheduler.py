@@ -42,6 +42,7 @@ sweep; `generate(requests)` runs a list to the end (jobs); `start()` runs steps 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 import time
@@ -138,10 +139,14 @@ class Engine:
             raise InputError(f"no adapter named {params.adapter!r} here: this model has no LoRA adapters")
         lslot = lora.slot(params.adapter) if lora is not None else -1
         rid = request_id or f"req-{next(self._ids)}"
-        h = Handle(rid)
-        s = Seq(rid, next(self._slots), prompt, params, h, self.tokenizer, lslot)
+        h = Handle(rid, params.n)
+        # n choices: n sequences of one id (cancelled together), seeded seed, seed + 1, ...; the first computes the
+        # prompt's KV and the others, a step later, start from it (the prefix cache)
+        seqs = [Seq(rid, next(self._slots), prompt, params if i == 0 or params.seed is None else
+                    dataclasses.replace(params, seed=(params.seed + i) % 2**63), h, self.tokenizer, lslot, i)
+                for i in range(params.n)]
         with self.lock:
-            self.sched.waiting.append(s)
+            self.sched.waiting.extend(seqs)
             self.lock.notify_all()
         return h
 
@@ -365,9 +370,13 @@ class Engine:
             self._fail(s, err)
 
     def _fail(self, s: Seq, err: BaseException) -> None:
+        if s.handle.error is not None:   # another choice of this request failed first: the request has its error
+            return
         s.handle.error = err
         s.handle._done.set()
         s.handle._put(err)
+        if len(s.handle.completions) > 1:   # its other choices stop at the next step
+            self.cancel(s.id)
 
     def _propose(self, s: Seq) -> None:
         """Draft up to `draft_tokens` greedy tokens for a decoding row with the resident draft model."""
@@ -426,7 +435,8 @@ class Engine:
             while end > s.sent and text[end - 1] == "\ufffd":
                 end -= 1
             piece, s.sent = text[s.sent:max(end, s.sent)], max(end, s.sent)
-            return Delta(s.id, [tok], piece, logprobs=s.logprobs[-1:] if s.params.logprobs is not None else None)
+            return Delta(s.id, [tok], piece, logprobs=s.logprobs[-1:] if s.params.logprobs is not None else None,
+                         index=s.index)
         return self._finish(s, reason, text, tok)
 
     def _piece(self, tok: int) -> str:
@@ -437,10 +447,9 @@ class Engine:
         text = s.text() if text is None else text
         lps = s.params.logprobs is not None
         d = Delta(s.id, [tok] if tok is not None else [], text[s.sent:], reason,
-                  logprobs=(s.logprobs[-1:] if tok is not None else []) if lps else None)
-        s.handle.completion = Completion(s.id, len(s.prompt), list(s.tokens), text, reason,
-                                         time.perf_counter() - s.t0, list(s.logprobs) if lps else None)
-        s.handle._done.set()
+                  logprobs=(s.logprobs[-1:] if tok is not None else []) if lps else None, index=s.index)
+        s.handle._finished(s.index, Completion(s.id, len(s.prompt), list(s.tokens), text, reason,
+                                               time.perf_counter() - s.t0, list(s.logprobs) if lps else None))
         s.handle._put(d)
         return d
 

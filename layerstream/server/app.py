@@ -372,29 +372,29 @@ def build_app(engine, name: str, api_key: str | None = None, max_queue: int = 64
         finally:
             drain.end(rid, cut)
         try:
-            c = handle.result()
+            cs = handle.results()
         except Exception as e:   # the engine failed this request (reported, and the server goes on)
             return refuse(500, f"generation failed: {type(e).__name__}: {e}", "internal_error", type="server_error")
-        metrics.finished(route, c, time.perf_counter() - t0)
-        return completion_body(kind, rid, want or name, int(time.time()), c)
+        metrics.finished(route, cs, time.perf_counter() - t0)
+        return completion_body(kind, rid, want or name, int(time.time()), cs)
 
     async def sse(handle, wake, rid, kind, include_usage, route, t0, model):
         made = int(time.time())
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
-        def chunk(delta_text=None, finish=None, role=False, lps=None):
-            lp = logprobs_body(kind, lps, sent[0]) if lps else None   # the logprobs of this chunk's tokens
+        def chunk(delta_text=None, finish=None, role=False, lps=None, index=0):
+            lp = logprobs_body(kind, lps, sent[index]) if lps else None   # the logprobs of this chunk's tokens
             if lps:
-                sent[0] += sum(len(e.token) for e in lps)
+                sent[index] += sum(len(e.token) for e in lps)
             if kind == "chat":
                 delta = {}
                 if role:
                     delta["role"] = "assistant"
                 if delta_text is not None:
                     delta["content"] = delta_text
-                choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}
+                choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
             else:
-                choice = {"index": 0, "text": delta_text or "", "logprobs": lp, "finish_reason": finish}
+                choice = {"index": index, "text": delta_text or "", "logprobs": lp, "finish_reason": finish}
             out = {"id": rid, "object": obj, "created": made, "model": model, "choices": [choice]}
             if include_usage:
                 out["usage"] = None
@@ -405,10 +405,13 @@ def build_app(engine, name: str, api_key: str | None = None, max_queue: int = 64
             return f"data: {json.dumps(error_body(message, code, type='server_error'))}\n\n"
 
         done, cut, first = False, False, True
-        sent = [0]   # characters of the tokens whose logprobs were sent (completions' text_offset)
+        n = len(handle.completions)
+        sent = [0] * n   # each choice: characters of the tokens whose logprobs were sent (completions' text_offset)
+        left = n         # choices not finished
         try:
             if kind == "chat":
-                yield chunk("", role=True)
+                for i in range(n):
+                    yield chunk("", role=True, index=i)
             while not done:
                 wake.clear()
                 items = handle.drain()
@@ -431,19 +434,22 @@ def build_app(engine, name: str, api_key: str | None = None, max_queue: int = 64
                         metrics.first_token(time.perf_counter() - t0)
                         first = False
                     if d.finish_reason is not None:
-                        done = True
                         if d.text or d.logprobs:
-                            yield chunk(d.text, lps=d.logprobs)
-                        yield chunk(None if kind == "chat" else "", finish=d.finish_reason)
-                        c = handle.completion
-                        metrics.finished(route, c, time.perf_counter() - t0)
+                            yield chunk(d.text, lps=d.logprobs, index=d.index)
+                        yield chunk(None if kind == "chat" else "", finish=d.finish_reason, index=d.index)
+                        left -= 1
+                        if left:
+                            continue
+                        done = True
+                        cs = handle.completions
+                        metrics.finished(route, cs, time.perf_counter() - t0)
                         if include_usage:
                             last = {"id": rid, "object": obj, "created": made, "model": model, "choices": [],
-                                    "usage": usage(c.prompt_tokens, c.completion_tokens)}
+                                    "usage": usage(cs[0].prompt_tokens, sum(c.completion_tokens for c in cs))}
                             yield f"data: {json.dumps(last)}\n\n"
                         break
                     if d.text or d.logprobs:
-                        yield chunk(d.text, lps=d.logprobs)
+                        yield chunk(d.text, lps=d.logprobs, index=d.index)
             yield "data: [DONE]\n\n"
         except Exception as e:   # a bug while streaming: the headers are sent, so an error event ends the stream
             logger.exception("streaming %s failed", rid)

@@ -34,13 +34,16 @@ class Metrics:
     def first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
 
-    def finished(self, route: str, c, seconds: float) -> None:
-        """A request answered in full: counted, timed, and logged in one line (its id, tokens in and out, time)."""
+    def finished(self, route: str, cs, seconds: float) -> None:
+        """A request answered in full (its Completion, or one per choice): counted, timed, and logged in one line
+        (its id, tokens in and out, time)."""
+        cs = cs if isinstance(cs, list) else [cs]
+        c, out = cs[0], sum(x.completion_tokens for x in cs)
         self.request(route, 200)
-        log(f"{route} {c.request_id} 200: {c.prompt_tokens} prompt + {c.completion_tokens} completion tokens in "
-            f"{seconds:.2f} s ({c.finish_reason})")
+        log(f"{route} {c.request_id} 200: {c.prompt_tokens} prompt + {out} completion tokens in "
+            f"{seconds:.2f} s ({', '.join(x.finish_reason for x in cs)})")
         self.prompt_tokens.inc(c.prompt_tokens)
-        self.completion_tokens.inc(c.completion_tokens)
+        self.completion_tokens.inc(out)
         self.latency.observe(seconds)
 
     def render(self) -> tuple[bytes, str]:
