@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 
+from .engine.constrain import schema_of
 from .engine.requests import MAX_N, MAX_TOP, SamplingParams
 from .errors import InputError
 from .sampling import choose, model_defaults
@@ -26,7 +27,7 @@ MAX_STOP = 16                           # stop strings per request
 REFUSALS = {"context": "context_length_exceeded", "kv_budget": "kv_budget_exceeded"}   # the engine's, as codes
 # OpenAI fields not honoured here, and the values that mean "not used" (accepted: clients send them as defaults)
 UNSUPPORTED = {"tools": (None, []), "tool_choice": (None, "none"),
-               "functions": (None, []), "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
+               "functions": (None, []), "function_call": (None, "none"),
                "logit_bias": (None, {}), "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),
                "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,)}
 
@@ -124,6 +125,12 @@ class OpenAIRequests:
             raise BadLine("invalid_value", f"stop may list at most {MAX_STOP} strings (OpenAI allows 4), got "
                                            f"{len(stop)}", 400, "stop")
         logprobs = self.logprobs(body, kind)
+        try:
+            grammar = schema_of(body.get("response_format"))
+            if grammar is not None:
+                self.engine.check_grammar(grammar)
+        except InputError as e:
+            raise BadLine("invalid_value", str(e), 400, "response_format") from None
         lora = getattr(self.engine.model, "lora", None)   # a `model` naming one of its adapters chooses it
         adapter = req["model"] if lora is not None and req["model"] in lora.adapters else None
         try:
@@ -132,7 +139,7 @@ class OpenAIRequests:
                                     repetition_penalty=sampling.repeat_penalty,
                                     frequency_penalty=body.get("frequency_penalty") or 0.0,
                                     presence_penalty=body.get("presence_penalty") or 0.0, seed=seed, stop=stop,
-                                    adapter=adapter, logprobs=logprobs, n=n)
+                                    adapter=adapter, logprobs=logprobs, n=n, grammar=grammar)
         except InputError as e:
             raise BadLine("invalid_value", str(e), 400) from None
         why = self.engine.refusal(len(prompt), params.max_tokens)

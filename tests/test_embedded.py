@@ -1,5 +1,6 @@
 """The real embedded model (SmolLM2-135M-Instruct from its GGUF) against transformers itself."""
 
+import json
 import subprocess
 import sys
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from layerstream import AutoModel, ChatSession
+from layerstream.errors import InputError
 
 from conftest import ROOT
 
@@ -118,3 +120,48 @@ def test_split_of_gguf_reads_tensor_by_tensor(tmp_path):
     assert total > 500e6
     # the tokenizer and config parsing cost some too; the whole model (538 MB) must not be held
     assert peak - base < largest * 3 + 150e6, (peak - base, largest)
+
+
+def test_a_constrained_row_beside_free_ones(embedded_store):
+    """A request held to a JSON schema gives JSON of that schema, and the rows beside it in the same sweeps get the
+    tokens they get alone (the mask is the constrained row's only)."""
+    from layerstream.engine.constrain import json_schema
+    from layerstream.engine.scheduler import Engine, SamplingParams
+
+    m = AutoModel.from_pretrained(embedded_store, progress=False)
+    tok = m.tokenizer
+    ask = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)["input_ids"]
+           for q in ("Describe a dog as JSON.", "Write a haiku about rain.")]
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16},
+                                               "legs": {"type": "integer"}},
+              "required": ["name", "legs"], "additionalProperties": False}
+    alone = Engine(m).generate([ask[1]], SamplingParams(max_tokens=12))[0].token_ids
+    out = Engine(m, max_batch=2).generate(ask, [SamplingParams(max_tokens=40, grammar=json_schema(schema)),
+                                                SamplingParams(max_tokens=12)])
+    obj = json.loads(out[0].text)
+    assert out[0].finish_reason == "stop" and set(obj) == {"name", "legs"} and isinstance(obj["legs"], int)
+    assert out[1].token_ids == alone
+    with pytest.raises(InputError, match="cannot be used"):
+        Engine(m).submit(ask[0], SamplingParams(grammar=json_schema({"type": "nonsense"})))
+
+
+def test_a_batch_line_takes_a_response_format(embedded_store, tmp_path):
+    """Batch jobs take response_format per line, as the server does: the line's text is JSON of its schema."""
+    from layerstream.engine.batch import run_batch
+
+    schema = {"type": "object", "properties": {"animal": {"type": "string", "maxLength": 12},
+                                               "legs": {"type": "integer", "minimum": 0, "maximum": 100}},
+              "required": ["animal", "legs"], "additionalProperties": False}
+    lines = [{"custom_id": "j", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"messages": [{"role": "user", "content": "Name an animal."}], "max_tokens": 40,
+                       "temperature": 0, "response_format": {"type": "json_schema",
+                                                             "json_schema": {"name": "a", "schema": schema}}}},
+             {"custom_id": "bad", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "yaml"}}}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    m = AutoModel.from_pretrained(embedded_store, progress=False)
+    run_batch(m, tmp_path / "in.jsonl", tmp_path / "out.jsonl", progress=False)
+    good, bad = (json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines())
+    obj = json.loads(good["response"]["body"]["choices"][0]["message"]["content"])
+    assert set(obj) == {"animal", "legs"} and 0 <= obj["legs"] <= 100
+    assert bad["response"]["status_code"] == 400 and bad["error"]["code"] == "invalid_value"

@@ -37,6 +37,7 @@ class SamplingParams:
     adapter: str | None = None   # a LoRA adapter of the model by name (None: its default adapter, or none)
     logprobs: int | None = None  # None: off; k: each token's log-probability and the k most likely (0..MAX_TOP)
     n: int = 1                   # choices: n sequences of the prompt (its KV computed once, lent to the others)
+    grammar: str | None = None   # an llguidance grammar its tokens are held to (engine/constrain.py: json_schema ...)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -68,6 +69,8 @@ class SamplingParams:
             raise InputError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
         if self.adapter is not None and not isinstance(self.adapter, str):
             raise InputError(f"adapter must be an adapter's name, got {self.adapter!r}")
+        if self.grammar is not None and not isinstance(self.grammar, str):
+            raise InputError("grammar must be an llguidance grammar (layerstream.engine.constrain.json_schema(...))")
         if not isinstance(self.n, int) or isinstance(self.n, bool) or not 1 <= self.n <= MAX_N:
             raise InputError(f"n must be an integer in [1, {MAX_N}] (choices of one prompt), got {self.n!r}")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)

@@ -41,6 +41,7 @@ class Seq:
         self.dlen = 0                 # positions it holds (a prefix of prompt + tokens)
         self.drafted: list[int] = []  # this step's drafted tokens, verified in the sweep
         self.logprobs: list = []      # each token's TokenLogprob (with params.logprobs)
+        self.matcher = None           # its grammar's state (with params.grammar: engine/constrain.py)
 
     def text(self) -> str:
         return self.tok.decode(self.tokens, skip_special_tokens=True) if self.tok is not None else ""

@@ -113,6 +113,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop = False
         self._swept: BaseException | None = None   # the error of a failed sweep, already handed to its rows
+        self._constraints = None   # grammar support (engine/constrain.py), made at the first constrained request
         self.stats = {"steps": 0, "tokens": 0, "prefill_tokens": 0, "max_batch_seen": 0, "seconds": 0.0,
                       "kv_peak_tokens": 0, "bytes_read": 0, "prefix_hit_tokens": 0,
                       "drafted": 0, "accepted": 0}
@@ -145,10 +146,22 @@ class Engine:
         seqs = [Seq(rid, next(self._slots), prompt, params if i == 0 or params.seed is None else
                     dataclasses.replace(params, seed=(params.seed + i) % 2**63), h, self.tokenizer, lslot, i)
                 for i in range(params.n)]
+        if params.grammar is not None:   # each choice its own matcher; a grammar that does not compile: InputError
+            for s in seqs:
+                s.matcher = self.check_grammar(params.grammar)
         with self.lock:
             self.sched.waiting.extend(seqs)
             self.lock.notify_all()
         return h
+
+    def check_grammar(self, grammar: str):
+        """A matcher of `grammar` for this model's tokenizer (engine/constrain.py); InputError, saying what is
+        wrong, for one that does not compile."""
+        if self._constraints is None:
+            from .constrain import Constraints
+
+            self._constraints = Constraints(self.tokenizer)
+        return self._constraints.matcher(grammar)
 
     def refusal(self, prompt_tokens: int, max_tokens: int) -> Refusal | None:
         """Why a request of this size can never run here; None if it can."""
@@ -327,10 +340,13 @@ class Engine:
             try:
                 if s.drafted:
                     toks = self._verify(s, mine)
-                else:
-                    toks = [int(s.params.next_tokens(mine, s.prompt, s.tokens, s.gen)[0])]
+                else:   # a constrained row samples among the tokens its grammar allows next
+                    row = mine if s.matcher is None else self._constraints.mask(s.matcher, mine)
+                    toks = [int(s.params.next_tokens(row, s.prompt, s.tokens, s.gen)[0])]
                 what = "decoding its tokens and applying its stop strings"
                 for i, tok in enumerate(toks):
+                    if s.matcher is not None:
+                        self._constraints.consume(s.matcher, tok)
                     s.tokens.append(tok)
                     self.stats["tokens"] += 1
                     if s.params.logprobs is not None:   # the model's own distribution at this token's position
@@ -382,8 +398,8 @@ class Engine:
         """Draft up to `draft_tokens` greedy tokens for a decoding row with the resident draft model."""
         s.drafted = []
         k = min(self.draft_tokens, s.params.max_tokens - len(s.tokens) - 1)
-        if not s.params.greedy or s.params.penalized or k < 1 or s.cancelled:
-            return
+        if not s.params.greedy or s.params.penalized or k < 1 or s.cancelled or s.matcher is not None:
+            return   # (a constrained row is not drafted: its tokens are sampled under its grammar's mask)
         full = s.prompt + s.tokens     # the cache holds full[:real]; full[real] is the token to feed next
         if s.dcache is None:
             s.dcache, s.dlen = new_cache(self.draft), 0
