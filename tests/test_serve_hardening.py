@@ -246,14 +246,15 @@ def test_hostile_requests_beside_innocent_clients(hardened):
         for field, value in (("tool_choice", "auto"),
                              ("tools", [{"type": "function", "function": {"name": "f"}}]),
                              ("functions", [{"name": "f"}]),
-                             ("response_format", {"type": "json_object"}), ("logit_bias", {"50256": -100}),
+                             ("logit_bias", {"50256": -100}),
                              ("best_of", 2), ("echo", True), ("suffix", "!")):
             e = error(post({**good, field: value}), 400, "unsupported_parameter", field)
             assert "not supported" in e["message"] and field in e["message"]
         # sampling fields we honour, out of range
         for field, value in (("frequency_penalty", 3), ("presence_penalty", -2.5), ("top_k", -2), ("top_k", 1.5),
                              ("min_p", 1), ("repetition_penalty", 0), ("top_p", 0), ("logprobs", True),
-                             ("logprobs", 21), ("top_logprobs", 3)):
+                             ("logprobs", 21), ("top_logprobs", 3), ("response_format", {"type": "yaml"}),
+                             ("response_format", {"type": "json_schema", "json_schema": {"schema": {"type": "x"}}})):
             error(post({**good, field: value}), 400, "invalid_value", field)
         error(post({**good, "n": 99}), 400, "invalid_value", "n")
         error(post({**good, "stop": [f"s{k}" for k in range(10_000)]}), 400, "invalid_value", "stop")
