@@ -339,7 +339,9 @@ def test_sampling_fields_left_out_come_from_the_models_defaults(model, tmp_path)
 
     outs = []
     for k in range(2):
-        run_batch(model, write_lines(tmp_path / f"in{k}.jsonl", lines), tmp_path / f"out{k}.jsonl", progress=False)
+        src = write_lines(tmp_path / f"in{k}.jsonl", lines)
+        os.utime(src, (1_700_000_000, 1_700_000_000))   # `created` is the input's mtime: the same for both jobs
+        run_batch(model, src, tmp_path / f"out{k}.jsonl", progress=False)
         outs.append((tmp_path / f"out{k}.jsonl").read_text())
     recs = {r["custom_id"]: r["response"]["body"]["choices"][0]["text"] for r in read_records(tmp_path / "out0.jsonl")}
     assert recs["plain"] != recs["pen"]
