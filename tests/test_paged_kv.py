@@ -140,3 +140,14 @@ def test_slabs_grow_within_their_limit_copy_truncate_and_shrink():
     assert 1 not in kv.k and 1 not in kv.limits
     kv.clear()
     assert kv.tokens() == 0 and kv.capacity() == 0
+
+
+def test_the_families_on_slabs_are_those_the_survey_found_correct():
+    """SLAB_FAMILIES is the family survey's "slab: ok" list (bench/paged_families.py's output in docs/), less the
+    families whose attention slab_attention does not compute (NOT_SLABS): never a family nobody checked."""
+    from pathlib import Path
+
+    from layerstream.engine.kv import NOT_SLABS, SLAB_FAMILIES, slab_families_from
+
+    survey = slab_families_from(Path(__file__).resolve().parents[1] / "docs" / "paged-spike-families.txt")
+    assert len(survey) > 50 and SLAB_FAMILIES == survey - NOT_SLABS
