@@ -18,6 +18,7 @@ lent by another) and `segs`, and prefix-cache entries with `slot`, `real`, `segs
 from __future__ import annotations
 
 from collections import Counter
+from contextlib import nullcontext
 
 import torch
 
@@ -188,10 +189,7 @@ class MaskedCache:
         else:
             mask = see
         ids = torch.tensor([t for n in news for t in n]).unsqueeze(0)
-        if routing is None:
-            return forward(self.model, ids, self.cache, attention_mask=mask[None, None], position_ids=qpos[None],
-                           keep=last)[0]
-        with routing:
+        with routing if routing is not None else nullcontext():   # (LoRA: each row's tokens get its adapter)
             return forward(self.model, ids, self.cache, attention_mask=mask[None, None], position_ids=qpos[None],
                            keep=last)[0]
 

@@ -45,8 +45,11 @@ class Constraints:
 
         if tokenizer is None:
             raise InputError("constrained decoding needs the model's tokenizer; this store has none")
+        import llguidance.torch as lt
+
         self.tok = llguidance.hf.from_tokenizer(tokenizer)
         self.vocab = self.tok.vocab_size
+        self.bits = lt.allocate_token_bitmask(1, self.vocab)   # one step's mask, refilled per row (engine thread)
 
     def matcher(self, grammar: str):
         """A matcher for one sequence; InputError (what is wrong) for a grammar that does not compile."""
@@ -62,7 +65,7 @@ class Constraints:
         may be wider than the tokenizer's: those extra ids are never allowed)."""
         import llguidance.torch as lt
 
-        bits = lt.allocate_token_bitmask(1, self.vocab)
+        bits = self.bits
         lt.fill_next_token_bitmask(matcher, bits, 0)
         out = logits.float().clone()
         if out.shape[-1] > self.vocab:

@@ -22,7 +22,7 @@ keep the engine's masked path (one shared cache) or run one sequence at a time.
 from __future__ import annotations
 
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -331,7 +331,7 @@ class SlabStep:
         if keep is None:
             keep = torch.tensor(kwargs["cu_seq_lens_q"][1:]) - 1
         try:
-            with self.attention(), self.model.running(), (routing if routing is not None else _nothing()):
+            with self.attention(), self.model.running(), (routing if routing is not None else nullcontext()):
                 out = self.model.model(input_ids=ids[None], logits_to_keep=keep.to(self.model.device), **kwargs)
         finally:
             self.kv.rows = []
@@ -358,7 +358,3 @@ class SlabStep:
             self.kv.lens[key] = past + n
         self.kv.rows = self._done = []
 
-
-@contextmanager
-def _nothing():
-    yield
