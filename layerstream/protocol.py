@@ -3,8 +3,9 @@ the engine says why in its own terms, `Refusal`), shared by batch jobs and the s
 
 `OpenAIRequests.request` turns a chat or completion body (`messages` through the model's chat template, or
 `prompt`; `max_tokens`, `temperature`, `top_p`, `top_k`, `min_p`, `repetition_penalty`, `frequency_penalty`,
-`presence_penalty`, `seed`, `stop`, `n=1`; what is left out comes from the model's sampling defaults,
-`layerstream.sampling`) into token ids and `SamplingParams`,
+`presence_penalty`, `seed`, `stop`, `n`, `logprobs`, `response_format`, `structured_outputs`, chat's `tools`
+(layerstream/tools.py); what is left out comes from the model's sampling defaults, `layerstream.sampling`) into
+token ids and `SamplingParams`,
 or raises `BadLine` with OpenAI's error code, message and parameter (also for a field we do not honour, a
 string that is not valid Unicode, or a text longer than the context could hold, refused before tokenizing);
 `success` / `failure` build the records of a batch job's output.
@@ -15,10 +16,11 @@ from __future__ import annotations
 import json
 import math
 
-from .engine.constrain import schema_of
+from .engine.constrain import schema_of, structured
 from .engine.requests import MAX_N, MAX_TOP, SamplingParams
 from .errors import InputError
 from .sampling import choose, model_defaults
+from .tools import OPEN, BadTools, Tools, messages_for, parse_tools, renders_tools
 
 URLS = {"/v1/chat/completions": "chat", "/v1/completions": "text"}
 CHAT_MAX_TOKENS = 256                   # chat's default max_tokens (bounded by the context); completions: 16
@@ -26,10 +28,10 @@ MAX_CHARS_PER_TOKEN = 32                # a text longer than context x this is r
 MAX_STOP = 16                           # stop strings per request
 REFUSALS = {"context": "context_length_exceeded", "kv_budget": "kv_budget_exceeded"}   # the engine's, as codes
 # OpenAI fields not honoured here, and the values that mean "not used" (accepted: clients send them as defaults)
-UNSUPPORTED = {"tools": (None, []), "tool_choice": (None, "none"),
-               "functions": (None, []), "function_call": (None, "none"),
+UNSUPPORTED = {"functions": (None, []), "function_call": (None, "none"),
                "logit_bias": (None, {}), "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),
                "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,)}
+CHAT_ONLY = {"tools": (None, []), "tool_choice": (None, "none"), "parallel_tool_calls": (None, True, False)}
 
 
 class BadLine(Exception):
@@ -49,6 +51,7 @@ class OpenAIRequests:
         self.context = engine.context
         self.vocab = engine.model.config.get_text_config().vocab_size
         self.defaults = model_defaults(getattr(engine.model, "generation_config", None))
+        self.native = None   # whether the chat template renders tools (found at the first chat request)
 
     def request(self, obj: dict, req: dict) -> tuple[list[int], SamplingParams]:
         """Token ids and sampling parameters of a request body, or BadLine (status 400)."""
@@ -67,8 +70,22 @@ class OpenAIRequests:
         if where is not None:
             raise BadLine("invalid_value", f"{where} is not valid Unicode text (a lone UTF-16 surrogate such as "
                                            f"\\ud800): send whole characters", 400, where)
+        tools = None
+        for key, defaults in CHAT_ONLY.items():
+            if kind == "text" and key in body and not unused(body[key], defaults):
+                raise BadLine("unsupported_parameter", f"{key} is not supported by /v1/completions: send tools to "
+                                                       f"/v1/chat/completions", 400, key)
         if kind == "chat":
-            prompt = self.chat_ids(body.get("messages"))
+            try:
+                spec = parse_tools(body)
+            except BadTools as e:
+                raise BadLine("invalid_value", str(e), 400, e.param) from None
+            prompt = self.chat_ids(body.get("messages"), spec[0] if spec else None)
+            if spec is not None:
+                template = getattr(self.tok, "response_template", None)
+                tools = Tools(*spec, template=template, hermes=not self.native or OPEN in str(self.tok.chat_template),
+                              prefix=self.tok.decode(prompt) if template is not None else "",
+                              id_prefix=f"call_{req['h'][:12]}")
             max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
             param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
         else:
@@ -125,12 +142,28 @@ class OpenAIRequests:
             raise BadLine("invalid_value", f"stop may list at most {MAX_STOP} strings (OpenAI allows 4), got "
                                            f"{len(stop)}", 400, "stop")
         logprobs = self.logprobs(body, kind)
-        try:
-            grammar = schema_of(body.get("response_format"))
+        grammar = None
+        for key, form in (("response_format", schema_of), ("structured_outputs", structured)):
+            try:
+                g = form(body.get(key))
+                if g is not None:
+                    self.engine.check_grammar(g)
+            except InputError as e:
+                raise BadLine("invalid_value", str(e), 400, key) from None
+            if g is not None and grammar is not None:
+                raise BadLine("invalid_value", "give response_format or structured_outputs, not both", 400, key)
+            grammar = grammar or g
+        if tools is not None and tools.mode != "auto":   # required or a named function: held to the schemas
             if grammar is not None:
+                raise BadLine("invalid_value", "a required or named tool_choice cannot be combined with a JSON "
+                                               "response_format: the reply is the tool call", 400, "tool_choice")
+            try:
+                grammar = tools.grammar()
                 self.engine.check_grammar(grammar)
-        except InputError as e:
-            raise BadLine("invalid_value", str(e), 400, "response_format") from None
+            except InputError as e:
+                raise BadLine("invalid_value", f"the tools' parameters cannot be used as JSON schemas: {e}", 400,
+                              "tools") from None
+        req["tools"] = tools
         lora = getattr(self.engine.model, "lora", None)   # a `model` naming one of its adapters chooses it
         adapter = req["model"] if lora is not None and req["model"] in lora.adapters else None
         try:
@@ -171,7 +204,10 @@ class OpenAIRequests:
                           400, "logprobs")
         return lp
 
-    def chat_ids(self, messages) -> list[int]:
+    def chat_ids(self, messages, tools: list[dict] | None = None) -> list[int]:
+        """The prompt of chat `messages` through the model's chat template; `tools` (checked OpenAI tool objects)
+        rendered by the template, or described in the system message where the template ignores them
+        (layerstream/tools.py)."""
         if not isinstance(messages, list) or not messages:
             raise BadLine("invalid_value" if messages is not None else "missing_required_parameter",
                           "messages must be a non-empty list of {role, content} objects", 400, "messages")
@@ -198,8 +234,16 @@ class OpenAIRequests:
         if not getattr(self.tok, "chat_template", None):
             raise BadLine("invalid_request", "this model has no chat template: use /v1/completions with a prompt",
                           400, "messages")
+        if self.native is None:
+            self.native = renders_tools(self.tok)
+        if tools or any(m.get("tool_calls") is not None or m["role"] == "tool" for m in clean):
+            try:
+                clean = messages_for(clean, self.native, tools)
+            except BadTools as e:
+                raise BadLine("invalid_value", str(e), 400, e.param) from None
         try:
-            enc = self.tok.apply_chat_template(clean, add_generation_prompt=True, tokenize=True)
+            enc = self.tok.apply_chat_template(clean, tools=tools if self.native else None,
+                                               add_generation_prompt=True, tokenize=True)
         except Exception as e:   # the template refused these messages (roles out of order, ...)
             raise BadLine("invalid_value", f"the chat template cannot render these messages: {e}", 400,
                           "messages") from None
@@ -297,19 +341,27 @@ def short(value, n: int = 60) -> str:
     return r if len(r) <= n else r[:n] + "..."
 
 
-def completion_body(kind: str, rid: str, model: str, created: int, cs) -> dict:
+def completion_body(kind: str, rid: str, model: str, created: int, cs, tools: Tools | None = None) -> dict:
     """An OpenAI chat.completion or text_completion object for a finished request's `Completion`s (one per
-    choice; or one `Completion`). Usage: the prompt once, every choice's tokens."""
+    choice; or one `Completion`), chat replies parsed for `tools`' calls. Usage: the prompt once, every choice's
+    tokens."""
     chat = kind == "chat"
     cs = cs if isinstance(cs, list) else [cs]
     choices = []
     for i, c in enumerate(cs):
         choice = {"index": i}
-        if chat:
+        finish = c.finish_reason
+        if chat and tools is not None:
+            content, calls = tools.parse(c.text, i)
+            choice["message"] = {"role": "assistant", "content": content}
+            if calls:
+                choice["message"]["tool_calls"] = calls
+                finish = "tool_calls" if finish == "stop" else finish   # (length: the calls after were cut)
+        elif chat:
             choice["message"] = {"role": "assistant", "content": c.text}
         else:
             choice["text"] = c.text
-        choice.update(logprobs=logprobs_body(kind, c.logprobs), finish_reason=c.finish_reason)
+        choice.update(logprobs=logprobs_body(kind, c.logprobs), finish_reason=finish)
         choices.append(choice)
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
             "model": model, "choices": choices,
@@ -350,7 +402,7 @@ def success(req: dict, c, created: int) -> dict:
     """A batch record for a finished request (its Completion, or one per choice)."""
     d = req["digest"]
     body = completion_body(req["kind"], f"{'chatcmpl' if req['kind'] == 'chat' else 'cmpl'}-{d}", req["model"],
-                           created, c)
+                           created, c, req.get("tools"))
     return {"id": f"batch_req_{d}", "custom_id": req["custom_id"],
             "response": {"status_code": 200, "request_id": f"req_{d}", "body": body}, "error": None}
 

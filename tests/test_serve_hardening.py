@@ -242,7 +242,7 @@ def test_hostile_requests_beside_innocent_clients(hardened):
         for value in (b"Infinity", b"-Infinity", b"NaN", b"1e400", b"-1"):
             error(post(raw_body=b'{"prompt": "a", "max_tokens": 2, "temperature": ' + value + b"}"), 400,
                   "invalid_value", "temperature")
-        # OpenAI fields not honoured: refused by name
+        # OpenAI fields not honoured (tools: on completions; chat takes them, tests/test_tools.py): refused by name
         for field, value in (("tool_choice", "auto"),
                              ("tools", [{"type": "function", "function": {"name": "f"}}]),
                              ("functions", [{"name": "f"}]),

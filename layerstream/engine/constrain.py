@@ -1,5 +1,6 @@
 """Constrained decoding: a request's tokens held to a grammar (a JSON schema, any JSON object, a regex), applied as
-a token mask at each of its steps; other rows of the same sweep are not affected.
+a token mask at each of its steps; other rows of the same sweep are not affected. Requests give it as OpenAI's
+`response_format` (JSON) or vLLM's `structured_outputs` (a regex, a Lark or GBNF grammar, a choice, JSON).
 
 The grammar engine is llguidance (Microsoft's; also what vLLM and SGLang offer): it compiles JSON schemas, regexes
 and Lark grammars against the tokenizer's vocabulary and computes a step's mask in tens of microseconds on this
@@ -31,10 +32,36 @@ def json_schema(schema: dict | None = None) -> str:
         raise InputError(f"the JSON schema cannot be used: {e}") from None
 
 
-def regex(pattern: str) -> str:
+FORMS = ("regex", "grammar", "choice", "json")   # vLLM's `structured_outputs` forms
+
+
+def structured(value) -> str | None:
+    """The grammar of vLLM's `structured_outputs` field: {"regex": pattern} (Rust regex syntax), {"grammar":
+    a Lark or GBNF (llama.cpp) grammar}, {"choice": [strings]} or {"json": a JSON schema}; InputError for anything
+    else. Compiled by llguidance's own converters."""
     import llguidance
 
-    return llguidance.LLMatcher.grammar_from_regex(pattern)
+    if value is None:
+        return None
+    forms = [k for k in FORMS if isinstance(value, dict) and value.get(k) is not None]
+    if len(forms) != 1 or any(v is not None for k, v in value.items() if k not in FORMS):
+        raise InputError("structured_outputs must be one of {\"regex\": ...}, {\"grammar\": ...}, {\"choice\": "
+                         "[...]} or {\"json\": {...}}")
+    kind, spec = forms[0], value[forms[0]]
+    if kind == "json":
+        if not isinstance(spec, dict):
+            raise InputError("structured_outputs json must be a JSON schema object")
+        return json_schema(spec)
+    if kind == "choice":
+        if not isinstance(spec, list) or not spec or not all(isinstance(x, str) and x for x in spec):
+            raise InputError("structured_outputs choice must be a non-empty list of non-empty strings")
+        return llguidance.grammar_from("choice", spec)
+    if not isinstance(spec, str) or not spec:
+        raise InputError(f"structured_outputs {kind} must be a non-empty string")
+    try:
+        return llguidance.grammar_from("regex" if kind == "regex" else "grammar", spec)
+    except Exception as e:
+        raise InputError(f"the {kind} cannot be used: {e}") from None
 
 
 class Constraints:

@@ -297,9 +297,10 @@ def build_app(engine, name: str, api_key: str | None = None, max_queue: int = 64
         if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):
             raise BadLine("invalid_type", "stream_options must be an object like {\"include_usage\": true}", 400,
                           "stream_options")
+        req = {"kind": kind, "h": secrets.token_hex(8)}
         with parsing:
-            prompt, params = parser.request({"body": body}, {"kind": kind, "h": secrets.token_hex(8)})
-        return want, stream, opts.get("include_usage", False), prompt, params
+            prompt, params = parser.request({"body": body}, req)
+        return want, stream, opts.get("include_usage", False), prompt, params, req.get("tools")
 
     async def complete(request: Request, kind: str):
         t0 = time.perf_counter()
@@ -327,7 +328,7 @@ def build_app(engine, name: str, api_key: str | None = None, max_queue: int = 64
         if isinstance(raw, tuple):
             return refuse(raw[0], raw[1], raw[2], close=True)
         try:
-            want, stream, include_usage, prompt, params = await asyncio.to_thread(parse, raw, kind)
+            want, stream, include_usage, prompt, params, tools = await asyncio.to_thread(parse, raw, kind)
         except BadLine as e:
             return refuse(e.status or 400, e.message, e.code, e.param)
         del raw
@@ -343,7 +344,7 @@ def build_app(engine, name: str, api_key: str | None = None, max_queue: int = 64
         wake = waker(handle)
         drain.inflight[rid] = wake
         if stream:
-            return StreamingResponse(sse(handle, wake, rid, kind, include_usage, route, t0, want or name),
+            return StreamingResponse(sse(handle, wake, rid, kind, include_usage, route, t0, want or name, tools),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         cut = False
@@ -376,13 +377,13 @@ def build_app(engine, name: str, api_key: str | None = None, max_queue: int = 64
         except Exception as e:   # the engine failed this request (reported, and the server goes on)
             return refuse(500, f"generation failed: {type(e).__name__}: {e}", "internal_error", type="server_error")
         metrics.finished(route, cs, time.perf_counter() - t0)
-        return completion_body(kind, rid, want or name, int(time.time()), cs)
+        return completion_body(kind, rid, want or name, int(time.time()), cs, tools)
 
-    async def sse(handle, wake, rid, kind, include_usage, route, t0, model):
+    async def sse(handle, wake, rid, kind, include_usage, route, t0, model, tools=None):
         made = int(time.time())
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
-        def chunk(delta_text=None, finish=None, role=False, lps=None, index=0):
+        def chunk(delta_text=None, finish=None, role=False, lps=None, index=0, calls=None):
             lp = logprobs_body(kind, lps, sent[index]) if lps else None   # the logprobs of this chunk's tokens
             if lps:
                 sent[index] += sum(len(e.token) for e in lps)
@@ -392,6 +393,8 @@ def build_app(engine, name: str, api_key: str | None = None, max_queue: int = 64
                     delta["role"] = "assistant"
                 if delta_text is not None:
                     delta["content"] = delta_text
+                if calls:   # each call whole, in one delta
+                    delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(calls)]
                 choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
             else:
                 choice = {"index": index, "text": delta_text or "", "logprobs": lp, "finish_reason": finish}
@@ -407,6 +410,7 @@ def build_app(engine, name: str, api_key: str | None = None, max_queue: int = 64
         done, cut, first = False, False, True
         n = len(handle.completions)
         sent = [0] * n   # each choice: characters of the tokens whose logprobs were sent (completions' text_offset)
+        parsed = [tools.stream(i) for i in range(n)] if tools is not None else None   # chat replies' tool calls
         left = n         # choices not finished
         try:
             if kind == "chat":
@@ -433,10 +437,17 @@ def build_app(engine, name: str, api_key: str | None = None, max_queue: int = 64
                     if first and d.token_ids:
                         metrics.first_token(time.perf_counter() - t0)
                         first = False
+                    text = d.text if parsed is None else parsed[d.index].feed(d.text)
                     if d.finish_reason is not None:
-                        if d.text or d.logprobs:
-                            yield chunk(d.text, lps=d.logprobs, index=d.index)
-                        yield chunk(None if kind == "chat" else "", finish=d.finish_reason, index=d.index)
+                        finish = d.finish_reason
+                        if text or d.logprobs:
+                            yield chunk(text, lps=d.logprobs, index=d.index)
+                        if parsed is not None:
+                            rest, calls = parsed[d.index].finish()
+                            if rest or calls:
+                                yield chunk(rest or None, index=d.index, calls=calls)
+                            finish = "tool_calls" if calls and finish == "stop" else finish
+                        yield chunk(None if kind == "chat" else "", finish=finish, index=d.index)
                         left -= 1
                         if left:
                             continue
@@ -448,8 +459,8 @@ def build_app(engine, name: str, api_key: str | None = None, max_queue: int = 64
                                     "usage": usage(cs[0].prompt_tokens, sum(c.completion_tokens for c in cs))}
                             yield f"data: {json.dumps(last)}\n\n"
                         break
-                    if d.text or d.logprobs:
-                        yield chunk(d.text, lps=d.logprobs, index=d.index)
+                    if text or d.logprobs:
+                        yield chunk(text, lps=d.logprobs, index=d.index)
             yield "data: [DONE]\n\n"
         except Exception as e:   # a bug while streaming: the headers are sent, so an error event ends the stream
             logger.exception("streaming %s failed", rid)
