@@ -165,3 +165,38 @@ def test_a_batch_line_takes_a_response_format(embedded_store, tmp_path):
     obj = json.loads(good["response"]["body"]["choices"][0]["message"]["content"])
     assert set(obj) == {"animal", "legs"} and 0 <= obj["legs"] <= 100
     assert bad["response"]["status_code"] == 400 and bad["error"]["code"] == "invalid_value"
+
+
+def test_a_constrained_greedy_row_is_drafted_under_its_grammar(embedded_store, tmp_path):
+    """Speculative decoding with a grammar: drafts are drafted under the row's mask and verified against the
+    model's masked greedy tokens, so the tokens are exactly those of the row decoded without a draft, both with a
+    draft that agrees (the same model: every draft accepted) and with one that mostly does not (random weights of
+    the same vocabulary: drafts rejected, the grammar rolled back)."""
+    from conftest import make_tiny_dir, tiny_config
+    from layerstream.engine.constrain import json_schema
+    from layerstream.engine.scheduler import Engine, SamplingParams
+
+    m = AutoModel.from_pretrained(embedded_store, progress=False)
+    tok = m.tokenizer
+    ask = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)["input_ids"]
+           for q in ("Describe a cat as JSON.", "Describe a bird as JSON.")]
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16},
+                                               "legs": {"type": "integer", "minimum": 0, "maximum": 8}},
+              "required": ["name", "legs"], "additionalProperties": False}
+    params = SamplingParams(max_tokens=40, grammar=json_schema(schema))
+    want = [c.token_ids for c in Engine(m, max_batch=2).generate(ask, params)]
+    assert all(json.loads(tok.decode(w, skip_special_tokens=True)) for w in want)
+    cfg = tiny_config("llama", layers=2)
+    cfg.vocab_size = m.config.vocab_size
+    random = AutoModel.from_pretrained(make_tiny_dir(tmp_path / "draft", cfg), store_path=tmp_path / "ds",
+                                       progress=False)
+    for draft in (AutoModel.from_pretrained(embedded_store, progress=False), random):
+        eng = Engine(m, max_batch=2, draft=draft)
+        assert [c.token_ids for c in eng.generate(ask, params)] == want
+        s = eng.stats
+        assert s["drafted"] > 0 and s["steps"] < s["tokens"]   # several tokens a sweep: the accepted drafts
+        if draft is random:
+            assert s["accepted"] < s["drafted"]
+        else:
+            assert s["accepted"] > s["drafted"] // 2
+        draft.close()

@@ -398,8 +398,8 @@ class Engine:
         """Draft up to `draft_tokens` greedy tokens for a decoding row with the resident draft model."""
         s.drafted = []
         k = min(self.draft_tokens, s.params.max_tokens - len(s.tokens) - 1)
-        if not s.params.greedy or s.params.penalized or k < 1 or s.cancelled or s.matcher is not None:
-            return   # (a constrained row is not drafted: its tokens are sampled under its grammar's mask)
+        if not s.params.greedy or s.params.penalized or k < 1 or s.cancelled:
+            return
         full = s.prompt + s.tokens     # the cache holds full[:real]; full[real] is the token to feed next
         if s.dcache is None:
             s.dcache, s.dlen = new_cache(self.draft), 0
@@ -407,20 +407,36 @@ class Engine:
         for _ in range(k):
             logits = forward(self.draft, torch.tensor([feed]), s.dcache)
             s.dlen += len(feed)
-            tok = int(logits[0].argmax())
+            if s.matcher is not None:   # a constrained row's drafts are drafted under its grammar, which follows them
+                tok = int(self._constraints.mask(s.matcher, logits[:1]).argmax())
+                self._constraints.consume(s.matcher, tok)
+            else:
+                tok = int(logits[0].argmax())
             s.drafted.append(tok)
-            if tok in self.eos:
+            if tok in self.eos or (s.matcher is not None and s.matcher.is_stopped()):
                 break
             feed = [tok]
+        if s.matcher is not None:
+            s.matcher.rollback(len(s.drafted))   # back to the row's own tokens: the sweep verifies the drafts
         self.stats["drafted"] += len(s.drafted)
 
     def _verify(self, s: Seq, logits: torch.Tensor) -> list[int]:
         """The tokens a verifying sweep gives a row: the drafted ones the model agrees with, then its own next
         token. The KV of rejected drafts is cut off; the draft's cache is cut back to what stays."""
-        best = logits.argmax(-1).tolist()     # the model's greedy token after the fed token and each draft
-        j = 0
-        while j < len(s.drafted) and s.drafted[j] == best[j]:
-            j += 1
+        if s.matcher is None:
+            best = logits.argmax(-1).tolist()     # the model's greedy token after the fed token and each draft
+            j = 0
+            while j < len(s.drafted) and s.drafted[j] == best[j]:
+                j += 1
+        else:   # the greedy token among those the grammar allows, in its state after the drafts accepted so far
+            best, j = [], 0
+            while True:
+                best.append(int(self._constraints.mask(s.matcher, logits[j:j + 1]).argmax()))
+                if j == len(s.drafted) or s.drafted[j] != best[j]:
+                    break
+                self._constraints.consume(s.matcher, best[j])
+                j += 1
+            s.matcher.rollback(j)   # the caller consumes every token it keeps
         self.stats["accepted"] += j
         if len(s.drafted) > j:
             self.cache.reject(s, len(s.drafted) - j)
