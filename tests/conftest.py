@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -164,3 +165,15 @@ def start_serve(*args, timeout: float = 300):
         if "serving" in line:
             url = line.split(" at ", 1)[1].split("/v1", 1)[0]
     return p, url, lines
+
+
+def start(server):
+    """A uvicorn server run in a thread: (server, thread, port) once it listens."""
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(400):
+        if server.started:
+            break
+        time.sleep(0.05)
+    assert server.started
+    return server, thread, server.servers[0].sockets[0].getsockname()[1]

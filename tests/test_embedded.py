@@ -172,9 +172,10 @@ def test_a_constrained_greedy_row_is_drafted_under_its_grammar(embedded_store, t
     model's masked greedy tokens, so the tokens are exactly those of the row decoded without a draft, both with a
     draft that agrees (the same model: every draft accepted) and with one that mostly does not (random weights of
     the same vocabulary: drafts rejected, the grammar rolled back)."""
-    from conftest import make_tiny_dir, tiny_config
     from layerstream.engine.constrain import json_schema
     from layerstream.engine.scheduler import Engine, SamplingParams
+
+    from conftest import make_tiny_dir, tiny_config
 
     m = AutoModel.from_pretrained(embedded_store, progress=False)
     tok = m.tokenizer

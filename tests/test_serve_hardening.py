@@ -22,23 +22,13 @@ from layerstream import AutoModel  # noqa: E402
 from layerstream.engine.scheduler import Engine  # noqa: E402
 from layerstream.server.app import build_app, make_server  # noqa: E402
 
+from conftest import start  # noqa: E402
+
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 JSON = {**AUTH, "Content-Type": "application/json"}
 READ_TIMEOUT = 1.5
 CHAT = [{"role": "user", "content": "Name a color."}]
-
-
-def start(server):
-    """A uvicorn server run in a thread: (server, thread, port) once it listens."""
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(400):
-        if server.started:
-            break
-        time.sleep(0.05)
-    assert server.started
-    return server, thread, server.servers[0].sockets[0].getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,6 @@
 
 import copy
 import json
-import threading
-import time
 
 import pytest
 from pydantic import BaseModel, Field
@@ -17,6 +15,8 @@ uvicorn = pytest.importorskip("uvicorn")
 from layerstream import AutoModel  # noqa: E402
 from layerstream.engine.scheduler import Engine  # noqa: E402
 from layerstream.server import build_app  # noqa: E402
+
+from conftest import start  # noqa: E402
 
 
 class Weather(BaseModel):
@@ -164,16 +164,8 @@ def test_forced_grammars_compile():
 def served(embedded_store):
     m = AutoModel.from_pretrained(embedded_store, progress=False)
     engine = Engine(m, max_batch=4)
-    server = uvicorn.Server(uvicorn.Config(build_app(engine, "smol", max_queue=16), host="127.0.0.1", port=0,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(400):
-        if server.started:
-            break
-        time.sleep(0.05)
-    assert server.started
-    port = server.servers[0].sockets[0].getsockname()[1]
+    server, thread, port = start(uvicorn.Server(uvicorn.Config(build_app(engine, "smol", max_queue=16),
+                                                               host="127.0.0.1", port=0, log_level="warning")))
     yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
     server.should_exit = True
     thread.join(30)
@@ -286,7 +278,8 @@ def test_structured_outputs_hold_replies_to_a_regex_a_grammar_or_a_choice(served
     assert r.choices[0].message.content in ("yes", "no")
     gbnf = 'root ::= "The answer is " [0-9] [0-9]? "."'
     r = served.chat.completions.create(model="smol", messages=[{"role": "user", "content": "What is 6 times 7?"}],
-                                       max_tokens=10, temperature=0, extra_body={"structured_outputs": {"grammar": gbnf}})
+                                       max_tokens=10, temperature=0,
+                                       extra_body={"structured_outputs": {"grammar": gbnf}})
     assert re.fullmatch(r"The answer is [0-9][0-9]?\.", r.choices[0].message.content), r.choices[0].message.content
     for body, param in (({"structured_outputs": {"regex": "[0-9"}}, "structured_outputs"),
                         ({"structured_outputs": {"grammar": "root ::= ("}}, "structured_outputs"),
