@@ -4,7 +4,6 @@ a client that goes away mid-stream, the prefix cache, /metrics."""
 
 import asyncio
 import json
-import socket
 import threading
 import time
 
@@ -19,7 +18,7 @@ from layerstream import AutoModel  # noqa: E402
 from layerstream.engine.scheduler import Engine  # noqa: E402
 from layerstream.server import build_app  # noqa: E402
 
-from conftest import serving  # noqa: E402
+from conftest import serving, start  # noqa: E402
 
 KEY = "test-key"
 CHATS = [[{"role": "user", "content": "What is the capital of France?"}],
@@ -27,12 +26,6 @@ CHATS = [[{"role": "user", "content": "What is the capital of France?"}],
          [{"role": "user", "content": "Count to five."}],
          [{"role": "user", "content": "Write a haiku about rain."}]]
 TEXT = "The three primary colors are"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -51,15 +44,7 @@ def served(embedded_store):
     want["text"] = (ids.shape[1], tok.decode(out, skip_special_tokens=True), len(out))
     engine = Engine(m, max_batch=2)
     app = build_app(engine, "smol", api_key=KEY, max_queue=3)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    assert server.started
+    server, thread, port = start(uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")))
     url = f"http://127.0.0.1:{port}"
     yield url, engine, want
     server.should_exit = True
