@@ -216,8 +216,9 @@ def assert_near_ties_only(got: torch.Tensor, want: torch.Tensor, kl_mean: float 
 @pytest.mark.parametrize("gguf_model", ["llama"], indirect=True)
 def test_streamed_units_in_the_page_cache_are_mapped_not_copied(gguf_model):
     """At max_ram=0 with the file in the page cache (io "auto" -> "mmap"), a unit is read and checked once, and
-    from then on taken as views of the mapped file: no load buffer per sweep, only the reordered q/k rows copied
-    (the llama converter's interleave undone); the tokens are those of copying reads (io="buffered")."""
+    from then on taken as views of the mapped file: no load buffer per sweep; the q/k rows, which llama.cpp's
+    converter interleaves, stay as the file holds them where ggml computes on them (the outputs are permuted), and
+    are copied into order otherwise; the tokens are those of copying reads (io="buffered")."""
     from layerstream.quant import kernels
 
     _, g, store, _, _ = gguf_model
@@ -233,14 +234,21 @@ def test_streamed_units_in_the_page_cache_are_mapped_not_copied(gguf_model):
     m.generate(IDS, max_new_tokens=3, do_sample=False)
     assert reads == [] and m.last_stats["bytes_per_token"] > 0   # streamed, with no unit copied into a buffer
     layer = next(iter(m.streamer.reader.view_cache))
-    views = m.streamer.reader.mapped_unit(layer)
+    views, perms = m.streamer.reader.mapped_unit(layer)
     q = next(n for n in views if "q_proj" in n)
-    assert q not in m.streamer.reader.view_cache[layer][1]   # reordered rows: a copy, not kept
     maps = m.streamer.reader.maps
     base = next(iter(maps.values()))[1]
-    plain = next(t for n, t in views.items() if "down_proj" in n)
-    assert base.data_ptr() <= plain.data_ptr() < base.data_ptr() + base.numel()   # a view of the mapped file
-    if kernels.available():
+
+    def mapped(t):
+        return base.data_ptr() <= t.data_ptr() < base.data_ptr() + base.numel()
+
+    assert mapped(next(t for n, t in views.items() if "down_proj" in n))   # a view of the mapped file
+    if kernels.available():   # computed on by ggml: q's rows stay as the file holds them, its outputs permuted
         assert any(isinstance(mod, kernels.BlockLinear) for mod in m.model.modules())
+        assert q in m.streamer.reader.view_cache[layer][1] and mapped(views[q])
+        rows = views[q].shape[0]
+        assert sorted(perms[q].tolist()) == list(range(rows)) and perms[q].tolist() != list(range(rows))
+    else:
+        assert q not in m.streamer.reader.view_cache[layer][1] and not perms   # reordered rows: a copy
     copied.close()
     m.close()

@@ -215,21 +215,27 @@ class BlockLinear(nn.Module):
         self.in_features, self.out_features, self.kind = in_features, out_features, kind
         self.row_bytes = in_features // per * size
         self.blocks: torch.Tensor | None = None
+        self.perm: torch.Tensor | None = None
         self.bias = bias
 
     @classmethod
     def replacing(cls, linear: nn.Linear, kind: str) -> "BlockLinear":
         return cls(linear.in_features, linear.out_features, kind, linear.bias)
 
-    def bind(self, blocks: torch.Tensor) -> None:
+    def bind(self, blocks: torch.Tensor, perm: torch.Tensor | None = None) -> None:
+        """Compute on `blocks`; with `perm`, blocks whose rows are in another order than the weight's (a GGUF's
+        q/k rows as llama.cpp's converter interleaves them, mapped in place): output k is then the blocks' row
+        perm[k], gathered from the outputs (a few floats a token) instead of copying the rows into order."""
         if blocks.dtype != torch.uint8 or tuple(blocks.shape) != (self.out_features, self.row_bytes):
             raise ValueError(f"{self.kind} blocks of shape {tuple(blocks.shape)} ({blocks.dtype}) do not make a "
                              f"{self.out_features} x {self.in_features} weight")
         # plain attribute writes (nn.Module's __setattr__ costs ~6 us: 2.5 ms a token of a streamed 135M model)
         object.__setattr__(self, "blocks", blocks if blocks.is_contiguous() else blocks.contiguous())
+        object.__setattr__(self, "perm", perm)
 
     def unbind(self) -> None:
         object.__setattr__(self, "blocks", None)
+        object.__setattr__(self, "perm", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.blocks is None:
@@ -237,6 +243,8 @@ class BlockLinear(nn.Module):
         xf = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
         y = torch.empty((xf.shape[0], self.out_features), dtype=torch.float32)
         mul_mat(self.kind, self.blocks, xf, y)
+        if self.perm is not None:
+            y = y.index_select(1, self.perm)
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
 

@@ -26,6 +26,7 @@ class Loaded:
     event: object = None                  # copy finished (accelerators)
     error: BaseException | None = None
     copy_seconds: float = 0.0
+    perms: dict[str, torch.Tensor] = field(default_factory=dict)   # views whose rows are as the file holds them
 
 
 # ---------------------------------------------------------------------------- loader
@@ -111,7 +112,8 @@ class Loader:
             off = foff = 0
             for p in parts:
                 if p in mapped:
-                    views = mapped[p]
+                    views, perms = mapped[p]
+                    item.perms.update(perms)
                 else:
                     resident = self._bytes_of(p, entry[0] if entry else None, off, item)
                     views = tensor_views(resident if resident is not None else entry[0], self.store.slots(p),

@@ -40,7 +40,10 @@ class FileReader:
         self.pool = ThreadPoolExecutor(readers, thread_name_prefix="layerstream-read") if readers > 1 else None
         self.mapped = mapped and not direct and not fadvise
         self.maps: dict = {}    # path -> (mmap, its bytes as a uint8 tensor)
-        self.view_cache: dict = {}   # unit -> (file key, its tensors that are plain views of the maps)
+        self.view_cache: dict = {}   # unit -> (file key, its tensors that are plain views of the maps, perms)
+        # reordered tensors taken as the file holds them (a linear layer on blocks permutes its outputs instead,
+        # `BlockLinear.bind`): no copy of their rows each use
+        self.as_read: set[str] = set()
 
     def _stat(self, unit: str) -> tuple:
         m = self.store.manifest
@@ -75,10 +78,10 @@ class FileReader:
             self.prof.bytes_read += sum(n for _, n in layout.data)
             self.prof.read_seconds += time.perf_counter() - t0
 
-    def mapped_unit(self, unit: str) -> dict[str, torch.Tensor] | None:
+    def mapped_unit(self, unit: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
         """A unit's tensors as views of its mapped files, once a read has checked its content and the files are
-        unchanged since (sizes and mtimes checked every time, as `read` does); None until then, or when this
-        reader does not map."""
+        unchanged since (sizes and mtimes checked every time, as `read` does), and {name: row permutation} of
+        those in `as_read` given as the file holds them; None until then, or when this reader does not map."""
         if not self.mapped:
             return None
         t0 = time.perf_counter()
@@ -88,14 +91,16 @@ class FileReader:
         layout = self.store.layout(unit)
         hit = self.view_cache.get(unit)
         if hit is None or hit[0] != key:   # views of the page cache's pages: kept, they hold no memory
-            hit = self.view_cache[unit] = (key, mapped_views(layout, self._file_bytes, built=False))
+            perms = {s.name: None for s in layout.slots if s.name in self.as_read}
+            views = mapped_views(layout, self._file_bytes, built=False, as_read=perms)
+            hit = self.view_cache[unit] = (key, views, {n: p for n, p in perms.items() if p is not None})
         views = dict(hit[1])
-        if layout.perms or layout.joins:   # reordered rows and joined pieces are copies: made for each use
-            views.update(mapped_views(layout, self._file_bytes, plain=False))
+        if len(layout.perms) > len(hit[2]) or layout.joins:   # other reordered rows, joined pieces: copies, each use
+            views.update(mapped_views(layout, self._file_bytes, plain=False, as_read=dict.fromkeys(hit[2])))
         with self.lock:
             self.prof.bytes_read += sum(n for _, n in layout.data)
             self.prof.read_seconds += time.perf_counter() - t0
-        return views
+        return views, hit[2]
 
     def _file_bytes(self, path) -> torch.Tensor:
         with self.lock:

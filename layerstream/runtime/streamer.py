@@ -110,6 +110,7 @@ class Streamer(ExpertRouting, EmbeddingRows):
                                  mapped=mapped)
         if direct or fadvise:
             self.reader.cached = set(plan.cached)
+        self.reader.as_read = set(self.block_mods)   # blocks a BlockLinear computes on: outputs permuted instead
         self.empty = torch.empty(0, dtype=dtype, device=device)
         self.handles = []
         self.ram_units: dict[str, torch.Tensor] = {}
@@ -232,10 +233,10 @@ class Streamer(ExpertRouting, EmbeddingRows):
         del self.plan.dequant_bytes[unit]
         return True
 
-    def _bind(self, name: str, t: torch.Tensor):
+    def _bind(self, name: str, t: torch.Tensor, perm: torch.Tensor | None = None):
         mod = self.block_mods.get(name)
         if mod is not None:   # a weight's blocks, for the linear layer that computes on them
-            mod.bind(t)
+            mod.bind(t, perm)
             return
         if name in self.buffers:   # a persistent buffer kept in the checkpoint, in its own dtype
             mod, attr, default = self.buffers[name]
@@ -297,8 +298,9 @@ class Streamer(ExpertRouting, EmbeddingRows):
             if once and name in self.bound:
                 return
             item = self.loader.get(name)
+            perms = item.perms
             for pname, t in item.views.items():
-                self._bind(pname, t)
+                self._bind(pname, t, perms.get(pname) if perms else None)
             self.bound[name] = (item, time.perf_counter())
         return hook
 

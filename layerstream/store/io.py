@@ -272,11 +272,14 @@ def read_layout(layout: UnitLayout, dest: torch.Tensor, direct: bool = False, po
     return sum(got)
 
 
-def mapped_views(layout: UnitLayout, file_bytes, plain: bool = True, built: bool = True) -> dict[str, torch.Tensor]:
+def mapped_views(layout: UnitLayout, file_bytes, plain: bool = True, built: bool = True,
+                 as_read: dict | None = None) -> dict[str, torch.Tensor]:
     """A unit's tensors as views of its files mapped in memory (`file_bytes(path)`: the whole file as a uint8
     tensor), with no copy: what a read into a buffer followed by `tensor_views` gives, for bytes the page cache
     already holds. Tensors the layout builds after the read (rows reordered, pieces joined) are built from the
-    mapped bytes into tensors of their own. plain / built: which of the two kinds to give."""
+    mapped bytes into tensors of their own. plain / built: which of the two kinds to give. as_read: {name: None}
+    of reordered tensors wanted as the file holds them, as views like the plain ones (counted as plain); each
+    name's value is set to its row permutation (new row k = file row perm[k], a LongTensor)."""
     def at(x: int, n: int) -> torch.Tensor:   # buffer bytes [x, x + n) -> the mapped file bytes
         for path, a0, a1, off in layout.reads:
             if off <= x and x + n <= off + (a1 - a0):
@@ -286,11 +289,17 @@ def mapped_views(layout: UnitLayout, file_bytes, plain: bool = True, built: bool
     perms = {off: (src, rows, width, order) for off, src, rows, width, order in layout.perms}
     joins = dict(layout.joins)
     out = {}
+    as_read = {} if as_read is None else as_read
     for s in layout.slots:
         n = s.end - s.begin
-        if not (built if s.begin in perms or s.begin in joins else plain):
+        kept = s.name in as_read and s.begin in perms
+        if not (built if (s.begin in perms and not kept) or s.begin in joins else plain):
             continue
-        if s.begin in perms:
+        if kept:
+            src, rows, width, order = perms[s.begin]
+            raw = at(src, rows * width)
+            as_read[s.name] = row_permutation(rows, order)
+        elif s.begin in perms:
             src, rows, width, order = perms[s.begin]
             raw = torch.empty(n, dtype=torch.uint8)
             reorder_rows(at(src, rows * width).view(rows, width), raw.view(rows, width), order)
@@ -321,6 +330,13 @@ def release_rows_as_read(layout: UnitLayout, buf: torch.Tensor) -> int:
         if b > a and libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), 4) == 0:   # MADV_DONTNEED
             done += b - a
     return done
+
+
+def row_permutation(rows: int, order: list) -> torch.Tensor:
+    """The permutation `reorder_rows(src, out, order)` applies, as indices: out row k = src row perm[k]."""
+    perm = torch.empty((rows, 1), dtype=torch.long)
+    reorder_rows(torch.arange(rows).view(rows, 1), perm, order)
+    return perm.view(rows)
 
 
 def reorder_rows(src: torch.Tensor, out: torch.Tensor, order: list) -> None:
