@@ -1,6 +1,8 @@
 """Quantized GGUF files served as they are: by default a GGUF's blocks are read in place from the file (no copy,
 the embedding's included), and the output is transformers' own on the same file."""
 
+import os
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -250,5 +252,19 @@ def test_streamed_units_in_the_page_cache_are_mapped_not_copied(gguf_model):
         assert sorted(perms[q].tolist()) == list(range(rows)) and perms[q].tolist() != list(range(rows))
     else:
         assert q not in m.streamer.reader.view_cache[layer][1] and not perms   # reordered rows: a copy
+    # mapped units stay bound between sweeps, but each use re-checks the file: a new mtime means a new read and
+    # content check of every streamed unit, then views again
+    kept = set(m.streamer.kept)
+    assert kept == {u.name for u in m.plan.streamed}
+    st = g.stat()
+    try:
+        os.utime(g, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        assert m.generate(IDS, max_new_tokens=3, do_sample=False).tolist() == want[:, :IDS.shape[1] + 3].tolist()
+        assert kept <= set(reads)   # read (and checked) again
+        reads.clear()
+        m.generate(IDS, max_new_tokens=2, do_sample=False)
+        assert reads == []
+    finally:
+        os.utime(g, ns=(st.st_atime_ns, st.st_mtime_ns))
     copied.close()
     m.close()

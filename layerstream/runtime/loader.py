@@ -27,6 +27,8 @@ class Loaded:
     error: BaseException | None = None
     copy_seconds: float = 0.0
     perms: dict[str, torch.Tensor] = field(default_factory=dict)   # views whose rows are as the file holds them
+    mapped: dict[str, tuple] = field(default_factory=dict)   # part -> its files' key, for parts mapped in place
+    all_mapped: bool = False                                  # every part mapped
 
 
 # ---------------------------------------------------------------------------- loader
@@ -103,6 +105,7 @@ class Loader:
             mapped = {p: v for p in parts if not self.accel and self.plan.tier(p) == "disk"
                       for v in [self.reader.mapped_unit(p)] if v is not None}
             copied = [p for p in parts if self.plan.tier(p) != self.plan.compute_tier and p not in mapped]
+            item.all_mapped = len(mapped) == len(parts) > 0
             entry = self.pool.acquire(sum(self.store.layout(p).size for p in copied)) if copied else None
             out_bytes = sum(self._out_bytes(p) for p in parts)
             fentry = self.fpool.acquire(out_bytes) if out_bytes else None
@@ -114,6 +117,7 @@ class Loader:
                 if p in mapped:
                     views, perms = mapped[p]
                     item.perms.update(perms)
+                    item.mapped[p] = self.reader.view_cache[p][0]
                 else:
                     resident = self._bytes_of(p, entry[0] if entry else None, off, item)
                     views = tensor_views(resident if resident is not None else entry[0], self.store.slots(p),

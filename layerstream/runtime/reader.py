@@ -102,6 +102,18 @@ class FileReader:
             self.prof.read_seconds += time.perf_counter() - t0
         return views, hit[2]
 
+    def still_mapped(self, parts: dict[str, tuple]) -> bool:
+        """Whether views `mapped_unit` gave of these parts ({part: its files' key then}) still stand: the files
+        unchanged since (sizes and mtimes checked, as every use checks them). Counts their bytes as read."""
+        t0 = time.perf_counter()
+        for p, key in parts.items():
+            if self._stat(p) != key:
+                return False
+        with self.lock:
+            self.prof.bytes_read += sum(n for p in parts for _, n in self.store.layout(p).data)
+            self.prof.read_seconds += time.perf_counter() - t0
+        return True
+
     def _file_bytes(self, path) -> torch.Tensor:
         with self.lock:
             got = self.maps.get(path)

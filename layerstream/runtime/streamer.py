@@ -285,6 +285,9 @@ class Streamer(ExpertRouting, EmbeddingRows):
             self.handles.append(mods[ex.module].register_forward_pre_hook(self._experts_pre(ex), with_kwargs=True))
             self.handles.append(mods[ex.module].register_forward_hook(self._experts_post(ex)))
         self.bound: dict[str, tuple] = {}
+        # units whose every part is a view of its mapped file (CPU, in place, nothing dequantized or converted):
+        # they stay bound between sweeps, re-checked (the files' sizes and mtimes) at each use, not rebound
+        self.kept: dict[str, object] = {}
         self.expert_pool = ThreadPoolExecutor(4, thread_name_prefix="layerstream-experts") \
             if any(u.tier != self.plan.compute_tier for u in self.expert_units.values()) else None
 
@@ -297,6 +300,12 @@ class Streamer(ExpertRouting, EmbeddingRows):
         def hook(module, args):
             if once and name in self.bound:
                 return
+            kept = self.kept.pop(name, None)
+            if kept is not None:
+                if self.reader.still_mapped(kept.mapped):
+                    self.bound[name] = (kept, time.perf_counter())
+                    return
+                self._unbind(kept.views)   # a file changed: read (and check) it again
             item = self.loader.get(name)
             perms = item.perms
             for pname, t in item.views.items():
@@ -311,6 +320,9 @@ class Streamer(ExpertRouting, EmbeddingRows):
                 torch.cuda.synchronize(self.device)
             self.prof.compute[name] += time.perf_counter() - t0
             self.prof.calls[name] += 1
+            if item.all_mapped and not item.entries:
+                self.kept[name] = item   # views of the page cache's pages: kept bound, they hold no memory
+                return
             self._unbind(item.views)
             self.loader.done(item)
         return hook
