@@ -346,3 +346,18 @@ def test_sampling_fields_left_out_come_from_the_models_defaults(model, tmp_path)
     recs = {r["custom_id"]: r["response"]["body"]["choices"][0]["text"] for r in read_records(tmp_path / "out0.jsonl")}
     assert recs["plain"] != recs["pen"]
     assert outs[0] == outs[1]
+
+
+def test_a_chat_session_cut_back_to_the_common_prefix_answers_as_a_fresh_prompt(model):
+    """ChatSession keeps the history's KV between turns; where the history's text tokenizes otherwise than the
+    tokens generated (this tokenizer's multi-character pieces), the cache is cut back to the common prefix: each
+    reply is then that of the whole conversation prefilled afresh."""
+    from layerstream import ChatSession
+
+    chat = ChatSession(model)
+    for text in ["Hello there", "And again", "Once more"]:
+        reply = chat.send(text, max_new_tokens=6, do_sample=False)
+        ids = chat_ids(model, chat.messages[:-1])
+        fresh = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False)[0, len(ids):]
+        assert reply == model.tokenizer.decode(fresh, skip_special_tokens=True)
+    assert chat.last_prefill < len(ids)

@@ -414,3 +414,41 @@ def test_serve_and_batch_over_a_pipeline_on_the_cluster(tmp_path, cluster, tiny_
             t.join(120)
         assert got == want
     assert out["code"] == 0, "".join(out["lines"]) + out["rest"]
+
+
+@pytest.mark.slow
+def test_a_chat_over_a_pipeline_keeps_its_history_on_the_stages(tmp_path, cluster, tiny_store, model):
+    """ChatSession over a 2-stage pipeline: each turn's reply is one process's, a later turn prefills only its new
+    tokens (the history's keys and values stay on the stages), a stage restarted between turns costs a replay of
+    the history, not a wrong reply; `layerstream chat --pipeline 2 --ray ADDRESS` answers as one process does."""
+    from layerstream import AutoModel, ChatSession
+
+    turns = ["Hello there", "And again", "Once more"]
+    here = ChatSession(model)
+    want = [here.send(t, max_new_tokens=6, do_sample=False) for t in turns]
+    pm = AutoModel.from_pretrained(tiny_store, progress=False, threads=1, pipeline=2)
+    try:
+        chat = ChatSession(pm)
+        assert chat.send(turns[0], max_new_tokens=6, do_sample=False) == want[0]
+        first = chat.last_prefill
+        assert chat.send(turns[1], max_new_tokens=6, do_sample=False) == want[1]
+        assert 0 < chat.last_prefill < first + len(turns[1]) and chat.last_prefill < len(chat.cached_ids)
+        pid = pm.info[1]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        for _ in range(240):   # Ray restarts it from the store, without the session's keys and values
+            try:
+                info = ray.get(pm.stages[1].ready.remote())
+                if info["pid"] != pid:
+                    break
+            except ray.exceptions.RayActorError:
+                pass
+            time.sleep(0.5)
+        assert chat.send(turns[2], max_new_tokens=6, do_sample=False) == want[2]
+        chat.reset()
+        assert chat.send(turns[0], max_new_tokens=6, do_sample=False) == want[0]
+    finally:
+        pm.close()
+    r = run_cli("chat", "--model", tiny_store, "--pipeline", "2", "--ray", cluster.address, "--threads", "1",
+                "--max-new-tokens", "6", "--temperature", "0", input=f"{turns[0]}\n{turns[1]}\n/exit\n")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2-stage pipeline" in r.stderr and want[0] in r.stdout and want[1] in r.stdout

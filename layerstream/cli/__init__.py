@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--system", default=None, help="system prompt")
     model_args(c)
     gen_args(c)
+    pipeline_args(c)
     b = sub.add_parser("batch", help="run a JSONL file of requests (OpenAI batch format); resumable")
     batch_args(b)
     model_args(b)

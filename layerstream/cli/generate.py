@@ -102,12 +102,15 @@ class _Interrupt:
 
 
 def cmd_chat(a) -> int:
+    from ..errors import InputError
+
+    if a.ray is not None and a.pipeline is None:
+        raise InputError("--ray needs --pipeline N (the cluster the pipeline's stages run on)")
     check_sampling_args(a)
     m = load_model(a)   # first: it says it imports torch and transformers, and how long that took
     from transformers import StoppingCriteriaList, TextStreamer
 
     from ..engine import ChatSession
-    from ..errors import InputError
 
     tokenizer_of(m)
     chat = ChatSession(m, system=a.system)

@@ -8,6 +8,9 @@ from ..errors import InputError
 
 
 class ChatSession:
+    """A chat over a model (streamed, or a Ray pipeline: there the history's keys and values stay on the stages,
+    `PipelineModel.new_session`)."""
+
     def __init__(self, model, system: str | None = None):
         from transformers import DynamicCache
 
@@ -15,7 +18,8 @@ class ChatSession:
             raise InputError("this model has no chat template; use `layerstream run` with a raw prompt")
         self.model = model
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
-        self.cache = DynamicCache(config=model.config)
+        self.session = model.new_session() if hasattr(model, "new_session") else None
+        self.cache = DynamicCache(config=model.config) if self.session is None else None
         self.cached_ids: torch.Tensor | None = None   # the tokens whose keys/values are in the cache
         self.last_prefill = 0                          # tokens computed by the last turn's first sweep
 
@@ -33,17 +37,22 @@ class ChatSession:
             n = min(len(self.cached_ids), len(ids) - 1)
             same = (self.cached_ids[:n] == ids[:n]).int()
             keep = n if bool(same.all()) else int(same.argmin())
-        if keep < self.cache.get_seq_length():
-            self.cache.crop(keep)
         gen.setdefault("max_new_tokens", 256)
-        out = self.model.generate(ids.unsqueeze(0), cache=self.cache, streamer=streamer,
-                                  return_dict_in_generate=True, **gen)
+        if self.session is not None:
+            seq = self.model.generate(ids.unsqueeze(0), session=self.session, past=keep, streamer=streamer, **gen)[0]
+            self.cached_ids = seq[:-1]   # the last token is not fed
+        else:
+            if keep < self.cache.get_seq_length():   # (transformers' crop takes the tokens to remove, negative)
+                self.cache.crop(keep - self.cache.get_seq_length())
+            seq = self.model.generate(ids.unsqueeze(0), cache=self.cache, streamer=streamer,
+                                      return_dict_in_generate=True, **gen).sequences[0]
+            self.cached_ids = seq[: self.cache.get_seq_length()]
         self.last_prefill = len(ids) - keep
-        seq = out.sequences[0]
-        self.cached_ids = seq[: self.cache.get_seq_length()]
         reply = self.model.tokenizer.decode(seq[len(ids):], skip_special_tokens=True)
         self.messages.append({"role": "assistant", "content": reply})
         return reply
 
     def reset(self):
+        if self.session is not None:
+            self.model.end_session(self.session)
         self.__init__(self.model, next((m["content"] for m in self.messages if m["role"] == "system"), None))

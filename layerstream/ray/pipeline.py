@@ -106,6 +106,11 @@ class _Skip(nn.Module):
         return args[0] if args else kwargs["hidden_states"]
 
 
+class MissingKV(Exception):
+    """A stage was asked to go on with a sequence whose keys and values it does not hold (it was restarted since
+    a chat's last turn): the driver replays the sequence from its first token."""
+
+
 class _Handoff(Exception):
     def __init__(self, hidden: torch.Tensor):
         super().__init__()
@@ -192,7 +197,9 @@ class Stage:
         stage's last layer, or on the last stage float32 logits of the last `keep` positions (0: all)."""
         from ..engine.step import new_cache
 
-        if start == 0 or seq not in self.caches:
+        if start and seq not in self.caches:
+            raise MissingKV(f"sequence {seq} is not on this stage (layers {self.a}-{self.b - 1})")
+        if start == 0:
             self.caches[seq] = _stage_cache(new_cache(self.m), self.a, self.b)
         n = x.shape[1]
         kwargs = self._inputs(x, {"cache": self.caches[seq], "use_cache": True,
@@ -210,6 +217,15 @@ class Stage:
 
     def drop(self, seq) -> None:
         self.caches.pop(seq, None)
+
+    def crop(self, seq, n: int) -> None:
+        """Keep the first `n` tokens of sequence `seq`'s cache (a chat session's common prefix)."""
+        cache = self.caches.get(seq)
+        if cache is None or n >= cache.get_seq_length():
+            return
+        cut = n - cache.get_seq_length()   # (transformers' crop takes the tokens to remove, negative)
+        for layer in {id(x): x for x in cache.layers}.values():   # once each: _stage_cache aliases some entries
+            layer.crop(cut)
 
     def bytes_read(self) -> int:
         return self.m.profiler.bytes_read
@@ -332,6 +348,10 @@ class PipelineModel:
             except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError):
                 self._await_stages()
                 feeds = {seq: (replay, 0, keep, replay) for seq, (_, _, keep, replay) in feeds.items()}
+            except ray.exceptions.RayTaskError as e:   # a stage restarted between two calls of a session
+                if not isinstance(getattr(e, "cause", None), MissingKV):
+                    raise
+                feeds = {seq: (replay, 0, keep, replay) for seq, (_, _, keep, replay) in feeds.items()}
 
     def _await_stages(self) -> None:
         self.restarts += 1
@@ -361,13 +381,18 @@ class PipelineModel:
                  repetition_penalty: float | None = None, eos_token_id=None, pad_token_id=None, streamer=None,
                  seed: int | None = None,
                  attention_mask=None, micro_batches: int | None = None, use_cache: bool = True,
+                 session: int | None = None, past: int = 0, stopping_criteria=None,
                  **unknown) -> torch.Tensor:
         """Prompt rows (no padding) -> [rows, prompt + new] token ids, rows that ended early padded with
         `pad_token_id` (as transformers does). The rows go down the pipeline as `micro_batches` groups (default:
         one per stage), each a sequence of its own that shares its sweeps: while one stage computes a group the
         others compute the next. Greedy by default; `do_sample` with `temperature`, `top_p`, `top_k`, `min_p`,
         `seed`; `repetition_penalty` as transformers applies it.
-        `streamer.put(ids)` / `.end()` as transformers calls them (one row)."""
+        `streamer.put(ids)` / `.end()` as transformers calls them (one row); `stopping_criteria` as transformers
+        calls them (one row), after each token.
+        `session` (from `new_session()`, one row): the row's keys and values stay on the stages after the call, and
+        the first `past` tokens of the prompt are taken as already there (the stages' caches cut back to them):
+        a chat keeps its history's KV between turns (ChatSession)."""
         from ..engine.step import eos_ids, penalize, sample
 
         if unknown:
@@ -378,6 +403,9 @@ class PipelineModel:
         if attention_mask is not None and not bool(torch.as_tensor(attention_mask).all()):
             raise InputError("a pipeline takes prompts of one length without padding")
         rows = _rows(input_ids)
+        if session is not None and (len(rows) != 1 or not 0 <= past < rows.shape[1]):
+            raise InputError(f"a session takes one row and past in [0, its length), got {len(rows)} rows, "
+                             f"past={past}")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         eos = set(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]) \
@@ -386,7 +414,10 @@ class PipelineModel:
                                                              (min(eos) if eos else 0))
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         groups = torch.tensor_split(rows, max(1, min(len(rows), micro_batches or len(self.stages))))
-        fed = {self._new_seq(): g.tolist() for g in groups}   # each group's ids so far (pads after a row ends)
+        fed = {self._new_seq() if session is None else session: g.tolist() for g in groups}   # ids so far (pads
+        # after a row ends)
+        if session is not None:   # what the stages hold of this session beyond `past` goes
+            self.ray.get([st.crop.remote(session, past) for st in self.stages])
         outs = {s: [list(r) for r in f] for s, f in fed.items()}   # each row's ids up to its end
         ended = {s: [False] * len(f) for s, f in fed.items()}
         plen = rows.shape[1]
@@ -394,7 +425,7 @@ class PipelineModel:
             streamer.put(rows.cpu())
         before = self._bytes_read()
         t0 = time.perf_counter()
-        feeds = {s: (torch.tensor(f), 0, 1, torch.tensor(f)) for s, f in fed.items()}
+        feeds = {s: (torch.tensor(f)[:, past:], past, 1, torch.tensor(f)) for s, f in fed.items()}
         steps = 0
         while feeds:
             logits = self._run(feeds)
@@ -413,6 +444,9 @@ class PipelineModel:
                         ended[s][j] = t in eos or len(outs[s][j]) - plen >= max_new_tokens
                 if streamer is not None and len(rows) == 1:
                     streamer.put(torch.tensor(nxt))
+                if stopping_criteria and len(rows) == 1 and not ended[s][0]:
+                    now = torch.tensor([outs[s][0]])
+                    ended[s][0] = any(bool(torch.as_tensor(c(now, None)).all()) for c in stopping_criteria)
                 if not all(ended[s]):
                     last = [pad if e else t for t, e in zip(nxt, ended[s])]
                     for row, t in zip(fed[s], last):
@@ -421,7 +455,8 @@ class PipelineModel:
         dt = time.perf_counter() - t0
         if streamer is not None:
             streamer.end()
-        self._drop(fed)
+        if session is None:
+            self._drop(fed)
         done = [r for s in fed for r in outs[s]]
         width = max(len(r) for r in done)
         new = sum(len(r) - plen for r in done)
@@ -441,6 +476,13 @@ class PipelineModel:
     def _new_seq(self) -> int:
         self._seqs += 1
         return self._seqs
+
+    def new_session(self) -> int:
+        """A sequence whose keys and values stay on the stages between `generate(session=...)` calls."""
+        return self._new_seq()
+
+    def end_session(self, session: int) -> None:
+        self._drop([session])
 
     def _drop(self, seqs) -> None:
         for st in self.stages:
