@@ -35,7 +35,8 @@ import time
 from pathlib import Path
 
 from ..errors import InputError
-from ..protocol import BadLine, OpenAIRequests, envelope, failure, success
+from ..protocol import BadLine, OpenAIRequests, envelope
+from ..responses import failure, success
 from ..utils import log
 from .journal import Journal, check_output, fingerprint, journal_path, line_hash, write_output
 from .scheduler import Engine, GenerationError

@@ -30,7 +30,8 @@ from html import escape
 from importlib import resources
 
 from ..errors import InputError
-from ..protocol import BadLine, OpenAIRequests, completion_body, error_body, logprobs_body, short, usage
+from ..protocol import BadLine, OpenAIRequests, short
+from ..responses import completion_body, error_body, logprobs_body, usage
 from ..utils import log
 from .metrics import Metrics
 
