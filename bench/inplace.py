@@ -39,12 +39,13 @@ def child(in_place: bool, n: int) -> dict:
 def main() -> int:
     p = harness.parser(__doc__, wait_quiet=60.0)
     p.add_argument("--child", choices=["0", "1"], help=argparse.SUPPRESS)
+    p.add_argument("--rounds", type=int, default=3, help="alternated runs of each variant (default 3)")
     a = p.parse_args()
     if a.child:
         harness.emit(child(a.child == "1", 32))
         return 0
     runs = []
-    for in_place in (True, False) * 3:
+    for in_place in (True, False) * a.rounds:
         c = harness.run_child(harness.self_cmd(__file__, "--child", int(in_place)), wait_quiet=a.wait_quiet)
         if c.result is None:
             raise SystemExit(f"a run failed: {c.note}")
@@ -54,11 +55,11 @@ def main() -> int:
         rs = [r for r in runs if r["in_place"] == flag]
         rows.append([name, " / ".join(f"{r['tok_s']:.2f}" for r in rs), f"{rs[0]['bytes_per_token'] / 1e6:.1f}",
                      f"{rs[0]['store_disk_bytes'] / 1e6:.1f}"])
-    harness.table(["store", "tok/s (3 alternated runs)", "MB read per token", "store on disk MB"], rows)
+    harness.table(["store", f"tok/s ({a.rounds} alternated runs)", "MB read per token", "store on disk MB"], rows)
     same = len({tuple(r["tokens"]) for r in runs}) == 1
-    med = {f: sorted(r["tok_s"] for r in runs if r["in_place"] == f)[1] for f in (True, False)}
+    med = {f: sorted(r["tok_s"] for r in runs if r["in_place"] == f)[a.rounds // 2] for f in (True, False)}
     print(f"same tokens: {'yes' if same else 'NO'}; in place / split = {harness.ratio(med[True], med[False])} "
-          f"(medians of 3 alternated runs each)")
+          f"(medians of {a.rounds} alternated runs each)")
     return 0
 
 
