@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -10,7 +11,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from registry import BY_NAME, PEERS, SCENARIOS, installed  # noqa: E402
+from registry import BY_NAME, PEERS, SCENARIOS, SMOKE_ENV, installed  # noqa: E402
 
 
 def command(name: str, args) -> list[str]:
@@ -47,7 +48,7 @@ def smoke(name: str, timeout: float = 600) -> tuple[str, str]:
     t = time.perf_counter()
     try:
         r = subprocess.run(command(name, s.smoke), capture_output=True, text=True, timeout=timeout,
-                           stdin=subprocess.DEVNULL)
+                           stdin=subprocess.DEVNULL, env={**os.environ, SMOKE_ENV: "1"})
     except subprocess.TimeoutExpired:
         return "failed", f"still running after {timeout:.0f} s"
     took = time.perf_counter() - t

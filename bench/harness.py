@@ -42,6 +42,8 @@ def parser(doc: str, wait_quiet: float | None = None) -> argparse.ArgumentParser
     p = argparse.ArgumentParser(description=doc.splitlines()[0], epilog=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     if wait_quiet is not None:
+        if os.environ.get("LAYERSTREAM_BENCH_SMOKE"):   # a smoke run (bench/registry.py): no figure to protect
+            wait_quiet = 0.0
         p.add_argument("--wait-quiet", type=float, default=wait_quiet, metavar="SECONDS",
                        help="before each timed child, wait up to this long for other processes to leave the CPUs "
                             "idle (0: do not wait; default %(default)s)")

@@ -1,7 +1,8 @@
 """Every benchmark scenario of bench/, in one registry: what it measures, against which peers, for which issue, how
 to run it, and a smoke run (the same script at tiny sizes, seconds) that the test suite runs (tests/test_bench.py)
-so that no scenario rots between the days it is measured. The measured results live in docs/benchmarks.md and the
-README, each with its command.
+so that no scenario rots between the days it is measured. A smoke run has SMOKE_ENV set: the harness does not
+wait for a quiet machine then (nothing it prints is a measurement). The measured results live in
+docs/benchmarks.md and the README, each with its command.
 
     .venv/bin/python -m bench list                  # the scenarios
     .venv/bin/python -m bench run NAME [ARGS...]    # one of them, for real (a quiet machine: see harness.py)
@@ -45,7 +46,7 @@ class Scenario:
 SCENARIOS = [
     Scenario("embedded", "embedded.py", "the embedded model, every system side by side (tok/s, RSS, tokens)",
              peers=("accelerate", "airllm", "llama_cpp"),
-             smoke=("--wait-quiet", "0", "-n", "2", "--skip", "ram", "--skip", "offload", "--skip", "airllm",
+             smoke=("-n", "2", "--skip", "ram", "--skip", "offload", "--skip", "airllm",
                     "--skip", "llama", "--skip", "ls0copy", "--skip", "lsfull")),
     Scenario("big", "big.py", "a 30.7 GB Llama-shaped model on a 24 GiB box: s/token against the peers",
              peers=("accelerate", "airllm", "llama_cpp"), smoke=None, big="writes a 30 GB model"),
@@ -69,12 +70,12 @@ SCENARIOS = [
     Scenario("quality", "quality.py", "int8 / int4 quality against established quantizers", smoke=None,
              big="several quantizers over the embedded model, tens of minutes"),
     Scenario("moe", "moe.py", "per-expert streaming: bytes read per token against a dense sweep",
-             smoke=("--wait-quiet", "0", "--layers", "2", "--experts", "8", "--topk", "2", "--hidden", "64",
+             smoke=("--layers", "2", "--experts", "8", "--topk", "2", "--hidden", "64",
                     "--expert-width", "32")),
     Scenario("speculative", "speculative.py", "int4 self-draft and prompt lookup against plain decoding",
              smoke=("--tokens", "4")),
     Scenario("inplace", "inplace.py", "a safetensors checkpoint served in place against a split store",
-             smoke=("--wait-quiet", "0", "--rounds", "1")),
+             smoke=("--rounds", "1")),
     Scenario("batch", "batch.py", "continuous batching (`layerstream batch`) against static padded batches",
              smoke=("--requests", "4", "--batch-size", "2")),
     Scenario("engine-kv", "engine_kv.py", "the engine's decode step against batch x context, slabs and masked",
@@ -101,6 +102,7 @@ SCENARIOS = [
              issue="21", smoke=None, big="a survey of every family, minutes"),
 ]
 BY_NAME = {s.name: s for s in SCENARIOS}
+SMOKE_ENV = "LAYERSTREAM_BENCH_SMOKE"
 LIBRARIES = ("harness.py", "peers.py", "big_model.py", "big_gguf.py", "registry.py", "__main__.py")
 
 

@@ -2,6 +2,7 @@
 the list names them, and each scenario with a small form runs it here (tiny sizes, no timing asserted: benchmarks
 are not tests). The smoke runs are split over this file and test_bench_smoke.py, so that two workers share them."""
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -9,8 +10,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
-import registry  # noqa: E402
+# loaded from its file, bench/ kept off sys.path: it holds a ray.py that would shadow Ray in this process
+_spec = importlib.util.spec_from_file_location("bench_registry", ROOT / "bench" / "registry.py")
+registry = sys.modules["bench_registry"] = importlib.util.module_from_spec(_spec)   # (its dataclasses look it up)
+_spec.loader.exec_module(registry)
 
 SMOKES = [s.name for s in registry.SCENARIOS if s.smoke is not None]
 
