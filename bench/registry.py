@@ -8,14 +8,14 @@ docs/benchmarks.md and the README, each with its command.
     .venv/bin/python -m bench run NAME [ARGS...]    # one of them, for real (a quiet machine: see harness.py)
     .venv/bin/python -m bench smoke [NAME...]       # their smoke runs (all by default)
 
-(The anchors: mlx-lm's `benchmark` and vLLM's `vllm bench` subcommands.) Torch-free: the parent only starts
-children.
+(The anchors: mlx-lm's `benchmark` and vLLM's `vllm bench` subcommands.) The parent only starts children; it
+imports torch only to ask whether a GPU is there, for the scenarios that need one.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # peers and optional packages a scenario uses; a smoke run is skipped where one is missing
 PEERS = {
@@ -40,7 +40,6 @@ class Scenario:
     needs: tuple[str, ...] = ()      # without these it cannot run at all
     smoke: tuple[str, ...] | None = ()   # arguments of a seconds-long run; None: no small form (why: `big`)
     big: str = ""                    # why there is no smoke run (a model of tens of GB, a GPU)
-    extra: dict = field(default_factory=dict)
 
 
 SCENARIOS = [

@@ -275,7 +275,7 @@ def messages_for(messages: list[dict], native: bool, tools: list[dict] | None) -
     """Chat messages with tool calls and results as the template takes them: for a template that renders tools,
     each call's `arguments` as an object (transformers' convention); for one that ignores them, calls and results
     as Hermes text (results as user turns) and the tools described in the system message."""
-    out = []
+    out, results = [], None   # results: the user turn holding the latest run of tool results (Hermes text)
     for k, msg in enumerate(messages):
         calls = msg.get("tool_calls")
         if calls is not None:
@@ -302,13 +302,13 @@ def messages_for(messages: list[dict], native: bool, tools: list[dict] | None) -
                 out.append({"role": "assistant", "content": "\n".join(x for x in (msg["content"], text) if x)})
         elif msg["role"] == "tool" and not native:
             text = f"<tool_response>\n{msg['content']}\n</tool_response>"
-            if out and out[-1].get("tool_results"):   # results of one turn's calls: one user turn
-                out[-1]["content"] += "\n" + text
+            if out and out[-1] is results:   # results of one turn's calls: one user turn
+                results["content"] += "\n" + text
             else:
-                out.append({"role": "user", "content": text, "tool_results": True})
+                results = {"role": "user", "content": text}
+                out.append(results)
         else:
             out.append(msg)
-    out = [{k2: v for k2, v in m.items() if k2 != "tool_results"} for m in out]
     if tools and not native:
         prompt = system_prompt(tools)
         if out and out[0]["role"] == "system":

@@ -347,11 +347,10 @@ class PipelineModel:
                 return dict(zip(refs, ray.get(list(refs.values()))))
             except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError):
                 self._await_stages()
-                feeds = {seq: (replay, 0, keep, replay) for seq, (_, _, keep, replay) in feeds.items()}
             except ray.exceptions.RayTaskError as e:   # a stage restarted between two calls of a session
                 if not isinstance(getattr(e, "cause", None), MissingKV):
                     raise
-                feeds = {seq: (replay, 0, keep, replay) for seq, (_, _, keep, replay) in feeds.items()}
+            feeds = {seq: (replay, 0, keep, replay) for seq, (_, _, keep, replay) in feeds.items()}
 
     def _await_stages(self) -> None:
         self.restarts += 1
