@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,11 +48,14 @@ def smoke(name: str, timeout: float = 600) -> tuple[str, str]:
     if missing:
         return "skipped", "missing " + ", ".join(PEERS[p] for p in missing)
     t = time.perf_counter()
+    work = tempfile.mkdtemp(prefix=f"bench-smoke-{name}-")   # (harness.WORK: nothing shared with other runs)
     try:
         r = subprocess.run(command(name, s.smoke), capture_output=True, text=True, timeout=timeout,
-                           stdin=subprocess.DEVNULL, env={**os.environ, SMOKE_ENV: "1"})
+                           stdin=subprocess.DEVNULL, env={**os.environ, SMOKE_ENV: "1", "LAYERSTREAM_BENCH_DIR": work})
     except subprocess.TimeoutExpired:
         return "failed", f"still running after {timeout:.0f} s"
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     took = time.perf_counter() - t
     if r.returncode != 0:
         return "failed", f"exit {r.returncode} after {took:.0f} s:\n{(r.stdout + r.stderr)[-3000:]}"

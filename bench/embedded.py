@@ -70,7 +70,7 @@ def child(key: str, n: int, workdir: pathlib.Path) -> dict:
 def main(argv=None) -> int:
     p = harness.parser(__doc__, wait_quiet=120.0)
     p.add_argument("-n", "--new-tokens", type=int, default=32)
-    p.add_argument("--dir", type=pathlib.Path, default=pathlib.Path("/tmp/layerstream-bench"))
+    p.add_argument("--dir", type=pathlib.Path, default=harness.WORK)
     p.add_argument("--skip", action="append", default=[], choices=list(KEYS))
     p.add_argument("--json", type=pathlib.Path)
     p.add_argument("--child", choices=list(KEYS), help=argparse.SUPPRESS)

@@ -30,7 +30,7 @@ import sys
 import harness
 
 HERE = pathlib.Path(__file__).resolve().parent
-WORK = pathlib.Path("/tmp/layerstream-bench/kquants")
+WORK = harness.WORK / "kquants"
 FILE = WORK / "SmolLM2-135M-Instruct.Q4_K_M.gguf"
 NEW = 32
 SETTINGS = {

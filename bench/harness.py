@@ -32,6 +32,10 @@ from pathlib import Path
 from layerstream.errors import LayerstreamError
 from layerstream.utils import fmt_bytes, parse_size
 
+# where scenarios keep what they make (checkpoints, stores, reference logits); a smoke run (bench/__main__.py)
+# gets a private directory of its own, so that no run reuses a store another checkout made
+WORK = Path(os.environ.get("LAYERSTREAM_BENCH_DIR") or Path(tempfile.gettempdir()) / "layerstream-bench")
+
 QUIET_CORES = 0.2   # other processes using more than this many cores on average disturb a figure
 
 

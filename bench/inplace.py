@@ -10,12 +10,11 @@ Run:  .venv/bin/python bench/inplace.py
 from __future__ import annotations
 
 import argparse
-import pathlib
 import sys
 
 import harness
 
-WORK = pathlib.Path("/tmp/layerstream-bench")
+WORK = harness.WORK
 
 
 def child(in_place: bool, n: int) -> dict:

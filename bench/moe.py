@@ -37,7 +37,7 @@ from collections import Counter
 import harness
 
 HERE = pathlib.Path(__file__).resolve().parent
-WORK = pathlib.Path("/tmp/layerstream-bench/moe")
+WORK = harness.WORK / "moe"
 PROMPT = [1, 17, 333, 5, 900, 64, 12, 4000]
 NEW = 16
 RUNS = [  # (key, what runs, its budget: a number, or a share of the checkpoint's size, label)

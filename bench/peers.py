@@ -366,7 +366,7 @@ def print_notes(results, check) -> None:
 def main(argv=None) -> int:
     parser = harness.parser(__doc__, wait_quiet=0.0)
     parser.add_argument("--dir", type=pathlib.Path,
-                        default=pathlib.Path(tempfile.gettempdir()) / "layerstream-bench" / "smollm2-135m-hf-fp32",
+                        default=harness.WORK / "smollm2-135m-hf-fp32",
                         help="where the plain HF checkpoint is written (default: %(default)s)")
     parser.add_argument("-n", "--new-tokens", type=int, default=DEFAULT_NEW_TOKENS)
     parser.add_argument("--skip", action="append", default=[], choices=["ram", "offload", "airllm", "llama"],

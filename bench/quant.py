@@ -24,7 +24,7 @@ import sys
 
 import harness
 
-WORK = pathlib.Path("/tmp/layerstream-bench")
+WORK = harness.WORK
 SETTINGS = {
     "fp32, fully resident": dict(quant=None, max_ram=None, dtype=None),
     "int4, dequantized once at load (fits as floats)": dict(quant="int4", max_ram=None, dtype=None),

@@ -9,7 +9,9 @@ from transformers import AutoModelForCausalLM
 
 from layerstream import AutoModel
 from layerstream.errors import StoreError
+from layerstream.store import Store
 
+from conftest import run_cli
 from gguf_tiny import make_gemma_gguf, make_llama_gguf
 
 # every test reads a GGUF (parsing its 49k-token vocabulary takes seconds) and indexes or splits it
@@ -93,6 +95,31 @@ def test_gguf_store_refuses_a_changed_file(gguf_model, tmp_path):
     (moved / "manifest.json").write_text(json.dumps(man))
     with pytest.raises(StoreError, match=f"{g}: source file changed since it was indexed"):
         AutoModel.from_pretrained(moved, max_ram=0, progress=False)
+
+
+def test_an_index_of_another_copy_is_made_again(gguf_model, tmp_path):
+    """An in-place store at a given path that indexes another copy of the file (moved, deleted) or an older
+    version of it is indexed again from the source given, with a line that says so; it is never served
+    pointing at files that are gone or changed. (The store path alone still refuses: tested above.)"""
+    import os
+    import shutil
+
+    _, g, _, logits, _ = gguf_model
+    a, b, store = tmp_path / "a" / g.name, tmp_path / "b" / g.name, tmp_path / "store"
+    for f in (a, b):
+        f.parent.mkdir()
+        shutil.copy(g, f)
+    AutoModel.from_pretrained(a, store_path=store, max_ram=0, progress=False).close()
+    a.unlink()
+    r = run_cli("run", "hi", "--model", b, "--store", store, "--max-ram", "0", "-n", "1", "--greedy")
+    assert r.returncode == 0 and f"indexes {a}, not {b}; indexing {b} again" in r.stderr, r.stderr
+    assert Store(store).manifest.source["path"] == str(b)
+    os.utime(b, ns=(b.stat().st_atime_ns, b.stat().st_mtime_ns + 10**9))   # the same path, changed since
+    m = AutoModel.from_pretrained(b, store_path=store, max_ram=0, progress=False, kernels=False)   # (reference)
+    assert list(m.store.manifest.source_files.values())[0][1] == b.stat().st_mtime_ns
+    with torch.no_grad():
+        torch.testing.assert_close(m(IDS).logits, logits, rtol=1e-4, atol=1e-4)
+    m.close()
 
 
 @pytest.mark.parametrize("gguf_model", ["llama"], indirect=True)

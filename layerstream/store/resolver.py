@@ -7,7 +7,7 @@ from pathlib import Path
 from ..errors import SourceError, StoreError
 from ..sources import download_hub, embedded_model, looks_like_hub_id, open_source
 from ..utils import file_identity, log
-from .format import Store
+from .format import MANIFEST, Store
 from .inplace import can_serve_in_place, index_gguf, index_in_place
 from .writer import default_store_path, split
 
@@ -17,6 +17,26 @@ def _gguf_key(path: Path):
     from types import SimpleNamespace
 
     return SimpleNamespace(name=path.stem, identity=file_identity([path]))
+
+
+def _stale_index(out: Path, path: Path) -> bool:
+    """Whether the in-place store at `out` indexes files other than the source `path` as it is now (another
+    copy of the model, moved or changed since): such an index is made again from `path`, not served."""
+    st = Store(out)
+    m = st.manifest
+    if not m.in_place or not path.exists():
+        return False
+    why = None
+    if Path(m.source.get("path", "")).resolve() != path.resolve():
+        why = f"indexes {m.source.get('path')}, not {path}"
+    else:
+        try:
+            st.check_files()
+        except StoreError as e:
+            why = f"is out of date ({e})"
+    if why:
+        log(f"the in-place store at {out} {why}; indexing {path} again")
+    return why is not None
 
 
 def resolve(source=None, store_path=None, dtype=None, progress=True, in_place=None, quantize=None) -> Path:
@@ -44,6 +64,8 @@ def resolve(source=None, store_path=None, dtype=None, progress=True, in_place=No
     src = None if is_gguf else open_source(path)
     out = Path(store_path) if store_path is not None else \
         default_store_path(src or _gguf_key(path), quant, None if gguf_in_place else dtype, in_place=gguf_in_place)
+    if Store.is_store(out) and _stale_index(out, path):
+        (out / MANIFEST).unlink()   # (an index holds no weights: made again below, its manifest written last)
     if Store.is_store(out):
         m = Store(out).manifest
         if m.quantization != quant and quantize is not None:
