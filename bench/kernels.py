@@ -2,11 +2,12 @@
 
 Two models, each system in its own process, one after the other (nothing else should run on the box):
 - the embedded SmolLM2-135M-Instruct (Q4_1, its tied head Q8_0): layerstream at the default budget (resident,
-  blocks), in place at max_ram=0 (every unit streamed as blocks each token), and with kernels=False (the
-  dequantize path: floats, resident);
+  blocks; no type ggml repacks), in place at max_ram=0 (every unit streamed as blocks each token), and with
+  kernels=False (the dequantize path: floats, resident);
 - a 1.5B-class model of Qwen2.5-1.5B's shape (hidden 1536, 28 layers, FFN 8960, 12 heads, 2 KV heads) as a
   Llama-architecture GGUF with random weights in a Q4_K_M-like mix (Q4_K, Q6_K for attn_v / ffn_down of
-  every other layer and the output, Q4_K embedding), written once under --dir (about 1 GB).
+  every other layer and the output, Q4_K embedding), written once under --dir (about 1 GB); its resident Q4_K
+  weights are repacked for ggml's faster kernels by default, as llama.cpp does (`repack=False`: as stored).
 
 Measured per system: prefill of a prompt (the chat prompt for SmolLM2; 512 tokens for the 1.5B) and the median
 decode step over --tokens greedy tokens after it, tokens/s. llama.cpp (llama-cpp-python, optional: reported as
@@ -245,6 +246,7 @@ def main():
               str(d / "moe-store"), [
                   ("llama.cpp", "llama.cpp", {}),
                   ("layerstream default (blocks, resident)", "layerstream", {}),
+                  ("layerstream repack=False (resident blocks as stored)", "layerstream", {"repack": False}),
                   ("layerstream in place, max_ram=0 (blocks; experts read when routed)", "layerstream",
                    {"max_ram": 0}),
                   ("layerstream kernels=False (dequantized once, float32)", "layerstream", {"kernels": False}),
@@ -256,6 +258,7 @@ def main():
         table("Qwen2.5-1.5B-shaped Q4_K_M (random weights)", g, ids, args.tokens, str(d / "15b-store"), [
             ("llama.cpp", "llama.cpp", {}),
             ("layerstream default (blocks, resident)", "layerstream", {}),
+            ("layerstream repack=False (resident blocks as stored)", "layerstream", {"repack": False}),
             ("layerstream kernels=False (dequantized once, float32)", "layerstream", {"kernels": False}),
         ])
 

@@ -34,7 +34,9 @@ class Options:
     added to the linear layers' outputs, the store unchanged; runtime/lora.py) and `lora` ({name: directory}:
     more adapters, each request choosing one by name in the engine, the server and batch jobs). Quantized weights
     on a CPU: `kernels` (None: computed on as blocks with ggml when it is installed; False: dequantized to floats,
-    the reference path; True: ggml or an error)."""
+    the reference path; True: ggml or an error) and `repack` (True: resident blocks of the types ggml has faster
+    kernels for on this CPU, Q4_0 and Q4_K with AVX2, are repacked for them once, as llama.cpp does by default;
+    their results then agree with the streamed blocks' to float rounding, not bit for bit; False: never)."""
 
     device: str = "cpu"
     dtype: object = None
@@ -58,6 +60,7 @@ class Options:
     adapter: str | None = None
     lora: dict | None = None
     kernels: bool | None = None
+    repack: bool = True
 
     def __post_init__(self):
         self.ram_bytes = parse_size(self.max_ram, "max_ram")
@@ -78,6 +81,8 @@ class Options:
             raise InputError(f"lora must be a dict of adapter name -> directory, got {self.lora!r}")
         if self.kernels not in (None, True, False):
             raise InputError(f"kernels must be None, True or False, got {self.kernels!r}")
+        if self.repack not in (True, False):
+            raise InputError(f"repack must be True or False, got {self.repack!r}")
         if self.expert_device not in (None, "cpu"):
             raise InputError(f"expert_device must be None or 'cpu', got {self.expert_device!r}")
 

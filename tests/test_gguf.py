@@ -226,6 +226,33 @@ def test_kernels_on_gguf_blocks_match_the_dequantize_path(gguf_model, max_ram):
     m.close()
 
 
+def test_resident_blocks_are_repacked_where_ggml_has_faster_kernels(gguf_model):
+    """Resident Q4_0 / Q4_K weights (where this CPU has ggml's repacked kernels) are bound to repacked copies,
+    the rest to their blocks as stored; the logits are those of the blocks as stored (`repack=False`, and
+    streamed at max_ram=0, which never repacks) to float rounding, and the greedy tokens the same."""
+    from layerstream.quant import kernels
+
+    if not kernels.available() or kernels.repack("q4_0", torch.zeros(8, 18, dtype=torch.uint8)) is None:
+        pytest.skip("no ggml repacking on this machine")
+    family, g, store, _, _ = gguf_model
+    runs = {}
+    for name, kw in {"repacked": {}, "as stored": {"repack": False}, "streamed": {"max_ram": 0}}.items():
+        m = AutoModel.from_pretrained(store, progress=False, **kw)
+        mods = {n: mod for n, mod in m.model.named_modules() if isinstance(mod, kernels.BlockLinear)}
+        packed = {n for n, mod in mods.items() if isinstance(mod.blocks, kernels.Repacked)}
+        with torch.no_grad():
+            runs[name] = m(IDS).logits, m.generate(IDS, max_new_tokens=8, do_sample=False), packed
+        if name == "repacked":   # every Q4_0 / Q4_K layer of both layers (Llama: q and o; Gemma: five a layer)
+            want = {"llama": {"q_proj", "o_proj"}, "gemma": {"q_proj", "k_proj", "o_proj", "gate_proj", "up_proj"}}
+            assert {n.rsplit(".", 1)[1] for n in packed} == want[family] and len(packed) == 2 * len(want[family])
+            assert all("repacked" in repr(mods[n]) for n in packed)
+        m.close()
+    assert not runs["as stored"][2] and not runs["streamed"][2]
+    for other in ("as stored", "streamed"):
+        torch.testing.assert_close(runs["repacked"][0], runs[other][0], rtol=1e-4, atol=1e-4)
+        assert runs["repacked"][1].tolist() == runs[other][1].tolist()
+
+
 def assert_near_ties_only(got: torch.Tensor, want: torch.Tensor, kl_mean: float = 0.02, kl_max: float = 0.1):
     """got's next-token distributions are want's within ggml's 8-bit rounding of the activations (KL divergence
     per position; llama.cpp computes the same way: on the embedded model the mean KL is about 0.006), and where

@@ -41,6 +41,9 @@ def model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-kernels", action="store_true",
                    help="dequantize quantized weights to floats instead of computing on their blocks with ggml "
                         "(the reference path; slower on a CPU)")
+    p.add_argument("--no-repack", action="store_true",
+                   help="compute on resident Q4_0 / Q4_K blocks as they are stored, not repacked for ggml's faster "
+                        "kernels (results then equal the streamed path's bit for bit)")
     p.add_argument("--expert-device", default=None, choices=["cpu"],
                    help="a MoE model on a GPU: its experts stay in RAM and the CPU computes them")
     p.add_argument("--verbose", "-v", action="store_true", help="print the residency plan")
@@ -180,7 +183,8 @@ def options_of(a):
                    draft=getattr(a, "draft", None), pipeline=getattr(a, "pipeline", None),
                    pipeline_cpus=getattr(a, "pipeline_cpus", 1), expert_device=getattr(a, "expert_device", None),
                    adapter=getattr(a, "adapter", None), lora=lora_of(getattr(a, "lora", None)),
-                   kernels=False if getattr(a, "no_kernels", False) else None)
+                   kernels=False if getattr(a, "no_kernels", False) else None,
+                   repack=not getattr(a, "no_repack", False))
 
 
 def lora_of(specs) -> dict | None:

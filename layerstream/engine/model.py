@@ -146,7 +146,8 @@ class StreamedModel:
         self.streamer = Streamer(self.model, self.layout, self.store, self.plan, self.device, self.dtype,
                                  opts.prefetch, self.profiler, opts.verify, progress=bar.update if bar else None,
                                  direct=self.direct, readers=readers, fadvise=self.fadvise,
-                                 mapped=self.device.type == "cpu" and opts.io in ("auto", "mmap"))
+                                 mapped=self.device.type == "cpu" and opts.io in ("auto", "mmap"),
+                                 repack=opts.repack)
         if bar:
             bar.close()
         self.lora = self.adapter = None   # LoRA adapters on the linear layers (runtime/lora.py), resident

@@ -114,13 +114,14 @@ def ggml_bytes(kind: str, parts_shapes: dict[str, tuple]) -> int:
 
 
 class _Graph:
-    """One cached ggml graph y = mul_mat(w, x) for a weight type and shape, a batch size and a thread count."""
+    """One cached ggml graph y = mul_mat(w, x) for a weight type and shape, a batch size and a thread count
+    (`w`: a repacked weight's own tensor, else one whose data pointer is set at each call)."""
 
-    def __init__(self, g, gtype: int, k: int, n: int, m: int, threads: int, pool):
+    def __init__(self, g, gtype: int, k: int, n: int, m: int, threads: int, pool, w=None):
         params = g.ggml_init_params(mem_size=3 * g.ggml_tensor_overhead() + g.ggml_graph_overhead_custom(4, False),
                                     mem_buffer=None, no_alloc=True)
         self.ctx = g.ggml_init(params)
-        w = g.ggml_new_tensor_2d(self.ctx, gtype, k, n)
+        w = g.ggml_new_tensor_2d(self.ctx, gtype, k, n) if w is None else w
         x = g.ggml_new_tensor_2d(self.ctx, _F32, k, m)
         y = g.ggml_mul_mat(self.ctx, w, x)
         self.graph = g.ggml_new_graph_custom(self.ctx, 4, False)
@@ -151,7 +152,87 @@ def _pool(g, threads: int, poll: int):
         p = g.ggml_threadpool_params_default(threads)
         p.poll = poll
         _state["pool"], _state["pool_key"] = g.ggml_threadpool_new(ctypes.byref(p)), (threads, poll)
+        _state["pool_gen"] = _state.get("pool_gen", 0) + 1   # (repacked weights' graphs name the pool they use)
     return _state["pool"]
+
+
+def _repack_buffer_type(g):
+    """ggml's CPU_REPACK buffer type (llama.cpp's "CPU_REPACK", on there by default), or None where this build of
+    ggml has none. A weight allocated in it is interleaved as it is set, 4 or 8 rows at a time, for ggml's GEMV
+    and GEMM kernels of its type on this CPU (AVX2 / AVX-512: Q4_0 and Q4_K here); others get no repacking."""
+    if "repack" not in _state:
+        found = None
+        try:
+            reg = g.ggml_backend_cpu_reg()
+            addr = g.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_dev_get_extra_bufts")
+            if addr:
+                get = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)(addr)
+                arr = get(g.ggml_backend_reg_dev_get(reg, 0))
+                i = 0
+                while arr and arr[i]:
+                    if g.ggml_backend_buft_name(arr[i]) == b"CPU_REPACK":
+                        found = arr[i]
+                    i += 1
+        except (AttributeError, OSError, ValueError):   # an older ggml-python: no backend registry
+            found = None
+        _state["repack"] = found
+    return _state["repack"]
+
+
+class Repacked:
+    """A weight's blocks copied into ggml's repack buffer (`_repack_buffer_type`): the same bytes as the
+    blocks, in RAM of its own, so the blocks it came from can be freed. Its results agree with the blocks'
+    to float rounding (ggml's repacked kernels sum in another order: ~1e-7 relative), not bit for bit, and
+    a row's result depends on whether its call has 4 rows or more (GEMM) or fewer (GEMV)."""
+
+    def __init__(self, g, buft, kind: str, blocks: torch.Tensor):
+        per, size = GGML[kind]
+        self.kind, self.shape = kind, tuple(blocks.shape)
+        self.k = blocks.shape[1] // size * per
+        params = g.ggml_init_params(mem_size=g.ggml_tensor_overhead(), mem_buffer=None, no_alloc=True)
+        self._g, self.ctx, self.buf = g, g.ggml_init(params), None
+        self.t = g.ggml_new_tensor_2d(self.ctx, GGML_TYPES[kind], self.k, blocks.shape[0])
+        self.buf = g.ggml_backend_alloc_ctx_tensors_from_buft(self.ctx, buft)
+        if not self.buf:
+            raise MemoryError(f"ggml could not allocate {blocks.numel()} bytes for a repacked {kind} weight")
+        # ggml names a repacking for the tensor as it is allocated, where its type and shape have one
+        self.ok = bool(self.t.contents.extra)
+        if self.ok:
+            g.ggml_backend_tensor_set(self.t, ctypes.c_void_p(blocks.data_ptr()), 0, blocks.numel())
+        self.graphs: OrderedDict = OrderedDict()
+
+    def close(self):
+        self.graphs.clear()
+        if self.buf:
+            self._g.ggml_backend_buffer_free(self.buf)
+            self.buf = None
+        if self.ctx:
+            self._g.ggml_free(self.ctx)
+            self.ctx = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:   # interpreter teardown
+            pass
+
+
+def repack(kind: str, blocks: torch.Tensor) -> Repacked | None:
+    """`blocks` (uint8 [rows, bytes per row] of GGUF `kind`) repacked for ggml's faster kernels of their type on
+    this CPU, or None where ggml has no repacking for that type, shape or CPU (the blocks are then used as
+    they are)."""
+    if not available() or blocks.device.type != "cpu":
+        return None
+    g = _state["lib"]
+    buft = _repack_buffer_type(g)
+    if buft is None:
+        return None
+    with _lock:
+        r = Repacked(g, buft, kind, blocks.contiguous())
+    if not r.ok:
+        r.close()
+        return None
+    return r
 
 
 @contextmanager
@@ -171,15 +252,32 @@ def threads(n: int, torch_threads: int = 1):
             torch.set_num_threads(before[2])
 
 
-def mul_mat(kind: str, w: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out [m, n] float32 = x [m, k] float32 @ dequant(w).T, w uint8 [n, bytes per row] of GGUF `kind` blocks,
-    all contiguous on the CPU, computed by ggml on the threads `threads` set (else torch's count)."""
+def mul_mat(kind: str, w: torch.Tensor | Repacked, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out [m, n] float32 = x [m, k] float32 @ dequant(w).T, w uint8 [n, bytes per row] of GGUF `kind` blocks
+    (or those blocks `repack`ed), all contiguous on the CPU, computed by ggml on the threads `threads` set (else
+    torch's count)."""
     if not available():
         raise RuntimeError(f"ggml's kernels are not available ({unavailable_reason()})")
     g = _state["lib"]
     n, m, k = w.shape[0], x.shape[0], x.shape[1]
     threads = _state.get("threads_wanted") or torch.get_num_threads()
     poll = _POLL if _state.get("poll") is None else _state["poll"]
+    if isinstance(w, Repacked):
+        with _lock:
+            pool = _pool(g, threads, poll)
+            key = (m, threads, poll, _state["pool_gen"])
+            gr = w.graphs.get(key)
+            if gr is None:
+                gr = w.graphs[key] = _Graph(g, GGML_TYPES[kind], k, n, m, threads, pool, w=w.t)
+                if len(w.graphs) > 4:   # (decode's batch sizes; a prefill's length is seldom seen twice)
+                    w.graphs.popitem(last=False)
+            else:
+                w.graphs.move_to_end(key)
+            gr.x.data, gr.y.data = x.data_ptr(), out.data_ptr()
+            status = g.lib.ggml_graph_compute(gr.graph, gr.plan_ref)
+        if status != 0:
+            raise RuntimeError(f"ggml_graph_compute failed with status {status}")
+        return out
     key = (kind, k, n, m, threads, poll)
     with _lock:
         pool = _pool(g, threads, poll)
@@ -222,15 +320,20 @@ class BlockLinear(nn.Module):
     def replacing(cls, linear: nn.Linear, kind: str) -> "BlockLinear":
         return cls(linear.in_features, linear.out_features, kind, linear.bias)
 
-    def bind(self, blocks: torch.Tensor, perm: torch.Tensor | None = None) -> None:
-        """Compute on `blocks`; with `perm`, blocks whose rows are in another order than the weight's (a GGUF's
-        q/k rows as llama.cpp's converter interleaves them, mapped in place): output k is then the blocks' row
-        perm[k], gathered from the outputs (a few floats a token) instead of copying the rows into order."""
-        if blocks.dtype != torch.uint8 or tuple(blocks.shape) != (self.out_features, self.row_bytes):
-            raise ValueError(f"{self.kind} blocks of shape {tuple(blocks.shape)} ({blocks.dtype}) do not make a "
+    def bind(self, blocks: torch.Tensor | Repacked, perm: torch.Tensor | None = None) -> None:
+        """Compute on `blocks` (or on them `repack`ed); with `perm`, blocks whose rows are in another order than
+        the weight's (a GGUF's q/k rows as llama.cpp's converter interleaves them, mapped in place): output k is
+        then the blocks' row perm[k], gathered from the outputs (a few floats a token) instead of copying the
+        rows into order."""
+        repacked = isinstance(blocks, Repacked)
+        if (not repacked and blocks.dtype != torch.uint8) or tuple(blocks.shape) != (self.out_features,
+                                                                                       self.row_bytes) \
+                or (repacked and blocks.kind != self.kind):
+            raise ValueError(f"{self.kind} blocks of shape {tuple(blocks.shape)} "
+                             f"({blocks.kind if repacked else blocks.dtype}) do not make a "
                              f"{self.out_features} x {self.in_features} weight")
         # plain attribute writes (nn.Module's __setattr__ costs ~6 us: 2.5 ms a token of a streamed 135M model)
-        object.__setattr__(self, "blocks", blocks if blocks.is_contiguous() else blocks.contiguous())
+        object.__setattr__(self, "blocks", blocks if repacked or blocks.is_contiguous() else blocks.contiguous())
         object.__setattr__(self, "perm", perm)
 
     def unbind(self) -> None:
@@ -249,7 +352,8 @@ class BlockLinear(nn.Module):
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self.kind} blocks (ggml)"
+        how = "repacked " if isinstance(self.blocks, Repacked) else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, {how}{self.kind} blocks (ggml)"
 
 
 def experts_on_blocks(mod: nn.Module) -> bool:

@@ -18,7 +18,7 @@ from ..arch import Layout
 from ..arch.skeleton import expert_param
 from ..plan import Plan
 from ..quant import INT4_GGML, Int4PackedLinear, as_int4, dequantize, stored_names
-from ..quant.kernels import BlockLinear, block_experts_forward, experts_on_blocks, kernel_kind, to_ggml
+from ..quant.kernels import BlockLinear, block_experts_forward, experts_on_blocks, kernel_kind, repack, to_ggml
 from ..store import Store, aligned_empty, release_rows_as_read, tensor_views
 from .embedding import EmbeddingRows
 from .experts import ExpertRouting
@@ -90,8 +90,10 @@ class Streamer(ExpertRouting, EmbeddingRows):
 
     def __init__(self, model: nn.Module, lay: Layout, store: Store, plan: Plan, device: torch.device,
                  dtype: torch.dtype, prefetch: bool, profiler: Profiler, verify: str = "first", progress=None,
-                 direct: bool = False, readers: int = 1, fadvise: bool = False, mapped: bool = False):
+                 direct: bool = False, readers: int = 1, fadvise: bool = False, mapped: bool = False,
+                 repack: bool = True):
         self.model, self.lay, self.store, self.plan = model, lay, store, plan
+        self.repack = repack and device.type == "cpu"   # resident blocks repacked for ggml's faster kernels
         # linear layers that compute on their blocks (ggml): swapped in before the parameters are listed
         self.block_mods: dict[str, BlockLinear] = {}   # stored name of a weight's blocks -> its module
         self.block_kinds: dict[str, str] = {}          # stored weight -> the GGUF kind it computes as
@@ -188,23 +190,33 @@ class Streamer(ExpertRouting, EmbeddingRows):
 
     def _bind_blocks(self, unit: str, buf: torch.Tensor):
         """A resident unit that computes on its blocks: its linear layers bound to them once (our int4 / int8
-        parts interleaved into GGUF blocks once); the embedding kept as blocks, its rows gathered per batch."""
+        parts interleaved into GGUF blocks once); the embedding kept as blocks, its rows gathered per batch.
+        Where ggml repacks a weight's type (`repack`), the weight is bound to its repacked copy and the rest of
+        the unit copied out of `buf`, which is then freed: the unit holds its size in RAM, not twice it."""
         views = tensor_views(buf, self.store.slots(unit))
         if unit == "embed":
             self.ram_units[unit] = buf
+        binds, repacked = [], False
         for base, (kind, names) in stored_names(list(views)).items():
             parts = {sf: views.pop(n) for sf, n in names.items()}
             if base in self.block_kinds:
                 gk, raw = to_ggml(kind, parts)
-                if unit in self.expert_units:
-                    mod_name, j, param = expert_param(base)
-                    self.expert_blocks[mod_name].setdefault(j, {})[param] = (gk, raw)
-                else:
-                    self.block_mods[f"{base}.{gk}"].bind(raw)
+                if self.repack and unit != "embed":   # (the embedding's rows are gathered from its blocks)
+                    r = repack(gk, raw)
+                    raw, repacked = (raw, repacked) if r is None else (r, True)
+                binds.append((base, gk, raw))
+        for base, gk, raw in binds:
+            if repacked and isinstance(raw, torch.Tensor):
+                raw = raw.clone()   # (not a view of buf, which is freed)
+            if unit in self.expert_units:
+                mod_name, j, param = expert_param(base)
+                self.expert_blocks[mod_name].setdefault(j, {})[param] = (gk, raw)
+            else:
+                self.block_mods[f"{base}.{gk}"].bind(raw)
         if unit == "embed":
             return
         for name, t in views.items():
-            self._bind(name, t)
+            self._bind(name, t.clone() if repacked else t)
 
     def _compute_packed(self, unit: str, buf: torch.Tensor) -> bool:
         """A resident int4 unit on the CPU: its linear layers compute on the packed blocks directly (no

@@ -165,3 +165,43 @@ def test_experts_on_blocks_match_transformers_experts(kind):
             mod._apply_gate(lin[int(idx[t, j]), "gate_up_proj"](x[t:t + 1]))) for j in range(2))[0]
             for t in range(tokens)])
         torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["q4_0", "q4_k"])
+def test_repacked_blocks_give_the_blocks_results(kind):
+    """A weight repacked for ggml's faster kernels (where this CPU has them) gives the blocks' results as
+    stored to float rounding (its kernels sum in another order), batch sizes 1..64; a call of fewer than 4 rows
+    (ggml's GEMV) gives each row the bits it has alone."""
+    rng = np.random.default_rng(7)
+    per = 256 if kind.endswith("_k") else 32
+    raw = torch.from_numpy(random_blocks(136, 3 * per, kind.upper(), rng).copy())
+    r = k.repack(kind, raw)
+    if r is None:
+        pytest.skip(f"ggml has no {kind} repacking on this CPU")
+    mod = k.BlockLinear(3 * per, 136, kind)
+    mod.bind(r)
+    assert "repacked" in repr(mod)
+    for batch in (1, 2, 3, 4, 5, 31, 64):
+        x = torch.randn(batch, 3 * per)
+        want = k.mul_mat(kind, raw, x, torch.empty(batch, 136))
+        got = mod(x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    x = torch.randn(3, 3 * per)
+    alone = torch.cat([mod(x[i:i + 1]) for i in range(3)])
+    assert torch.equal(mod(x), alone)
+    r.close()
+
+
+def test_what_ggml_cannot_repack_is_used_as_stored():
+    """Types without repacked kernels, and shapes they do not take (rows not a multiple of 8), give None:
+    the blocks are then computed on as they are; a repacked weight of another type or shape is refused."""
+    rng = np.random.default_rng(8)
+    for kind, rows in (("q4_1", 64), ("q5_0", 64), ("q4_0", 37)):
+        raw = torch.from_numpy(random_blocks(rows, 64, kind.upper(), rng).copy())
+        assert k.repack(kind, raw) is None, kind
+    r = k.repack("q4_0", torch.from_numpy(random_blocks(64, 64, "Q4_0", rng).copy()))
+    if r is not None:
+        with pytest.raises(ValueError, match="do not make"):
+            k.BlockLinear(64, 64, "q4_1").bind(r)
+        with pytest.raises(ValueError, match="do not make"):
+            k.BlockLinear(64, 32, "q4_0").bind(r)
