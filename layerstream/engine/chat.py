@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import InputError
+from .step import growing_cache
 
 
 class ChatSession:
@@ -12,14 +13,12 @@ class ChatSession:
     `PipelineModel.new_session`)."""
 
     def __init__(self, model, system: str | None = None):
-        from transformers import DynamicCache
-
         if model.tokenizer is None or not getattr(model.tokenizer, "chat_template", None):
             raise InputError("this model has no chat template; use `layerstream run` with a raw prompt")
         self.model = model
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self.session = model.new_session() if hasattr(model, "new_session") else None
-        self.cache = DynamicCache(config=model.config) if self.session is None else None
+        self.cache = growing_cache(model) if self.session is None else None
         self.cached_ids: torch.Tensor | None = None   # the tokens whose keys/values are in the cache
         self.last_prefill = 0                          # tokens computed by the last turn's first sweep
 

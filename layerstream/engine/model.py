@@ -18,6 +18,7 @@ from ..runtime import Profiler, Streamer
 from ..runtime.streamer import block_weights
 from ..store import Store, resolve
 from ..utils import cores, idle_cores, log
+from .step import growing_cache
 
 DTYPE_ALIASES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
                  "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "auto": None}
@@ -230,6 +231,9 @@ class StreamedModel:
         if isinstance(kwargs.get("assistant_model"), StreamedModel):
             kwargs["assistant_model"] = kwargs["assistant_model"].model
         speculative = "assistant_model" in kwargs or "prompt_lookup_num_tokens" in kwargs
+        if kwargs.get("cache") is None and kwargs.get("past_key_values") is None and kwargs.get("use_cache", True) \
+                and kwargs.get("cache_implementation") is None and self._takes_a_cache():
+            kwargs["cache"] = growing_cache(self.model)   # (transformers' DynamicCache, written in place)
         self.profiler.reset()
         t0 = time.perf_counter()
         with self.running():
@@ -248,6 +252,15 @@ class StreamedModel:
         if self.profiler.enabled:
             print(self.profiler.report(), file=sys.stderr, flush=True)
         return out
+
+    def _takes_a_cache(self) -> bool:
+        """Whether `generate` would make this model a DynamicCache (its forward takes one; not a family with a cache
+        of its own, nor a generation config naming another kind)."""
+        import inspect
+
+        return ("cache" in inspect.signature(self.model.forward).parameters
+                and self.model._supports_default_dynamic_cache() and not self.config.is_encoder_decoder
+                and getattr(self.model.generation_config, "cache_implementation", None) is None)
 
     def close(self):
         """Stop the loader threads and record the routing seen (idempotent); the draft's too."""
