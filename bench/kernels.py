@@ -259,6 +259,9 @@ def main():
             ("llama.cpp", "llama.cpp", {}),
             ("layerstream default (blocks, resident)", "layerstream", {}),
             ("layerstream repack=False (resident blocks as stored)", "layerstream", {"repack": False}),
+            ("layerstream in place, max_ram=0 (blocks streamed; repacked for the prefill)", "layerstream",
+             {"max_ram": 0}),
+            ("layerstream in place, max_ram=0, repack=False", "layerstream", {"max_ram": 0, "repack": False}),
             ("layerstream kernels=False (dequantized once, float32)", "layerstream", {"kernels": False}),
         ])
 

@@ -251,6 +251,16 @@ def test_resident_blocks_are_repacked_where_ggml_has_faster_kernels(gguf_model):
     for other in ("as stored", "streamed"):
         torch.testing.assert_close(runs["repacked"][0], runs[other][0], rtol=1e-4, atol=1e-4)
         assert runs["repacked"][1].tolist() == runs[other][1].tolist()
+    # a prompt of REPACK_ROWS tokens or more: streamed blocks are repacked for the call, and the logits are the
+    # resident model's bit for bit (the same kernels on the same rows)
+    long_ids = torch.arange(3, 3 + kernels.REPACK_ROWS + 6)[None] % 200
+    logits = []
+    for kw in ({}, {"max_ram": 0}):
+        m = AutoModel.from_pretrained(store, progress=False, **kw)
+        with torch.no_grad():
+            logits.append(m(long_ids).logits)
+        m.close()
+    assert torch.equal(logits[0], logits[1])
 
 
 def assert_near_ties_only(got: torch.Tensor, want: torch.Tensor, kl_mean: float = 0.02, kl_max: float = 0.1):

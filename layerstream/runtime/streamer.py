@@ -18,7 +18,15 @@ from ..arch import Layout
 from ..arch.skeleton import expert_param
 from ..plan import Plan
 from ..quant import INT4_GGML, Int4PackedLinear, as_int4, dequantize, stored_names
-from ..quant.kernels import BlockLinear, block_experts_forward, experts_on_blocks, kernel_kind, repack, to_ggml
+from ..quant.kernels import (
+    REPACK_ROWS,
+    BlockLinear,
+    block_experts_forward,
+    experts_on_blocks,
+    kernel_kind,
+    repack,
+    to_ggml,
+)
 from ..store import Store, aligned_empty, release_rows_as_read, tensor_views
 from .embedding import EmbeddingRows
 from .experts import ExpertRouting
@@ -102,6 +110,9 @@ class Streamer(ExpertRouting, EmbeddingRows):
         self.expert_items: dict[str, list] = {}        # experts module -> loaded items of its call, released after
         self.expert_units = {u.name: u for u in plan.units if u.kind == "expert"}
         self._swap_block_linears()
+        if self.repack:   # streamed blocks are repacked for long calls (a prefill), resident ones once at load
+            for mod in self.block_mods.values():
+                mod.repack_rows = REPACK_ROWS
         self.device, self.dtype, self.prof = device, dtype, profiler
         self.params: dict[str, nn.Parameter] = dict(model.named_parameters(remove_duplicate=False))
         self.buffers = {n: (m, n.rsplit(".", 1)[-1], b) for mn, m in model.named_modules()

@@ -205,3 +205,25 @@ def test_what_ggml_cannot_repack_is_used_as_stored():
             k.BlockLinear(64, 64, "q4_1").bind(r)
         with pytest.raises(ValueError, match="do not make"):
             k.BlockLinear(64, 32, "q4_0").bind(r)
+
+
+def test_blocks_as_stored_are_repacked_for_long_calls():
+    """A BlockLinear bound to blocks as stored (a streamed unit's) repacks them for a call of `repack_rows` rows
+    or more: the result is the repacked weight's bit for bit; a type with no repacking stops asking."""
+    rng = np.random.default_rng(9)
+    raw = torch.from_numpy(random_blocks(64, 512, "Q4_K", rng).copy())
+    r = k.repack("q4_k", raw)
+    if r is None:
+        pytest.skip("ggml has no q4_k repacking on this CPU")
+    packed, stored = k.BlockLinear(512, 64, "q4_k"), k.BlockLinear(512, 64, "q4_k")
+    packed.bind(r)
+    stored.bind(raw)
+    stored.repack_rows = 8
+    x = torch.randn(9, 512)
+    assert torch.equal(stored(x), packed(x))
+    torch.testing.assert_close(stored(x[:5]), packed(x[:5]), rtol=1e-5, atol=1e-4)
+    q41 = k.BlockLinear(512, 64, "q4_1")
+    q41.bind(torch.from_numpy(random_blocks(64, 512, "Q4_1", rng).copy()))
+    q41.repack_rows = 8
+    q41(x)
+    assert q41.repack_rows is None
