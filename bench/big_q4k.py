@@ -9,7 +9,8 @@ Each system runs in its own process with the page cache dropped first (root only
 - llama.cpp (llama-cpp-python, mmap, its CPU repack off: with it on llama.cpp refuses the file, its repack
   buffer would take 37 GB of RAM), 2 threads;
 - layerstream at its default budget, and at max_ram=16GB;
-- layerstream's engine, 16 sequences at once (`--batch`).
+- layerstream's engine, 16 sequences at once (`--batch`), with its resident Q4_K weights repacked for ggml's
+  GEMMs (the default) and as stored (`repack=False`).
 Printed per system: seconds per decode token (median of the tokens after the first), the prefill, the bytes
 read from disk per token, the read rate `layerstream plan` measures on the store (the read limit: streamed bytes
 per token / that rate), and the child's peak RSS.
@@ -137,12 +138,14 @@ def child(a) -> dict:
         from layerstream import AutoModel
 
         opts = {"max_ram": a.budget} if a.child == "layerstream-budget" else {}
+        if a.child.endswith("-stored"):   # resident Q4_K blocks as stored, not repacked (ggml's plain mul_mat)
+            opts["repack"] = False
         m = AutoModel.from_pretrained(str(g), store_path=str(Path(a.dir) / "ls-store"), progress=False, **opts)
         r["setup_s"] = time.perf_counter() - t0
         r["plan"] = m.plan.describe()
         r["bytes_per_sweep"] = m.plan.bytes_per_sweep
         ids = torch.tensor([PROMPT])
-        if a.child == "layerstream-batch":
+        if a.child.startswith("layerstream-batch"):
             from layerstream.engine.scheduler import Engine, SamplingParams
 
             eng = Engine(m, max_batch=a.batch)
@@ -192,7 +195,7 @@ def main(argv=None) -> int:
     bw = measure_read_bandwidth(store)
     print(f"file {g.stat().st_size / 1e9:.1f} GB; read rate measured on the store {bw / 1e9:.2f} GB/s", flush=True)
     results = {}
-    for system in ("llama.cpp", "layerstream", "layerstream-budget", "layerstream-batch"):
+    for system in ("llama.cpp", "layerstream", "layerstream-budget", "layerstream-batch", "layerstream-batch-stored"):
         if system in a.skip:
             continue
         dropped = harness.drop_caches()
@@ -213,10 +216,11 @@ def main(argv=None) -> int:
         if system == "llama.cpp":
             ref = med
         limit = r.get("bytes_per_sweep", 0) / bw if r.get("bytes_per_sweep") else None
-        if system == "layerstream-batch":
+        if system.startswith("layerstream-batch"):
             agg = r.get("batch_tokens", 0) / r["batch_s"] if r.get("batch_s") else None
-            print(f"| engine, {a.batch} sequences | aggregate {harness.fmt(agg)} tok/s over {r.get('sweeps')} sweeps "
-                  f"| | | | | {harness.fmt_b(r.get('peak_rss'))} |")
+            how = ", resident blocks as stored (repack=False)" if system.endswith("-stored") else ""
+            print(f"| engine, {a.batch} sequences{how} | aggregate {harness.fmt(agg)} tok/s over {r.get('sweeps')} "
+                  f"sweeps | | | | | {harness.fmt_b(r.get('peak_rss'))} |")
             continue
         print(f"| {system} | {harness.fmt(med)} | {harness.fmt(r.get('first_s'))} | "
               f"{harness.fmt_b(r.get('read_per_token'))} | {harness.fmt(limit)} | "
