@@ -226,7 +226,7 @@ def test_kernels_on_gguf_blocks_match_the_dequantize_path(gguf_model, max_ram):
     m.close()
 
 
-def test_resident_blocks_are_repacked_where_ggml_has_faster_kernels(gguf_model):
+def test_resident_blocks_are_repacked_where_ggml_has_faster_kernels(gguf_model, capfd):
     """Resident Q4_0 / Q4_K weights (where this CPU has ggml's repacked kernels) are bound to repacked copies,
     the rest to their blocks as stored; the logits are those of the blocks as stored (`repack=False`, and
     streamed at max_ram=0, which never repacks) to float rounding, and the greedy tokens the same."""
@@ -243,6 +243,7 @@ def test_resident_blocks_are_repacked_where_ggml_has_faster_kernels(gguf_model):
         with torch.no_grad():
             runs[name] = m(IDS).logits, m.generate(IDS, max_new_tokens=8, do_sample=False), packed
         if name == "repacked":   # every Q4_0 / Q4_K layer of both layers (Llama: q and o; Gemma: five a layer)
+            assert "repack" not in capfd.readouterr().err   # (ggml's debug line per weight is not printed)
             want = {"llama": {"q_proj", "o_proj"}, "gemma": {"q_proj", "k_proj", "o_proj", "gate_proj", "up_proj"}}
             assert {n.rsplit(".", 1)[1] for n in packed} == want[family] and len(packed) == 2 * len(want[family])
             assert all("repacked" in repr(mods[n]) for n in packed)

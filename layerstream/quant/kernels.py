@@ -20,6 +20,7 @@ computed on one ggml threadpool sized to the model's compute threads (`threads`)
 from __future__ import annotations
 
 import ctypes
+import sys
 import threading
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -56,7 +57,23 @@ def available() -> bool:
         except (ImportError, OSError) as e:   # not installed, or its library does not load on this CPU
             _state["lib"] = None
             _state["why"] = f"{type(e).__name__}: {e}"
+        else:
+            _quiet_logs(ggml)
     return _state["lib"] is not None
+
+
+def _quiet_logs(g) -> None:
+    """ggml's warnings and errors to stderr, not its debug and info lines (it writes one for every weight it
+    repacks). The callback is kept here: ggml holds only its address."""
+    def log(level, text, _user):
+        if level in (g.GGML_LOG_LEVEL_WARN, g.GGML_LOG_LEVEL_ERROR) and text:
+            sys.stderr.write(text.decode(errors="replace"))
+
+    try:
+        _state["log"] = g.ggml_log_callback(log)
+        g.ggml_log_set(_state["log"], None)
+    except (AttributeError, TypeError):   # an older ggml-python: its own logging stays
+        pass
 
 
 def unavailable_reason() -> str:
