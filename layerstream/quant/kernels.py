@@ -282,33 +282,23 @@ def mul_mat(kind: str, w: torch.Tensor | Repacked, x: torch.Tensor, out: torch.T
     n, m, k = w.shape[0], x.shape[0], x.shape[1]
     threads = _state.get("threads_wanted") or torch.get_num_threads()
     poll = _POLL if _state.get("poll") is None else _state["poll"]
-    if isinstance(w, Repacked):
-        with _lock:
-            pool = _pool(g, threads, poll)
-            key = (m, threads, poll, _state["pool_gen"])
-            gr = w.graphs.get(key)
-            if gr is None:
-                gr = w.graphs[key] = _Graph(g, GGML_TYPES[kind], k, n, m, threads, pool, w=w.t)
-                if len(w.graphs) > 4:   # (decode's batch sizes; a prefill's length is seldom seen twice)
-                    w.graphs.popitem(last=False)
-            else:
-                w.graphs.move_to_end(key)
-            gr.x.data, gr.y.data = x.data_ptr(), out.data_ptr()
-            status = g.lib.ggml_graph_compute(gr.graph, gr.plan_ref)
-        if status != 0:
-            raise RuntimeError(f"ggml_graph_compute failed with status {status}")
-        return out
-    key = (kind, k, n, m, threads, poll)
+    repacked = isinstance(w, Repacked)
+    # a repacked weight keeps graphs over its own tensor (a few: decode's batch sizes; a prefill's length is
+    # seldom seen twice); blocks as stored share graphs by shape, their data pointer set at each call
+    cache, limit = (w.graphs, 4) if repacked else (_graphs, MAX_GRAPHS)
     with _lock:
         pool = _pool(g, threads, poll)
-        gr = _graphs.get(key)
+        key = (m, threads, poll, _state["pool_gen"]) if repacked else (kind, k, n, m, threads, poll)
+        gr = cache.get(key)
         if gr is None:
-            gr = _graphs[key] = _Graph(g, GGML_TYPES[kind], k, n, m, threads, pool)
-            if len(_graphs) > MAX_GRAPHS:
-                _graphs.popitem(last=False)
+            gr = cache[key] = _Graph(g, GGML_TYPES[kind], k, n, m, threads, pool, w=w.t if repacked else None)
+            if len(cache) > limit:
+                cache.popitem(last=False)
         else:
-            _graphs.move_to_end(key)
-        gr.w.data, gr.x.data, gr.y.data = w.data_ptr(), x.data_ptr(), out.data_ptr()
+            cache.move_to_end(key)
+        if not repacked:
+            gr.w.data = w.data_ptr()
+        gr.x.data, gr.y.data = x.data_ptr(), out.data_ptr()
         status = g.lib.ggml_graph_compute(gr.graph, gr.plan_ref)
     if status != 0:
         raise RuntimeError(f"ggml_graph_compute failed with status {status}")
@@ -320,8 +310,9 @@ class BlockLinear(nn.Module):
 
     Swapped in for an `nn.Linear` of the skeleton. A resident unit binds its blocks once; a streamed one
     binds them at each forward, as the loader brings them (`bind` / `unbind`). Every batch size runs on ggml,
-    never on a dequantized copy: a row's result is then the same bits whatever else shares its sweep (the
-    engine's greedy requests give `generate`'s tokens), and no call pays for dequantizing the weight (a
+    never on a dequantized copy: on blocks as stored a row's result is then the same bits whatever else shares
+    its sweep (the engine's greedy requests give `generate`'s tokens; `Repacked` blocks trade that for speed),
+    and no call pays for dequantizing the weight (a
     prefill of the embedded model's 38-token prompt ran at 246 tok/s on ggml, 90 when each call dequantized
     its weight for torch's dense matmul)."""
 

@@ -19,11 +19,10 @@ def _gguf_key(path: Path):
     return SimpleNamespace(name=path.stem, identity=file_identity([path]))
 
 
-def _stale_index(out: Path, path: Path) -> bool:
-    """Whether the in-place store at `out` indexes files other than the source `path` as it is now (another
-    copy of the model, moved or changed since): such an index is made again from `path`, not served."""
-    st = Store(out)
-    m = st.manifest
+def _stale_index(st: Store, path: Path) -> bool:
+    """Whether the in-place store `st` indexes files other than the source `path` as it is now (another copy
+    of the model, moved or changed since): such an index is made again from `path`, not served."""
+    m, out = st.manifest, st.path
     if not m.in_place or not path.exists():
         return False
     why = None
@@ -64,10 +63,12 @@ def resolve(source=None, store_path=None, dtype=None, progress=True, in_place=No
     src = None if is_gguf else open_source(path)
     out = Path(store_path) if store_path is not None else \
         default_store_path(src or _gguf_key(path), quant, None if gguf_in_place else dtype, in_place=gguf_in_place)
-    if Store.is_store(out) and _stale_index(out, path):
+    st = Store(out) if Store.is_store(out) else None
+    if st is not None and _stale_index(st, path):
         (out / MANIFEST).unlink()   # (an index holds no weights: made again below, its manifest written last)
-    if Store.is_store(out):
-        m = Store(out).manifest
+        st = None
+    if st is not None:
+        m = st.manifest
         if m.quantization != quant and quantize is not None:
             raise StoreError(f"{out}: the store there is {m.quantization or 'not quantized'}, not {quant}; choose "
                              f"another store_path")
