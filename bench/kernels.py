@@ -13,7 +13,7 @@ Measured per system: prefill of a prompt (the chat prompt for SmolLM2; 512 token
 decode step over --tokens greedy tokens after it, tokens/s. llama.cpp (llama-cpp-python, optional: reported as
 "not installed" when missing) runs with its defaults (its CPU repack on) and n_threads = the cores.
 
-    .venv/bin/python bench/kernels.py [--dir /tmp/ls-bench] [--tokens 32] [--only smollm2|1.5b|moe]
+    .venv/bin/python bench/kernels.py [--dir DIR] [--tokens 32] [--only smollm2|1.5b|moe]
 
 --only moe (not in the default run): a Qwen3-MoE-shaped Q4_K GGUF (bench/moe.py's shape, random weights, about
 1 GB), its experts computed on their blocks per routed expert.
@@ -32,6 +32,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import harness  # noqa: E402  (torch-free: where scenarios keep their files, a smoke run's own)
 
 QWEN15 = {"hidden": 1536, "ff": 8960, "heads": 12, "kv": 2, "head_dim": 128, "vocab": 49152, "ctx": 1024}
 LAYERS15 = 28
@@ -212,7 +215,7 @@ def table(name: str, gguf: str, ids: list, tokens: int, store: str, systems: lis
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dir", default="/tmp/ls-bench")
+    ap.add_argument("--dir", default=str(harness.WORK), help=f"where the models and stores go (default {harness.WORK})")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--only", choices=["smollm2", "1.5b", "moe"])
     ap.add_argument("--child")
