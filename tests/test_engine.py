@@ -391,3 +391,25 @@ def test_prompt_lookup_verifies_copied_tokens_in_one_sweep(tiny):
     got = m.generate(ids, max_new_tokens=16, do_sample=False, prompt_lookup_num_tokens=5)
     assert got.tolist() == plain.tolist()
     assert m.last_stats["drafted"] > 0 and m.last_stats["sweeps"] <= m.last_stats["new_tokens"]
+
+
+def test_prefill_and_decode_step_keep_the_cache_in_place(tiny):
+    """The step API's cache is `growing_cache`'s (a decode step writes its keys and values in place): the same
+    logits, step by step, as transformers' DynamicCache, which concatenates the whole cache each step."""
+    from transformers import DynamicCache
+
+    from layerstream.engine.step import GROW, decode_step, growing_layer_class, prefill
+
+    src, m, want = tiny
+    ids = torch.tensor([PROMPTS[0]])
+    got, cache = prefill(m, ids)
+    ref, ref_cache = prefill(m, ids, DynamicCache(config=m.config))
+    assert all(type(layer) is growing_layer_class() for layer in cache.layers)
+    assert torch.equal(got, ref)
+    kbuf = cache.layers[0]._kbuf
+    for _ in range(3):
+        tok = got.argmax(-1)
+        got, ref = decode_step(m, tok, cache), decode_step(m, tok, ref_cache)
+        assert torch.equal(got, ref)
+    assert cache.layers[0]._kbuf is kbuf and kbuf.shape[-2] >= GROW   # written in place, not grown
+    assert cache.get_seq_length() == ref_cache.get_seq_length() == ids.shape[1] + 3

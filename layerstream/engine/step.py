@@ -124,12 +124,13 @@ def forward(model, input_ids: torch.Tensor, cache, attention_mask: torch.Tensor 
 
 
 def prefill(model, input_ids: torch.Tensor, cache=None) -> tuple[torch.Tensor, object]:
-    """The prompt's sweep: (logits of its last position [batch, vocab], the filled cache)."""
+    """The prompt's sweep: (logits of its last position [batch, vocab], the filled cache: `growing_cache`'s
+    unless one is given)."""
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
     if input_ids.shape[-1] == 0:
         raise InputError("the prompt is empty")
-    cache = cache if cache is not None else new_cache(model)
+    cache = cache if cache is not None else growing_cache(model)
     return forward(model, input_ids, cache), cache
 
 

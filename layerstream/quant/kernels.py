@@ -151,6 +151,7 @@ class _Graph:
         self.work = torch.empty(max(1, self.plan.work_size), dtype=torch.uint8)
         self.plan.work_data = ctypes.cast(self.work.data_ptr(), ctypes.POINTER(ctypes.c_uint8))
         self.plan_ref = ctypes.byref(self.plan)
+        self.compute = g.lib.ggml_graph_compute   # (looked up once: ggml-python's module lookup costs ~1 us)
         self._free = g.ggml_free
 
     def __del__(self):
@@ -278,28 +279,39 @@ def mul_mat(kind: str, w: torch.Tensor | Repacked, x: torch.Tensor, out: torch.T
     torch's count)."""
     if not available():
         raise RuntimeError(f"ggml's kernels are not available ({unavailable_reason()})")
+    return _compute(kind, w, x.shape[1], x.shape[0], x.data_ptr(), out)
+
+
+def _compute(kind: str, w, k: int, m: int, xptr: int, out: torch.Tensor) -> torch.Tensor:
+    """`mul_mat` on raw pointers: the path every BlockLinear call takes (a decode step of the embedded model
+    makes 211 of them, and each microsecond here is 0.2 ms a token), kernels known to be available."""
     g = _state["lib"]
-    n, m, k = w.shape[0], x.shape[0], x.shape[1]
     threads = _state.get("threads_wanted") or torch.get_num_threads()
-    poll = _POLL if _state.get("poll") is None else _state["poll"]
-    repacked = isinstance(w, Repacked)
-    # a repacked weight keeps graphs over its own tensor (a few: decode's batch sizes; a prefill's length is
-    # seldom seen twice); blocks as stored share graphs by shape, their data pointer set at each call
-    cache, limit = (w.graphs, 4) if repacked else (_graphs, MAX_GRAPHS)
+    poll = _state.get("poll")
+    if poll is None:
+        poll = _POLL
+    repacked = type(w) is Repacked
     with _lock:
-        pool = _pool(g, threads, poll)
-        key = (m, threads, poll, _state["pool_gen"]) if repacked else (kind, k, n, m, threads, poll)
+        if _state.get("pool_key") != (threads, poll):
+            _pool(g, threads, poll)
+        if repacked:
+            # a repacked weight keeps graphs over its own tensor (a few: decode's batch sizes; a prefill's
+            # length is seldom seen twice)
+            cache, limit, key = w.graphs, 4, (m, threads, poll, _state["pool_gen"])
+        else:   # blocks as stored share graphs by shape, their data pointer set at each call
+            cache, limit, key = _graphs, MAX_GRAPHS, (kind, k, w.shape[0], m, threads, poll)
         gr = cache.get(key)
         if gr is None:
-            gr = cache[key] = _Graph(g, GGML_TYPES[kind], k, n, m, threads, pool, w=w.t if repacked else None)
+            gr = cache[key] = _Graph(g, GGML_TYPES[kind], k, w.shape[0], m, threads, _state["pool"],
+                                     w=w.t if repacked else None)
             if len(cache) > limit:
                 cache.popitem(last=False)
-        else:
+        elif len(cache) > 1:
             cache.move_to_end(key)
         if not repacked:
             gr.w.data = w.data_ptr()
-        gr.x.data, gr.y.data = x.data_ptr(), out.data_ptr()
-        status = g.lib.ggml_graph_compute(gr.graph, gr.plan_ref)
+        gr.x.data, gr.y.data = xptr, out.data_ptr()
+        status = gr.compute(gr.graph, gr.plan_ref)
     if status != 0:
         raise RuntimeError(f"ggml_graph_compute failed with status {status}")
     return out
@@ -354,17 +366,27 @@ class BlockLinear(nn.Module):
         object.__setattr__(self, "perm", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (each tensor call here costs ~1 us, a decode step of the embedded model makes 211 of these calls:
-        # what is already float32 and contiguous is not converted)
-        if self.blocks is None:
+        # the common call (float32 and contiguous activations, rows in order, no repacking for it) goes straight
+        # to ggml with no reshape or view: a decode step of the embedded model makes 211 of these calls, and
+        # each tensor call here costs ~1-2 us
+        w = self.blocks
+        if w is None:
             raise RuntimeError("BlockLinear called with no blocks bound")
+        shape = x.shape
+        if not shape or shape[-1] != self.in_features:
+            raise ValueError(f"input of shape {tuple(shape)} for a linear layer of {self.in_features} features")
+        rows = x.numel() // self.in_features
+        if rows and x.dtype is torch.float32 and self.perm is None and x.is_contiguous() and _state.get("lib") \
+                and (self.repack_rows is None or rows < self.repack_rows or type(w) is Repacked):
+            y = torch.empty(shape[:-1] + (self.out_features,), dtype=torch.float32)
+            _compute(self.kind, w, self.in_features, rows, x.data_ptr(), y)
+            return y if self.bias is None else y + self.bias
         xf = x.reshape(-1, self.in_features)
         if xf.dtype != torch.float32:
             xf = xf.float()
         if not xf.is_contiguous():
             xf = xf.contiguous()
         y = torch.empty((xf.shape[0], self.out_features), dtype=torch.float32)
-        w = self.blocks
         if self.repack_rows is not None and xf.shape[0] >= self.repack_rows and not isinstance(w, Repacked):
             r = repack(self.kind, w)
             if r is None:   # (no repacking for this type or shape on this CPU: never asked again)

@@ -227,3 +227,26 @@ def test_blocks_as_stored_are_repacked_for_long_calls():
     q41.repack_rows = 8
     q41(x)
     assert q41.repack_rows is None
+
+
+def test_every_input_layout_gives_the_same_bits():
+    """The direct call (float32, contiguous: no reshape or copy) and the general one (other dtypes, strided
+    inputs, rows out of order) compute the same bits; an input whose last size is not the layer's is refused,
+    not read as more rows."""
+    rng = np.random.default_rng(5)
+    raw = torch.from_numpy(random_blocks(48, 64, "Q4_1", rng).copy())
+    mod = k.BlockLinear(64, 48, "q4_1")
+    mod.bind(raw)
+    x = torch.randn(2, 3, 64)
+    want = k.mul_mat("q4_1", raw, x.reshape(6, 64), torch.empty(6, 48)).view(2, 3, 48)
+    assert torch.equal(mod(x), want)
+    assert torch.equal(mod(x.transpose(0, 1).contiguous().transpose(0, 1)), want)   # strided: copied first
+    assert torch.equal(mod(x[:, 1]), want[:, 1])
+    assert mod(x[:, :0]).shape == (2, 0, 48)
+    with pytest.raises(ValueError, match="64 features"):
+        mod(torch.randn(1, 128))
+    with pytest.raises(ValueError, match="64 features"):
+        mod(torch.randn(2, 32))
+    mod.unbind()
+    with pytest.raises(RuntimeError, match="no blocks bound"):
+        mod(x)
