@@ -151,11 +151,17 @@ def child(a) -> dict:
             eng = Engine(m, max_batch=a.batch)
             meter.start()
             t1 = time.perf_counter()
-            done = eng.generate([ids[0, : 2 + i % 3] for i in range(a.batch)],
-                                SamplingParams(max_tokens=a.tokens, temperature=0))
+            handles = [eng.submit(ids[0, : 2 + i % 3], SamplingParams(max_tokens=a.tokens, temperature=0))
+                       for i in range(a.batch)]
+            sweep_s = []   # each sweep's time: the first prefills the prompts, the rest decode a token per row
+            while not all(h.done for h in handles):
+                t2 = time.perf_counter()
+                eng.step()
+                sweep_s.append(time.perf_counter() - t2)
             r["batch_s"] = time.perf_counter() - t1
-            r["batch_tokens"] = sum(len(d.token_ids) for d in done)
+            r["batch_tokens"] = sum(len(h.result().token_ids) for h in handles)
             r["sweeps"] = m.profiler.sweeps
+            r["sweep_s"] = [round(x, 3) for x in sweep_s]
         else:
             meter.start()
             out = m.generate(ids, max_new_tokens=a.tokens, do_sample=False, logits_processor=meter.processor())
@@ -219,8 +225,14 @@ def main(argv=None) -> int:
         if system.startswith("layerstream-batch"):
             agg = r.get("batch_tokens", 0) / r["batch_s"] if r.get("batch_s") else None
             how = ", resident blocks as stored (repack=False)" if system.endswith("-stored") else ""
-            print(f"| engine, {a.batch} sequences{how} | aggregate {harness.fmt(agg)} tok/s over {r.get('sweeps')} "
-                  f"sweeps | | | | | {harness.fmt_b(r.get('peak_rss'))} |")
+            # decode sweeps (after the prompts' sweep) against one sequence's decode tokens, as batch 1 is timed
+            dec = statistics.median(r["sweep_s"][1:]) if len(r.get("sweep_s") or []) > 1 else None
+            one = (results.get("layerstream") or {}).get("token_s") or []
+            vs = f" = {a.batch * statistics.median(one) / dec:.1f}x one sequence" if dec and one else ""
+            print(f"| engine, {a.batch} sequences{how} | decode sweep {harness.fmt(dec)} s: "
+                  f"{harness.fmt(a.batch / dec) if dec else '-'} tok/s{vs}; with the prompts' sweep "
+                  f"{harness.fmt(agg)} tok/s over {r.get('sweeps')} sweeps | | | | | "
+                  f"{harness.fmt_b(r.get('peak_rss'))} |")
             continue
         print(f"| {system} | {harness.fmt(med)} | {harness.fmt(r.get('first_s'))} | "
               f"{harness.fmt_b(r.get('read_per_token'))} | {harness.fmt(limit)} | "
