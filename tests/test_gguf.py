@@ -264,6 +264,26 @@ def test_resident_blocks_are_repacked_where_ggml_has_faster_kernels(gguf_model, 
     assert torch.equal(logits[0], logits[1])
 
 
+def test_plan_says_which_blocks_will_be_repacked(gguf_model):
+    """`layerstream plan` names, by type and bytes, the resident blocks ggml repacks at load and those kept as
+    stored; with everything streamed, that streamed blocks are repacked for long calls only."""
+    from layerstream.quant import kernels
+
+    if not kernels.available() or not kernels.repackable("q4_k"):
+        pytest.skip("no ggml repacking on this machine")
+    family, g, store, _, _ = gguf_model
+    r = run_cli("plan", store, "--no-measure")
+    assert r.returncode == 0, r.stderr
+    note = next(line for line in r.stdout.splitlines() if "repacked at load" in line)
+    repacked, _, stored = note.partition("as stored")
+    assert "Q4_K" in repacked and "Q6_K" in stored and "Q6_K" not in repacked, note
+    if family == "llama":   # its Q4_0 attention outputs are repacked too, its Q5 / Q8 layers not
+        assert "Q4_0" in repacked and {"Q5_K", "Q5_0", "Q5_1", "Q8_0"} <= set(stored.replace(",", " ").split()), note
+    r = run_cli("plan", store, "--no-measure", "--max-ram", "0")
+    assert r.returncode == 0, r.stderr
+    assert "streamed blocks repacked for calls of 64 rows or more" in r.stdout and "at load" not in r.stdout
+
+
 def assert_near_ties_only(got: torch.Tensor, want: torch.Tensor, kl_mean: float = 0.02, kl_max: float = 0.1):
     """got's next-token distributions are want's within ggml's 8-bit rounding of the activations (KL divergence
     per position; llama.cpp computes the same way: on the embedded model the mean KL is about 0.006), and where

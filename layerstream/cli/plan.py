@@ -27,6 +27,11 @@ def cmd_plan(a) -> int:
         blocks = set(block_weights(skeleton, store))
     plan = make_plan(store, device, parse_size(a.max_ram, "--max-ram"),
                      parse_size(a.max_gpu_memory, "--max-gpu-memory"), a.lookahead, blocks=blocks)
+    if blocks:
+        from ..runtime.streamer import repack_note
+        note = repack_note(store, plan)
+        if note:
+            plan.notes.append(note)
     direct, plan.cached = choose_io("auto", plan)
     if not direct:
         plan.notes.append("streamed units fit in the page cache: read through it (io auto)")

@@ -256,6 +256,21 @@ def repack(kind: str, blocks: torch.Tensor) -> Repacked | None:
     return r
 
 
+def repackable(kind: str) -> bool:
+    """Whether ggml repacks weights of GGUF `kind` on this CPU (`repack`), tried once on a small weight: what
+    `layerstream plan` says will be repacked, before any weight is read."""
+    known = _state.setdefault("repackable", {})
+    if kind not in known:
+        r = None
+        if kind in GGML_TYPES:
+            per, size = GGML[kind]
+            r = repack(kind, torch.zeros((8, 256 // per * size), dtype=torch.uint8))
+        known[kind] = r is not None
+        if r is not None:
+            r.close()
+    return known[kind]
+
+
 @contextmanager
 def threads(n: int, torch_threads: int = 1):
     """ggml computes on `n` threads inside this block. torch keeps `torch_threads` (one by default: their two

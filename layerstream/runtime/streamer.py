@@ -25,9 +25,11 @@ from ..quant.kernels import (
     experts_on_blocks,
     kernel_kind,
     repack,
+    repackable,
     to_ggml,
 )
 from ..store import Store, aligned_empty, release_rows_as_read, tensor_views
+from ..utils import fmt_bytes
 from .embedding import EmbeddingRows
 from .experts import ExpertRouting
 from .loader import Loader
@@ -71,6 +73,31 @@ def block_weights(model: nn.Module, store: Store) -> dict[str, dict[str, tuple[s
         if quant and weights is not None:
             found[u.name] = weights
     return found
+
+
+def repack_note(store: Store, plan: Plan) -> str | None:
+    """What `Streamer` will repack of the units `plan` computes on their blocks, by GGUF type and bytes, for
+    `layerstream plan` (it is decided per weight at load; the embedding's rows are gathered as stored)."""
+    done, kept, streamed = defaultdict(int), defaultdict(int), False
+    for u in plan.units:
+        if u.name not in plan.blocks or u.kind == "embed":
+            continue
+        if u.tier == "disk":
+            streamed = True
+            continue
+        slots = {sl.name: sl for sl in store.slots(u.name)}
+        for _, (kind, names) in stored_names(list(slots)).items():
+            gk = kernel_kind(kind, {suf: tuple(slots[n].shape) for suf, n in names.items()})
+            if gk is not None:
+                (done if repackable(gk) else kept)[gk] += sum(slots[n].end - slots[n].begin for n in names.values())
+
+    def listed(d):
+        return ", ".join(f"{fmt_bytes(b)} {k.upper()}" for k, b in sorted(d.items(), key=lambda kv: -kv[1]))
+    parts = ([f"resident blocks repacked at load for ggml's GEMMs (llama.cpp's CPU_REPACK): {listed(done)}"]
+             if done else []) + \
+        ([f"resident blocks as stored (no repacking of their type on this CPU): {listed(kept)}"] if kept else []) + \
+        ([f"streamed blocks repacked for calls of {REPACK_ROWS} rows or more"] if streamed else [])
+    return "; ".join(parts) + " (none of it with --no-repack)" if parts else None
 
 
 def _expert_blocks(mods: dict, shapes: dict, quant: dict) -> dict | None:
