@@ -272,13 +272,14 @@ def test_plan_says_which_blocks_will_be_repacked(gguf_model):
     if not kernels.available() or not kernels.repackable("q4_k"):
         pytest.skip("no ggml repacking on this machine")
     family, g, store, _, _ = gguf_model
+    if family != "llama":   # (its mix of types covers the cases; each CLI run costs ~15 s)
+        pytest.skip("checked on the Llama GGUF")
     r = run_cli("plan", store, "--no-measure")
     assert r.returncode == 0, r.stderr
     note = next(line for line in r.stdout.splitlines() if "repacked at load" in line)
     repacked, _, stored = note.partition("as stored")
-    assert "Q4_K" in repacked and "Q6_K" in stored and "Q6_K" not in repacked, note
-    if family == "llama":   # its Q4_0 attention outputs are repacked too, its Q5 / Q8 layers not
-        assert "Q4_0" in repacked and {"Q5_K", "Q5_0", "Q5_1", "Q8_0"} <= set(stored.replace(",", " ").split()), note
+    assert "Q4_K" in repacked and "Q4_0" in repacked and "Q6_K" not in repacked, note
+    assert {"Q6_K", "Q5_K", "Q5_0", "Q5_1", "Q8_0"} <= set(stored.replace(",", " ").split()), note
     r = run_cli("plan", store, "--no-measure", "--max-ram", "0")
     assert r.returncode == 0, r.stderr
     assert "streamed blocks repacked for calls of 64 rows or more" in r.stdout and "at load" not in r.stdout
