@@ -13,7 +13,7 @@ def cmd_plan(a) -> int:
 
     store = Store(resolve(a.source, store_path=a.store))
     device = a.device.split(":")[0]
-    blocks = set()
+    weights = {}   # units computing on their blocks -> their weights (block_weights)
     import torch
 
     from ..engine.model import use_kernels
@@ -24,12 +24,12 @@ def cmd_plan(a) -> int:
         from ..runtime.streamer import block_weights
         skeleton = build_skeleton(AutoConfig.from_pretrained(store.path), getattr(torch, store.manifest.dtype),
                                   torch.device(device))
-        blocks = set(block_weights(skeleton, store))
+        weights = block_weights(skeleton, store)
     plan = make_plan(store, device, parse_size(a.max_ram, "--max-ram"),
-                     parse_size(a.max_gpu_memory, "--max-gpu-memory"), a.lookahead, blocks=blocks)
-    if blocks:
+                     parse_size(a.max_gpu_memory, "--max-gpu-memory"), a.lookahead, blocks=set(weights))
+    if weights:
         from ..runtime.streamer import repack_note
-        note = repack_note(store, plan)
+        note = repack_note(store, plan, weights)
         if note:
             plan.notes.append(note)
     direct, plan.cached = choose_io("auto", plan)

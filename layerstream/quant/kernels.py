@@ -391,8 +391,10 @@ class BlockLinear(nn.Module):
         if not shape or shape[-1] != self.in_features:
             raise ValueError(f"input of shape {tuple(shape)} for a linear layer of {self.in_features} features")
         rows = x.numel() // self.in_features
+        # blocks as stored (a streamed unit's) repacked for this call: a long one
+        repack_now = self.repack_rows is not None and rows >= self.repack_rows and type(w) is not Repacked
         if rows and x.dtype is torch.float32 and self.perm is None and x.is_contiguous() and _state.get("lib") \
-                and (self.repack_rows is None or rows < self.repack_rows or type(w) is Repacked):
+                and not repack_now:
             y = torch.empty(shape[:-1] + (self.out_features,), dtype=torch.float32)
             _compute(self.kind, w, self.in_features, rows, x.data_ptr(), y)
             return y if self.bias is None else y + self.bias
@@ -402,7 +404,7 @@ class BlockLinear(nn.Module):
         if not xf.is_contiguous():
             xf = xf.contiguous()
         y = torch.empty((xf.shape[0], self.out_features), dtype=torch.float32)
-        if self.repack_rows is not None and xf.shape[0] >= self.repack_rows and not isinstance(w, Repacked):
+        if repack_now:
             r = repack(self.kind, w)
             if r is None:   # (no repacking for this type or shape on this CPU: never asked again)
                 object.__setattr__(self, "repack_rows", None)

@@ -75,9 +75,10 @@ def block_weights(model: nn.Module, store: Store) -> dict[str, dict[str, tuple[s
     return found
 
 
-def repack_note(store: Store, plan: Plan) -> str | None:
-    """What `Streamer` will repack of the units `plan` computes on their blocks, by GGUF type and bytes, for
-    `layerstream plan` (it is decided per weight at load; the embedding's rows are gathered as stored)."""
+def repack_note(store: Store, plan: Plan, weights: dict) -> str | None:
+    """What `Streamer` will repack of the units `plan` computes on their blocks (`weights`: `block_weights`'s
+    answer), by GGUF type and bytes, for `layerstream plan` (it is decided per weight at load; the embedding's
+    rows are gathered as stored)."""
     done, kept, streamed = defaultdict(int), defaultdict(int), False
     for u in plan.units:
         if u.name not in plan.blocks or u.kind == "embed":
@@ -86,10 +87,10 @@ def repack_note(store: Store, plan: Plan) -> str | None:
             streamed = True
             continue
         slots = {sl.name: sl for sl in store.slots(u.name)}
-        for _, (kind, names) in stored_names(list(slots)).items():
-            gk = kernel_kind(kind, {suf: tuple(slots[n].shape) for suf, n in names.items()})
-            if gk is not None:
-                (done if repackable(gk) else kept)[gk] += sum(slots[n].end - slots[n].begin for n in names.values())
+        parts = stored_names(list(slots))
+        for base, (_, gk) in weights[u.name].items():
+            (done if repackable(gk) else kept)[gk] += sum(slots[n].end - slots[n].begin
+                                                          for n in parts[base][1].values())
 
     def listed(d):
         return ", ".join(f"{fmt_bytes(b)} {k.upper()}" for k, b in sorted(d.items(), key=lambda kv: -kv[1]))
